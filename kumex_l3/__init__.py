@@ -1,0 +1,52 @@
+"""kumex_l3: a KuMEX Level 3 feed turned into a local order book and own-order state.
+
+The pure core (no I/O): :func:`parse_message` and :func:`parse_snapshot` turn
+raw exchange text into typed messages; :class:`OrderBook` keeps an
+order-by-order book in strict sequence. Errors form one tree rooted at
+:class:`KumexError` (see :mod:`kumex_l3.errors`).
+"""
+
+from kumex_l3.book import BookStats, DepthLevel, L3Level, L3Order, OrderBook, QueuePosition
+from kumex_l3.errors import BookError, IntegrityError, KumexError, MessageError, SequenceGap
+from kumex_l3.messages import (
+    Control,
+    DataMessage,
+    Done,
+    Match,
+    Message,
+    Open,
+    Received,
+    Snapshot,
+    SnapshotOrder,
+    Update,
+    parse_message,
+    parse_snapshot,
+)
+
+__all__ = [
+    "BookError",
+    "BookStats",
+    "Control",
+    "DataMessage",
+    "DepthLevel",
+    "Done",
+    "IntegrityError",
+    "KumexError",
+    "L3Level",
+    "L3Order",
+    "Match",
+    "Message",
+    "MessageError",
+    "Open",
+    "OrderBook",
+    "QueuePosition",
+    "Received",
+    "SequenceGap",
+    "Snapshot",
+    "SnapshotOrder",
+    "Update",
+    "parse_message",
+    "parse_snapshot",
+]
+
+__version__ = "0.1.0"

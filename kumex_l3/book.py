@@ -1,0 +1,484 @@
+"""The Level 3 order book: every resting order, in queue order (pure, no I/O).
+
+Structure (the shape nautilus_trader's ladder and sortedcontainers' checks use):
+
+* per side, a sorted price ladder (``SortedList`` of ``Decimal`` prices) and a
+  ``dict`` price -> :class:`_Level`;
+* a level keeps its orders in a ``dict`` in queue order (arrival = ``open`` ts)
+  and its total size;
+* one order-id index over both sides.
+
+:meth:`OrderBook.apply` enforces ``sequence == book.sequence + 1``: a message at
+or below the book's sequence is ignored (``apply`` returns ``False``), a message
+above it raises :class:`~kumex_l3.errors.SequenceGap`, and a message that
+contradicts the book (over-fill, ``remainSize`` disagreement, crossed book,
+duplicate order) raises :class:`~kumex_l3.errors.IntegrityError`. After either
+error the book is no longer known and must be rebuilt from a snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from typing import Any, Final, NamedTuple
+
+from sortedcontainers import SortedList
+
+from kumex_l3.errors import IntegrityError, MessageError, SequenceGap
+from kumex_l3.messages import (
+    Control,
+    DataMessage,
+    Done,
+    Match,
+    Open,
+    Qty,
+    Received,
+    Snapshot,
+    Update,
+    format_qty,
+    parse_price,
+    parse_qty,
+    parse_snapshot,
+)
+
+__all__ = [
+    "BookStats",
+    "DepthLevel",
+    "L3Level",
+    "L3Order",
+    "OrderBook",
+    "QueuePosition",
+]
+
+_STATE_VERSION: Final = 1
+
+
+class DepthLevel(NamedTuple):
+    """One aggregated price level: ``(price, size, order_count)``."""
+
+    price: Decimal
+    size: Qty
+    orders: int
+
+
+class L3Order(NamedTuple):
+    """One resting order inside a level, in queue order."""
+
+    order_id: str
+    size: Qty
+    ts: int
+
+
+class L3Level(NamedTuple):
+    """One price level with its orders in queue order; ``text`` is the exchange's price text."""
+
+    price: Decimal
+    text: str
+    size: Qty
+    orders: list[L3Order]
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePosition:
+    """Where a resting order stands: ``position`` 0 is first in its price's queue."""
+
+    order_id: str
+    side: str
+    price: Decimal
+    price_text: str
+    size: Qty
+    ts: int
+    position: int
+    size_ahead: Qty
+
+
+@dataclass(slots=True)
+class BookStats:
+    """Counters of what ``apply`` did (since the book was built)."""
+
+    applied: int = 0
+    stale: int = 0
+    unknown_match: int = 0
+    unknown_done: int = 0
+    unknown_update: int = 0
+
+
+class _Order:
+    __slots__ = ("order_id", "price", "side", "size", "ts")
+
+    def __init__(self, order_id: str, side: str, price: Decimal, size: Qty, ts: int) -> None:
+        self.order_id = order_id
+        self.side = side
+        self.price = price
+        self.size = size
+        self.ts = ts
+
+
+class _Level:
+    __slots__ = ("orders", "price", "size", "text")
+
+    def __init__(self, price: Decimal, text: str) -> None:
+        self.price = price
+        self.text = text
+        self.orders: dict[str, _Order] = {}
+        self.size: Qty = 0
+
+    def add(self, order: _Order) -> None:
+        orders = self.orders
+        if orders and order.ts < next(reversed(orders.values())).ts:
+            # Rare: an order whose ts is earlier than the back of the queue.
+            # Queue priority is by ts; keep arrival order among equal ts.
+            queue = list(orders.values())
+            i = len(queue)
+            while i > 0 and queue[i - 1].ts > order.ts:
+                i -= 1
+            queue.insert(i, order)
+            self.orders = {o.order_id: o for o in queue}
+        else:
+            orders[order.order_id] = order
+        self.size += order.size
+
+
+class _Side:
+    __slots__ = ("is_bid", "levels", "prices")
+
+    def __init__(self, is_bid: bool) -> None:
+        self.is_bid = is_bid
+        self.levels: dict[Decimal, _Level] = {}
+        self.prices: SortedList = SortedList()
+
+    def best(self) -> Decimal | None:
+        prices = self.prices
+        if not prices:
+            return None
+        best: Decimal = prices[-1] if self.is_bid else prices[0]
+        return best
+
+    def iter_levels(self, n: int | None = None) -> Iterator[_Level]:
+        """Levels best first (at most ``n``)."""
+        levels = self.levels
+        prices = self.prices
+        if n is None:
+            n = len(prices)
+        n = max(n, 0)
+        if self.is_bid:
+            chosen = prices.islice(max(len(prices) - n, 0), len(prices), reverse=True)
+        else:
+            chosen = prices.islice(0, n)
+        for price in chosen:
+            yield levels[price]
+
+    def insert(self, order: _Order, text: str) -> None:
+        level = self.levels.get(order.price)
+        if level is None:
+            level = self.levels[order.price] = _Level(order.price, text)
+            self.prices.add(order.price)
+        level.add(order)
+
+    def remove(self, order: _Order) -> None:
+        level = self.levels[order.price]
+        del level.orders[order.order_id]
+        level.size -= order.size
+        if not level.orders:
+            del self.levels[order.price]
+            self.prices.remove(order.price)
+
+
+class OrderBook:
+    """An order-by-order (L3) book of one symbol, kept in strict sequence.
+
+    Build it with :meth:`from_snapshot` (exchange snapshot), :meth:`from_state`
+    (own checkpoint) or ``OrderBook(symbol, sequence=0)`` (empty), then feed it
+    parsed messages with :meth:`apply`.
+    """
+
+    __slots__ = ("_asks", "_bids", "_index", "_sides", "sequence", "stats", "symbol", "ts")
+
+    def __init__(self, symbol: str, sequence: int = 0, ts: int = 0) -> None:
+        self.symbol = symbol
+        #: Sequence of the last message applied (or of the snapshot).
+        self.sequence = sequence
+        #: ``ts`` (ns) of the last message applied (or of the snapshot).
+        self.ts = ts
+        self.stats = BookStats()
+        self._bids = _Side(is_bid=True)
+        self._asks = _Side(is_bid=False)
+        self._sides = {"buy": self._bids, "sell": self._asks}
+        self._index: dict[str, _Order] = {}
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_snapshot(cls, data: Mapping[str, Any] | Snapshot | bytes | str) -> OrderBook:
+        """A book equal to an exchange L3 snapshot (the ``data`` object, or its parsed form)."""
+        snap = data if isinstance(data, Snapshot) else parse_snapshot(data)
+        book = cls(snap.symbol, snap.sequence, snap.ts)
+        for side, rows in (("buy", snap.bids), ("sell", snap.asks)):
+            target = book._sides[side]
+            for row in rows:
+                order = _Order(row.order_id, side, row.price_value, row.qty, row.ts)
+                book._index[row.order_id] = order
+                target.insert(order, row.price)
+        bid, ask = book._bids.best(), book._asks.best()
+        if bid is not None and ask is not None and bid >= ask:
+            raise IntegrityError(snap.symbol, snap.sequence,
+                                 f"snapshot is crossed: bid {bid} >= ask {ask}")
+        return book
+
+    def to_state(self) -> dict[str, Any]:
+        """The whole state as JSON-able data (for checkpoints); :meth:`from_state` restores it."""
+        def rows(side: _Side) -> list[list[Any]]:
+            return [[o.order_id, level.text, format_qty(o.size), o.ts]
+                    for level in side.iter_levels() for o in level.orders.values()]
+
+        return {
+            "v": _STATE_VERSION,
+            "symbol": self.symbol,
+            "sequence": self.sequence,
+            "ts": self.ts,
+            "bids": rows(self._bids),
+            "asks": rows(self._asks),
+            "stats": asdict(self.stats),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> OrderBook:
+        """Restore a book saved by :meth:`to_state`, exactly (queue order included)."""
+        if state.get("v") != _STATE_VERSION:
+            raise MessageError(f"checkpoint version {state.get('v')!r} is not {_STATE_VERSION}")
+        try:
+            book = cls(str(state["symbol"]), int(state["sequence"]), int(state["ts"]))
+            for side, key in (("buy", "bids"), ("sell", "asks")):
+                target = book._sides[side]
+                for order_id, text, size, ts in state[key]:
+                    order = _Order(order_id, side, parse_price(text), parse_qty(size), int(ts))
+                    book._index[order_id] = order
+                    level = target.levels.get(order.price)
+                    if level is None:
+                        level = target.levels[order.price] = _Level(order.price, text)
+                        target.prices.add(order.price)
+                    # Saved in queue order: append as is, even if ts are not monotonic.
+                    level.orders[order_id] = order
+                    level.size += order.size
+            book.stats = BookStats(**state.get("stats", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MessageError(f"bad checkpoint: {exc!r}") from None
+        return book
+
+    # ------------------------------------------------------------------ applying
+
+    def apply(self, msg: DataMessage | Control) -> bool:
+        """Apply one message. ``True`` if applied, ``False`` if ignored as already applied.
+
+        Raises ``SequenceGap`` when messages were skipped, ``IntegrityError`` when
+        the message contradicts the book, ``MessageError`` for a message of
+        another symbol or a non-data envelope.
+        """
+        if isinstance(msg, Control):
+            raise MessageError(f"{msg.type} is not a data message")
+        if msg.symbol != self.symbol:
+            raise MessageError(f"message for {msg.symbol} applied to the {self.symbol} book")
+        seq = msg.sequence
+        if seq != self.sequence + 1:
+            if seq <= self.sequence:
+                self.stats.stale += 1
+                return False
+            raise SequenceGap(self.symbol, self.sequence + 1, seq)
+        kind = type(msg)
+        if kind is Open:
+            self._open(msg)  # type: ignore[arg-type]
+        elif kind is Match:
+            self._match(msg)  # type: ignore[arg-type]
+        elif kind is Done:
+            order = self._index.pop(msg.order_id, None)  # type: ignore[union-attr]
+            if order is None:
+                self.stats.unknown_done += 1
+            else:
+                self._sides[order.side].remove(order)
+        elif kind is Update:
+            self._update(msg)  # type: ignore[arg-type]
+        elif kind is not Received:
+            raise MessageError(f"cannot apply {kind.__name__}")
+        self.sequence = seq
+        self.ts = msg.ts
+        self.stats.applied += 1
+        return True
+
+    def _open(self, msg: Open) -> None:
+        if msg.order_id in self._index:
+            raise IntegrityError(self.symbol, msg.sequence, f"order {msg.order_id} opened twice")
+        price = msg.price_value
+        if msg.side == "buy":
+            ask = self._asks.best()
+            if ask is not None and price >= ask:
+                raise IntegrityError(self.symbol, msg.sequence,
+                                     f"open buy {msg.order_id} at {price} crosses ask {ask}")
+        else:
+            bid = self._bids.best()
+            if bid is not None and price <= bid:
+                raise IntegrityError(self.symbol, msg.sequence,
+                                     f"open sell {msg.order_id} at {price} crosses bid {bid}")
+        order = _Order(msg.order_id, msg.side, price, msg.qty, msg.ts)
+        self._index[msg.order_id] = order
+        self._sides[msg.side].insert(order, msg.price)
+
+    def _match(self, msg: Match) -> None:
+        maker = self._index.get(msg.maker_order_id)
+        if maker is None:  # a hidden maker, or one that rested before our snapshot window
+            self.stats.unknown_match += 1
+            return
+        if maker.side == msg.side:
+            raise IntegrityError(self.symbol, msg.sequence,
+                                 f"match taker side {msg.side} equals maker {maker.order_id} side")
+        if maker.price != msg.price_value:
+            raise IntegrityError(self.symbol, msg.sequence,
+                                 f"match price {msg.price} differs from maker price {maker.price}")
+        size = msg.qty
+        remain = maker.size - size
+        if remain < 0:
+            raise IntegrityError(self.symbol, msg.sequence,
+                                 f"match {size} exceeds maker {maker.order_id} size {maker.size}")
+        if msg.remain_qty is not None and msg.remain_qty != remain:
+            raise IntegrityError(self.symbol, msg.sequence,
+                                 f"remainSize {msg.remain_size} disagrees with book {remain}")
+        if remain == 0:
+            del self._index[maker.order_id]
+            self._sides[maker.side].remove(maker)
+        else:
+            maker.size = remain
+            self._sides[maker.side].levels[maker.price].size -= size
+
+    def _update(self, msg: Update) -> None:
+        order = self._index.get(msg.order_id)
+        if order is None:
+            self.stats.unknown_update += 1
+            return
+        if msg.qty == 0:
+            del self._index[order.order_id]
+            self._sides[order.side].remove(order)
+            return
+        self._sides[order.side].levels[order.price].size += msg.qty - order.size
+        order.size = msg.qty
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        """Number of resting orders."""
+        return len(self._index)
+
+    @property
+    def order_count(self) -> int:
+        """Number of resting orders."""
+        return len(self._index)
+
+    def __contains__(self, order_id: object) -> bool:
+        return order_id in self._index
+
+    def best_bid(self) -> Decimal | None:
+        """Highest bid price, or ``None`` for an empty side."""
+        return self._bids.best()
+
+    def best_ask(self) -> Decimal | None:
+        """Lowest ask price, or ``None`` for an empty side."""
+        return self._asks.best()
+
+    def best_bid_text(self) -> str | None:
+        """The exchange's text of the best bid price."""
+        best = self._bids.best()
+        return None if best is None else self._bids.levels[best].text
+
+    def best_ask_text(self) -> str | None:
+        """The exchange's text of the best ask price."""
+        best = self._asks.best()
+        return None if best is None else self._asks.levels[best].text
+
+    def depth(self, n: int | None = None) -> tuple[list[DepthLevel], list[DepthLevel]]:
+        """``(bids, asks)``, each best first: ``(price, size, order_count)`` for ``n`` levels."""
+        return (
+            [DepthLevel(lv.price, lv.size, len(lv.orders)) for lv in self._bids.iter_levels(n)],
+            [DepthLevel(lv.price, lv.size, len(lv.orders)) for lv in self._asks.iter_levels(n)],
+        )
+
+    def depth_rows(self, n: int | None = None) -> tuple[list[list[Any]], list[list[Any]]]:
+        """Like :meth:`depth` in the HTTP form: ``[price_text, size_text, order_count]``."""
+        return (
+            [[lv.text, format_qty(lv.size), len(lv.orders)] for lv in self._bids.iter_levels(n)],
+            [[lv.text, format_qty(lv.size), len(lv.orders)] for lv in self._asks.iter_levels(n)],
+        )
+
+    def l3(self, n: int | None = None) -> tuple[list[L3Level], list[L3Level]]:
+        """``(bids, asks)``, each best first, every level with its orders in queue order."""
+        def side(s: _Side) -> list[L3Level]:
+            return [
+                L3Level(lv.price, lv.text, lv.size,
+                        [L3Order(o.order_id, o.size, o.ts) for o in lv.orders.values()])
+                for lv in s.iter_levels(n)
+            ]
+
+        return side(self._bids), side(self._asks)
+
+    def queue_position(self, order_id: str) -> QueuePosition | None:
+        """Where ``order_id`` stands in its price's queue, or ``None`` if it does not rest."""
+        order = self._index.get(order_id)
+        if order is None:
+            return None
+        level = self._sides[order.side].levels[order.price]
+        ahead: Qty = 0
+        position = 0
+        for other in level.orders.values():
+            if other is order:
+                break
+            ahead += other.size
+            position += 1
+        return QueuePosition(order_id, order.side, order.price, level.text, order.size,
+                             order.ts, position, ahead)
+
+    def order(self, order_id: str) -> L3Order | None:
+        """A resting order, or ``None``."""
+        o = self._index.get(order_id)
+        return None if o is None else L3Order(o.order_id, o.size, o.ts)
+
+    # ------------------------------------------------------------------ invariants
+
+    def check(self) -> None:
+        """Verify every invariant; raise ``IntegrityError`` naming the first one broken.
+
+        Index matches the ladder, level sizes are the sums of their orders, no
+        empty level, prices sorted and unique, queues in ts order is *not*
+        required (a restored checkpoint keeps the exchange's order), no order
+        of size <= 0, and the book is not crossed.
+        """
+        def fail(reason: str) -> IntegrityError:
+            return IntegrityError(self.symbol, self.sequence, f"check: {reason}")
+
+        seen: set[str] = set()
+        for name, side in (("buy", self._bids), ("sell", self._asks)):
+            if list(side.prices) != sorted(side.levels):
+                raise fail(f"{name} ladder prices do not match levels")
+            if len(set(side.prices)) != len(side.prices):
+                raise fail(f"{name} ladder has duplicate prices")
+            for price, level in side.levels.items():
+                if level.price != price:
+                    raise fail(f"{name} level keyed {price} holds price {level.price}")
+                if not level.orders:
+                    raise fail(f"{name} level {price} is empty")
+                if parse_price(level.text) != price:
+                    raise fail(f"{name} level {price} has text {level.text!r}")
+                total: Qty = 0
+                for order_id, order in level.orders.items():
+                    if order.order_id != order_id or self._index.get(order_id) is not order:
+                        raise fail(f"order {order_id} is not indexed")
+                    if order.side != name or order.price != price:
+                        raise fail(f"order {order_id} is at the wrong place")
+                    if order.size <= 0:
+                        raise fail(f"order {order_id} has size {order.size}")
+                    seen.add(order_id)
+                    total += order.size
+                if total != level.size:
+                    raise fail(f"{name} level {price} size {level.size} != sum {total}")
+        if seen != set(self._index):
+            raise fail("index holds orders that are on no level")
+        bid, ask = self._bids.best(), self._asks.best()
+        if bid is not None and ask is not None and bid >= ask:
+            raise fail(f"crossed: bid {bid} >= ask {ask}")

@@ -1,0 +1,83 @@
+"""Every Redis key of the project, made by one function each (see DESIGN.md).
+
+The ``{SYM}`` hash tag keeps all of a symbol's keys in one Redis Cluster slot.
+Services never build a key with an f-string of their own: they call these.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FIELD_CTL",
+    "FIELD_MSG",
+    "checkpoint",
+    "dlq",
+    "l3_stream",
+    "order",
+    "order_events",
+    "order_id",
+    "orders_active",
+    "owner",
+    "snapshot",
+    "symbol_prefix",
+    "top",
+]
+
+#: Stream field holding a raw exchange message, exactly as received.
+FIELD_MSG = "msg"
+#: Stream field of a feed control entry (``connected``, ``snapshot``, ``gap``...).
+FIELD_CTL = "ctl"
+
+
+def symbol_prefix(symbol: str) -> str:
+    """``kumex:{SYM}``: the prefix of every key of one symbol."""
+    return f"kumex:{{{symbol}}}"
+
+
+def l3_stream(symbol: str) -> str:
+    """Stream of raw level3v2 messages (field ``msg``) and feed control entries (``ctl``)."""
+    return f"kumex:{{{symbol}}}:l3"
+
+
+def snapshot(symbol: str) -> str:
+    """String: the latest exchange L3 snapshot (its ``data`` JSON, with ``sequence``)."""
+    return f"kumex:{{{symbol}}}:snapshot"
+
+
+def checkpoint(symbol: str) -> str:
+    """The book service's own checkpoint: state, sequence, stream id."""
+    return f"kumex:{{{symbol}}}:checkpoint"
+
+
+def top(symbol: str) -> str:
+    """Hash: ``sequence``, ``bestBid``, ``bestAsk``, ``synced``, ``updatedAt``."""
+    return f"kumex:{{{symbol}}}:top"
+
+
+def order(symbol: str, client_oid: str) -> str:
+    """Hash: one own order, keyed by the ``clientOid`` chosen before sending it."""
+    return f"kumex:{{{symbol}}}:order:{client_oid}"
+
+
+def order_id(symbol: str, exchange_order_id: str) -> str:
+    """String: exchange ``orderId`` -> ``clientOid``."""
+    return f"kumex:{{{symbol}}}:orderid:{exchange_order_id}"
+
+
+def orders_active(symbol: str) -> str:
+    """Set: clientOids of own orders not yet done."""
+    return f"kumex:{{{symbol}}}:orders:active"
+
+
+def order_events(symbol: str) -> str:
+    """Stream: one entry per own-order state change."""
+    return f"kumex:{{{symbol}}}:order-events"
+
+
+def owner(symbol: str, role: str) -> str:
+    """String with a TTL: the lease naming which replica of ``role`` serves the symbol."""
+    return f"kumex:{{{symbol}}}:owner:{role}"
+
+
+def dlq(symbol: str) -> str:
+    """Stream: input that was refused, with the reason."""
+    return f"kumex:{{{symbol}}}:dlq"

@@ -1,0 +1,1 @@
+"""kumex-l3 services: each one is `python -m services.NAME`."""
