@@ -18,6 +18,7 @@ __all__ = [
     "orders_active",
     "owner",
     "snapshot",
+    "snapshot_requests",
     "symbol_prefix",
     "top",
 ]
@@ -41,6 +42,16 @@ def l3_stream(symbol: str) -> str:
 def snapshot(symbol: str) -> str:
     """String: the latest exchange L3 snapshot (its ``data`` JSON, with ``sequence``)."""
     return f"kumex:{{{symbol}}}:snapshot"
+
+
+def snapshot_requests(symbol: str) -> str:
+    """Pub/Sub channel (not a key): consumers ask the feed for a fresh snapshot here.
+
+    The payload is the smallest sequence the requester can use (``0`` for any).
+    The feed answers within its snapshot budget by refreshing :func:`snapshot` and
+    appending a ``ctl=snapshot`` entry to the stream.
+    """
+    return f"kumex:{{{symbol}}}:snapshot:requests"
 
 
 def checkpoint(symbol: str) -> str:

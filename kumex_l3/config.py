@@ -1,0 +1,101 @@
+"""Settings shared by every service, validated at start (pydantic-settings).
+
+Each service subclasses :class:`CommonSettings` with its own prefix for its own
+knobs (``FEED_``, ``BOOK_``, ...); the shared variables keep their names
+(``REDIS_URL``, ``KUMEX_SYMBOLS``, ``KUMEX_BASE_URL``, ``KUMEX_API_KEY``,
+``KUMEX_API_SECRET``, ``KUMEX_API_PASSPHRASE``). Build the settings in
+``main()`` and pass them down: nothing reads the environment at import time.
+A bad value stops the service with a message naming the variable
+(:func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_BASE_URL", "CommonSettings", "load_settings", "redact_url"]
+
+#: The local sandbox exchange: the default target (the real venue withdrew public L3).
+DEFAULT_BASE_URL = "http://127.0.0.1:8090"
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def _shared(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class CommonSettings(BaseSettings):
+    """The variables every service reads."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_shared("REDIS_URL"),
+                           repr=False)  # may hold a password
+    symbols: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["XBTUSDM"], validation_alias=_shared("KUMEX_SYMBOLS"))
+    base_url: str = Field(DEFAULT_BASE_URL, validation_alias=_shared("KUMEX_BASE_URL"))
+    api_key: SecretStr | None = Field(None, validation_alias=_shared("KUMEX_API_KEY"))
+    api_secret: SecretStr | None = Field(None, validation_alias=_shared("KUMEX_API_SECRET"))
+    api_passphrase: SecretStr | None = Field(
+        None, validation_alias=_shared("KUMEX_API_PASSPHRASE"))
+    log_level: str = Field("INFO", validation_alias=_shared("LOG_LEVEL"))
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("at least one symbol is required")
+            for s in value:
+                if not isinstance(s, str) or not s.isalnum() or not s.isupper():
+                    raise ValueError(f"symbol {s!r} must be upper-case letters and digits")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://***@{host}"
+
+
+def load_settings(cls: type[_S]) -> _S:
+    """Build ``cls`` from the environment, or exit with a message naming each bad variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix") or "")
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            info = cls.model_fields.get(field)
+            alias = info.validation_alias if info is not None else None
+            name = (alias.choices[0] if isinstance(alias, AliasChoices)
+                    else (prefix + field).upper())
+            lines.append(f"  {name}: {err['msg']}")
+        sys.stderr.write(f"invalid configuration for {cls.__name__}:\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None
