@@ -226,21 +226,26 @@ class OrderBook:
                                  f"snapshot is crossed: bid {bid} >= ask {ask}")
         return book
 
-    def to_state(self) -> dict[str, Any]:
-        """The whole state as JSON-able data (for checkpoints); :meth:`from_state` restores it."""
+    def to_snapshot(self) -> dict[str, Any]:
+        """The book as the ``data`` of ``/api/v2/level3/snapshot`` (4-element rows, best first)."""
         def rows(side: _Side) -> list[list[Any]]:
             return [[o.order_id, level.text, format_qty(o.size), o.ts]
                     for level in side.iter_levels() for o in level.orders.values()]
 
         return {
-            "v": _STATE_VERSION,
             "symbol": self.symbol,
             "sequence": self.sequence,
             "ts": self.ts,
             "bids": rows(self._bids),
             "asks": rows(self._asks),
-            "stats": asdict(self.stats),
         }
+
+    def to_state(self) -> dict[str, Any]:
+        """The whole state as JSON-able data (for checkpoints); :meth:`from_state` restores it.
+
+        The snapshot rows keep the exact queue order, so a restore does not re-sort by ts.
+        """
+        return {"v": _STATE_VERSION, **self.to_snapshot(), "stats": asdict(self.stats)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> OrderBook:

@@ -205,3 +205,15 @@ def test_state_round_trip_is_exact(seed: int, count: int, levels: int, target: i
     restored.check()
     # The generator's own snapshot of the same moment builds the same book.
     assert OrderBook.from_snapshot(gen.snapshot()).l3() == book.l3()
+
+
+def test_to_snapshot_builds_the_same_book() -> None:
+    gen = StreamGenerator(seed=5, target_orders=80, levels=10)
+    book = OrderBook(gen.symbol)
+    for raw in gen.take(4_000) + gen.flush():
+        book.apply(parse_message(raw))
+    snap = book.to_snapshot()
+    assert set(snap) == {"symbol", "sequence", "ts", "bids", "asks"}
+    assert all(len(row) == 4 for row in snap["bids"] + snap["asks"])
+    assert OrderBook.from_snapshot(snap).l3() == book.l3()
+    assert snap == gen.snapshot() | {"ts": book.ts}

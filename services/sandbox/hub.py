@@ -1,0 +1,471 @@
+"""The sandbox's WebSocket server: KuCoin Futures' public socket protocol (kumex-api.md §3).
+
+One :class:`Hub` serves every WebSocket client of the sandbox at
+``/endpoint`` (``hub.router``): token check, ``welcome``, ``subscribe`` /
+``unsubscribe`` to ``/contractMarket/level3v2:SYM[,SYM...]`` with ``ack``,
+``ping``/``pong``, errors; and it fans the exchange's L3 messages out to the
+subscribers.
+
+Flow of a message::
+
+    publish(symbol, [dict]) ─ serialise once ─┐
+    publish_raw(symbol, [text]) ──────────────┴─ WsFaultFilter (drop/dup/reorder)
+        ─► every subscriber's bounded queue ─► that client's sender task ─► socket
+
+``publish``/``publish_raw`` are synchronous and never wait: call them from the
+event loop's thread, after every engine action, in order. Each client has one
+bounded queue (``queue_limit`` entries) drained by one sender task, which is
+the only writer to its socket (replies such as ``ack`` and ``pong`` go through
+the same queue, so they keep their order with the data).
+
+Slow clients: when a client's queue is full, the client is disconnected (close
+code 1008, reason ``slow client: ...``; counted as ``slow_clients_dropped``)
+and its queue freed at once, rather than letting memory grow. The real venue
+silently dropped messages for slow clients; we disconnect so the client sees a
+clear fault and resyncs from a snapshot.
+
+Other closes: no ``ping`` for ``ping_timeout_s`` → 1008 ``ping timeout``
+(counted as ``ping_timeouts``); :meth:`Hub.disconnect_all` and the
+``disconnect_every_s`` fault → 1001 (counted as ``disconnects``); a bad token →
+an ``error`` message with code 401, then 1008.
+
+Faults: drop/duplicate/reorder are applied once per published message (every
+client sees the same faulty stream); ``delay_ms`` holds each message until
+``delay_ms`` after it was published (order is kept); ``disconnect_every_s``
+runs in the background task started by :meth:`Hub.start`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from kumex_l3.messages import TOPIC_PREFIX
+from services.sandbox.faults import FaultState, WsFaultFilter
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_POLICY",
+    "MAX_TOPICS",
+    "TOKEN_TTL_S",
+    "TOPIC_PREFIX",
+    "Hub",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Topics one connection may hold (the real venue's limit).
+MAX_TOPICS: Final = 100
+#: How long an issued token stays valid.
+TOKEN_TTL_S: Final = 24 * 3600.0
+#: Close code for a client that broke the rules (slow, no ping, bad token).
+CLOSE_POLICY: Final = 1008
+#: Close code for a server-initiated disconnect (disconnect_all, the disconnect fault).
+CLOSE_GOING_AWAY: Final = 1001
+#: How long a close may wait for the client's socket to become writable.
+_CLOSE_TIMEOUT_S: Final = 10.0
+#: Tick of the background task that applies ``disconnect_every_s``.
+_TICK_S: Final = 0.05
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _text(obj: dict[str, Any]) -> str:
+    return _dumps(obj)
+
+
+class _Client:
+    """One connected socket: its subscriptions, outgoing queue and close request."""
+
+    __slots__ = ("close_code", "close_reason", "closing", "connect_id", "ping_deadline",
+                 "queue", "symbols", "wakeup")
+
+    def __init__(self, connect_id: str, ping_deadline: float) -> None:
+        self.connect_id = connect_id
+        self.symbols: set[str] = set()
+        #: (due ``time.monotonic()``, text); due 0 = at once.
+        self.queue: deque[tuple[float, str]] = deque()
+        self.wakeup = asyncio.Event()
+        self.closing = asyncio.Event()
+        self.close_code = 1000
+        self.close_reason = ""
+        self.ping_deadline = ping_deadline
+
+
+class Hub:
+    """Fan-out of L3 messages to WebSocket clients, with the KuCoin socket protocol.
+
+    ``symbols``: the symbols clients may subscribe to; ``None`` accepts any
+    symbol (replay of a capture). ``queue_limit``: messages a client may have
+    waiting before it is disconnected as slow. ``ping_timeout_s``: a client
+    that sends no ``ping`` for this long is dropped.
+    """
+
+    def __init__(
+        self,
+        faults: FaultState,
+        *,
+        symbols: Iterable[str] | None = None,
+        seed: int = 0,
+        queue_limit: int = 10000,
+        ping_timeout_s: float = 60.0,
+    ) -> None:
+        if queue_limit < 1:
+            raise ValueError(f"queue_limit must be >= 1, not {queue_limit}")
+        if ping_timeout_s <= 0:
+            raise ValueError(f"ping_timeout_s must be > 0, not {ping_timeout_s}")
+        self.faults = faults
+        self.queue_limit = queue_limit
+        self.ping_timeout_s = ping_timeout_s
+        self._symbols: set[str] | None = None if symbols is None else set(symbols)
+        self._filter = WsFaultFilter(faults, seed=seed)
+        self._tokens: dict[str, float] = {}
+        self._clients: set[_Client] = set()
+        self._subscribers: dict[str, set[_Client]] = {}
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+        self.router = APIRouter()
+        self.router.add_api_websocket_route("/endpoint", self._endpoint)
+
+    # ------------------------------------------------------------------ tokens, symbols
+
+    def issue_token(self) -> str:
+        """A new random token for ``/endpoint?token=...``, valid for 24 h (reusable)."""
+        now = time.monotonic()
+        expired = [t for t, until in self._tokens.items() if until <= now]
+        for t in expired:
+            del self._tokens[t]
+        token = secrets.token_urlsafe(48)
+        self._tokens[token] = now + TOKEN_TTL_S
+        return token
+
+    def token_valid(self, token: str | None) -> bool:
+        """Whether ``token`` was issued by this hub and has not expired."""
+        if not token:
+            return False
+        until = self._tokens.get(token)
+        return until is not None and time.monotonic() < until
+
+    def add_symbols(self, symbols: Iterable[str]) -> None:
+        """Allow subscriptions to more symbols (no-op when any symbol is accepted)."""
+        if self._symbols is not None:
+            self._symbols.update(symbols)
+
+    def symbol_known(self, symbol: str) -> bool:
+        """Whether clients may subscribe to ``symbol``."""
+        if self._symbols is None:
+            return bool(symbol) and symbol.isascii() and symbol.isalnum()
+        return symbol in self._symbols
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish(self, symbol: str, messages: Sequence[dict[str, Any]]) -> None:
+        """Send ``messages`` of ``symbol`` to its subscribers, each serialised once (compact)."""
+        self.publish_raw(symbol, [_dumps(m) for m in messages])
+
+    def publish_raw(self, symbol: str, texts: Sequence[str]) -> None:
+        """Send already-serialised messages unchanged (replay: bytes as recorded).
+
+        Synchronous, never waits. Faults apply; a subscriber whose queue is
+        full is disconnected as slow.
+        """
+        self._fan_out(symbol, self._filter.filter(symbol, texts))
+
+    def flush(self, symbol: str) -> None:
+        """Send a message of ``symbol`` held back by the reorder fault, unswapped."""
+        self._fan_out(symbol, self._filter.flush(symbol))
+
+    def _fan_out(self, symbol: str, texts: list[str]) -> None:
+        if not texts:
+            return
+        self.published += len(texts)
+        subscribers = self._subscribers.get(symbol)
+        if not subscribers:
+            return
+        delay = self.faults.delay_ms
+        due = time.monotonic() + delay / 1000.0 if delay > 0 else 0.0
+        items = [(due, text) for text in texts]
+        limit = self.queue_limit
+        slow: list[_Client] = []
+        for client in subscribers:
+            queue = client.queue
+            if len(queue) + len(items) > limit:
+                slow.append(client)
+                continue
+            queue.extend(items)
+            client.wakeup.set()
+        for client in slow:
+            self._drop_slow(client)
+
+    def _drop_slow(self, client: _Client) -> None:
+        self.faults.counts["slow_clients_dropped"] += 1
+        self._drop(client, CLOSE_POLICY,
+                   f"slow client: more than {self.queue_limit} messages queued")
+
+    # ------------------------------------------------------------------ disconnecting
+
+    def disconnect_all(self) -> int:
+        """Close every client (1001); returns how many. Counted as ``disconnects``."""
+        clients = list(self._clients)
+        for client in clients:
+            self._drop(client, CLOSE_GOING_AWAY, "server disconnect")
+        self.faults.counts["disconnects"] += len(clients)
+        return len(clients)
+
+    def _drop(self, client: _Client, code: int, reason: str) -> None:
+        """Forget ``client`` now (free its queue) and ask its handler to close the socket."""
+        if client.closing.is_set():
+            return
+        client.close_code = code
+        client.close_reason = reason
+        client.queue.clear()
+        self._forget(client)
+        client.closing.set()
+
+    def _forget(self, client: _Client) -> None:
+        self._clients.discard(client)
+        for symbol in client.symbols:
+            subs = self._subscribers.get(symbol)
+            if subs is not None:
+                subs.discard(client)
+                if not subs:
+                    del self._subscribers[symbol]
+        client.symbols.clear()
+
+    # ------------------------------------------------------------------ lifecycle, stats
+
+    async def start(self) -> None:
+        """Start the background task of the ``disconnect_every_s`` fault."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._disconnector(), name="hub-disconnector")
+
+    async def stop(self) -> None:
+        """Stop the background task, disconnect every client and wait (bounded) for them."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for client in list(self._clients):
+            self._drop(client, CLOSE_GOING_AWAY, "server stopping")
+        handlers = [h for h in self._handlers if h is not asyncio.current_task()]
+        if handlers:
+            await asyncio.wait(handlers, timeout=_CLOSE_TIMEOUT_S)
+
+    async def _disconnector(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            every = self.faults.disconnect_every_s
+            await asyncio.sleep(min(_TICK_S, every) if every > 0 else _TICK_S)
+            every = self.faults.disconnect_every_s
+            now = loop.time()
+            if every <= 0:
+                last = now
+            elif now - last >= every:
+                last = now
+                n = self.disconnect_all()
+                _log.info("disconnect fault: closed %d client(s)", n)
+
+    def subscriber_count(self, symbol: str | None = None) -> int:
+        """Clients subscribed to ``symbol`` (any symbol when None)."""
+        if symbol is not None:
+            return len(self._subscribers.get(symbol, ()))
+        return sum(1 for c in self._clients if c.symbols)
+
+    def max_queue_depth(self) -> int:
+        """The longest client queue right now (0 without clients)."""
+        return max((len(c.queue) for c in self._clients), default=0)
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able counters: clients, subscriptions per topic, queue depths."""
+        return {
+            "clients": len(self._clients),
+            "subscriptions": {
+                TOPIC_PREFIX + symbol: len(subs)
+                for symbol, subs in sorted(self._subscribers.items())
+            },
+            "queue_depth_max": self.max_queue_depth(),
+            "queue_limit": self.queue_limit,
+            "published": self.published,
+            "connections": [
+                {"connectId": c.connect_id, "topics": len(c.symbols), "queued": len(c.queue)}
+                for c in self._clients
+            ],
+        }
+
+    # ------------------------------------------------------------------ the socket
+
+    async def _endpoint(self, websocket: WebSocket) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await self._serve(websocket)
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _serve(self, websocket: WebSocket) -> None:
+        connect_id = websocket.query_params.get("connectId", "")
+        token = websocket.query_params.get("token")
+        await websocket.accept()
+        try:
+            if not self.token_valid(token):
+                await websocket.send_text(_text(
+                    {"id": connect_id, "type": "error", "code": 401, "data": "token is invalid"}
+                ))
+                await websocket.close(CLOSE_POLICY, "token is invalid")
+                return
+            await websocket.send_text(_text({"id": connect_id, "type": "welcome"}))
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            return  # the client left during the handshake
+        client = _Client(connect_id, time.monotonic() + self.ping_timeout_s)
+        self._clients.add(client)
+        tasks = {
+            asyncio.create_task(self._send_loop(client, websocket)),
+            asyncio.create_task(self._receive_loop(client, websocket)),
+            asyncio.create_task(client.closing.wait()),
+        }
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            self._forget(client)
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(
+                result, (WebSocketDisconnect, OSError)
+            ):
+                _log.error("client %s: %r", connect_id, result, exc_info=result)
+        if client.closing.is_set():
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await websocket.close(client.close_code, client.close_reason)
+            except (TimeoutError, WebSocketDisconnect, OSError, RuntimeError) as exc:
+                # Never readable again or already gone: the server drops the transport.
+                _log.debug("client %s: close not sent: %r", connect_id, exc)
+
+    async def _send_loop(self, client: _Client, websocket: WebSocket) -> None:
+        """The only writer of the socket: drains the client's queue, honouring ``due``."""
+        queue = client.queue
+        while True:
+            if not queue:
+                client.wakeup.clear()
+                await client.wakeup.wait()
+                continue
+            due, text = queue[0]
+            if due:
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue  # the queue may have been cleared meanwhile
+            queue.popleft()
+            await websocket.send_text(text)
+
+    def _reply(self, client: _Client, obj: dict[str, Any]) -> None:
+        """Queue a protocol reply; it keeps its place in order with the data."""
+        if len(client.queue) >= self.queue_limit:
+            self._drop_slow(client)
+            return
+        client.queue.append((0.0, _text(obj)))
+        client.wakeup.set()
+
+    async def _receive_loop(self, client: _Client, websocket: WebSocket) -> None:
+        while True:
+            remaining = client.ping_deadline - time.monotonic()
+            if remaining <= 0:
+                self.faults.counts["ping_timeouts"] += 1
+                self._drop(client, CLOSE_POLICY, "ping timeout")
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    message = await websocket.receive()
+            except TimeoutError:
+                continue
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return
+            if kind != "websocket.receive":
+                continue
+            text = message.get("text")
+            if text is None:
+                self._reply(client, _error(None, 400, "binary frames are not supported"))
+                continue
+            self._handle(client, text, time.monotonic())
+
+    def _handle(self, client: _Client, text: str, now: float) -> None:
+        """One client message: subscribe, unsubscribe, ping, or an error reply."""
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            self._reply(client, _error(None, 400, "message is not valid JSON"))
+            return
+        if not isinstance(msg, dict):
+            self._reply(client, _error(None, 400, "message must be a JSON object"))
+            return
+        msg_id = msg.get("id")
+        kind = msg.get("type")
+        if kind == "ping":
+            client.ping_deadline = now + self.ping_timeout_s
+            self._reply(client, {"id": msg_id, "type": "pong"})
+        elif kind in ("subscribe", "unsubscribe"):
+            self._subscription(client, msg_id, kind, msg)
+        else:
+            self._reply(client, _error(msg_id, 400, f"unknown message type {kind!r}"))
+
+    def _subscription(self, client: _Client, msg_id: Any, kind: str,
+                      msg: dict[str, Any]) -> None:
+        topic = msg.get("topic")
+        if msg.get("privateChannel") is True:
+            self._reply(client, _error(msg_id, 401, "private channels need bullet-private"))
+            return
+        symbols = self._parse_topic(topic)
+        if symbols is None:
+            self._reply(client, _error(msg_id, 404, f"topic {topic} is not found"))
+            return
+        if kind == "subscribe":
+            new = [s for s in symbols if s not in client.symbols]
+            if len(client.symbols) + len(new) > MAX_TOPICS:
+                self._reply(client, _error(
+                    msg_id, 400, f"exceed max subscription count limitation of {MAX_TOPICS}"
+                ))
+                return
+            for symbol in new:
+                client.symbols.add(symbol)
+                self._subscribers.setdefault(symbol, set()).add(client)
+        else:
+            for symbol in symbols:
+                client.symbols.discard(symbol)
+                subs = self._subscribers.get(symbol)
+                if subs is not None:
+                    subs.discard(client)
+                    if not subs:
+                        del self._subscribers[symbol]
+        if msg.get("response") is True:
+            self._reply(client, {"id": msg_id, "type": "ack"})
+
+    def _parse_topic(self, topic: Any) -> list[str] | None:
+        """The symbols of a level3v2 topic, or None if any part is unknown."""
+        if not isinstance(topic, str) or not topic.startswith(TOPIC_PREFIX):
+            return None
+        symbols = [s.strip() for s in topic[len(TOPIC_PREFIX):].split(",")]
+        if not symbols or not all(self.symbol_known(s) for s in symbols):
+            return None
+        return list(dict.fromkeys(symbols))
+
+
+def _error(msg_id: Any, code: int, data: str) -> dict[str, Any]:
+    return {"id": msg_id, "type": "error", "code": code, "data": data}
