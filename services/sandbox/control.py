@@ -1,0 +1,209 @@
+"""The sandbox's control API (``/sandbox/...``, JSON): what tests and demos turn.
+
+Not part of the venue's protocol, and so not under ``/api`` (no REST latency,
+no REST error fault, no signature). Errors are ``{"error": "..."}`` with HTTP
+400 (bad input), 404 (unknown symbol) or 409 (not possible in this mode).
+
+=====================================  =============================================
+``GET  /sandbox/state``                flow (running, rate, steps), sequences per
+                                       symbol, fault knobs, injected counts, clients
+``POST /sandbox/flow/pause``           stop the synthetic flow (or the replay)
+``POST /sandbox/flow/resume``          start it again; optional ``{"rate": r}``
+``POST /sandbox/flow/rate``            ``{"rate": r}``: actions/s, 0 = none,
+                                       negative or ``"max"`` = as fast as possible
+``POST /sandbox/step``                 ``{"n": 10}``: run n flow steps now
+                                       (deterministic tests: pause first)
+``POST /sandbox/faults``               partial update of the fault knobs
+                                       (:class:`~services.sandbox.faults.FaultState`)
+``POST /sandbox/rest-error``           ``{"status": 429|500, "seconds": s}``; status
+                                       null ends the window
+``POST /sandbox/disconnect``           drop every WebSocket client now
+``GET  /sandbox/book/{symbol}``        the engine's visible L3 book, best first
+``GET  /sandbox/snapshot/{symbol}``    the L3 snapshot, without rate limit or faults
+=====================================  =============================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from services.sandbox.engine import RejectError
+from services.sandbox.exchange import Exchange, UnknownSymbol
+
+__all__ = ["MAX_STEPS", "control_router"]
+
+#: Most flow steps one ``POST /sandbox/step`` may ask for.
+MAX_STEPS: Final = 100_000
+
+
+_Action = Callable[[Request], Awaitable[JSONResponse]]
+
+
+class _BadInput(Exception):
+    def __init__(self, msg: str, status: int = 400) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.status = status
+
+
+def _error(msg: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": msg}, status_code=status)
+
+
+async def _json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise _BadInput("a JSON object body is required")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _BadInput("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _BadInput("the body must be a JSON object")
+    return body
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, str) and value.strip().lower() == "max":
+        return -1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadInput('rate must be a number or "max"')
+    rate = float(value)
+    if not math.isfinite(rate):
+        raise _BadInput("rate must be finite")
+    return rate
+
+
+def control_router(exchange: Exchange) -> APIRouter:
+    """The ``/sandbox/...`` endpoints, bound to ``exchange``."""
+    router = APIRouter(prefix="/sandbox")
+
+    async def guarded(request: Request, action: _Action) -> JSONResponse:
+        try:
+            result = await action(request)
+        except _BadInput as exc:
+            return _error(exc.msg, exc.status)
+        except UnknownSymbol as exc:
+            return _error(exc.msg, 404)
+        except RejectError as exc:
+            return _error(exc.msg, 404 if exc.http_status == 404 else 409)
+        return result
+
+    @router.get("/state")
+    async def state() -> JSONResponse:
+        return JSONResponse(exchange.state())
+
+    @router.post("/flow/pause")
+    async def pause() -> JSONResponse:
+        exchange.pause()
+        return JSONResponse(exchange.state()["flow"])
+
+    @router.post("/flow/resume")
+    async def resume(request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            body = await _json_object(req, optional=True)
+            if "rate" in body:
+                exchange.set_rate(_rate(body["rate"]))
+            exchange.resume()
+            return JSONResponse(exchange.state()["flow"])
+
+        return await guarded(request, act)
+
+    @router.post("/flow/rate")
+    async def rate(request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            body = await _json_object(req)
+            if "rate" not in body:
+                raise _BadInput("rate is required")
+            exchange.set_rate(_rate(body["rate"]))
+            return JSONResponse(exchange.state()["flow"])
+
+        return await guarded(request, act)
+
+    @router.post("/step")
+    async def step(request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            body = await _json_object(req, optional=True)
+            n = body.get("n", 1)
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_STEPS:
+                raise _BadInput(f"n must be an integer in [0, {MAX_STEPS}]")
+            messages = exchange.step(n)
+            return JSONResponse(
+                {"steps": n, "messages": messages, "sequences": exchange.sequences()}
+            )
+
+        return await guarded(request, act)
+
+    @router.post("/faults")
+    async def faults(request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            body = await _json_object(req)
+            try:
+                exchange.faults.update(**body)
+            except (ValueError, TypeError) as exc:
+                raise _BadInput(str(exc)) from None
+            if "snapshot_rate_per_min" in body:
+                exchange.snapshot_limiter.reset()
+            return JSONResponse(exchange.faults.to_dict())
+
+        return await guarded(request, act)
+
+    @router.post("/rest-error")
+    async def rest_error(request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            body = await _json_object(req)
+            status = body.get("status")
+            seconds = body.get("seconds", 60)
+            if status is None:
+                exchange.faults.update(rest_error_status=None, rest_error_until=0.0)
+                return JSONResponse(exchange.faults.to_dict())
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, (int, float))
+                or not math.isfinite(seconds)
+                or seconds <= 0
+            ):
+                raise _BadInput("seconds must be a positive number")
+            try:
+                exchange.faults.update(
+                    rest_error_status=status, rest_error_until=time.monotonic() + float(seconds)
+                )
+            except (ValueError, TypeError) as exc:
+                raise _BadInput(str(exc)) from None
+            return JSONResponse(exchange.faults.to_dict())
+
+        return await guarded(request, act)
+
+    @router.post("/disconnect")
+    async def disconnect() -> JSONResponse:
+        return JSONResponse({"disconnected": exchange.hub.disconnect_all()})
+
+    @router.get("/book/{symbol}")
+    async def book(symbol: str, request: Request) -> JSONResponse:
+        async def act(_: Request) -> JSONResponse:
+            if exchange.replay_mode:
+                raise _BadInput("no engine book while replaying a capture", 409)
+            if symbol not in exchange.engines:
+                raise _BadInput(f"unknown symbol {symbol!r}", 404)
+            return JSONResponse(exchange.book_l3(symbol))
+
+        return await guarded(request, act)
+
+    @router.get("/snapshot/{symbol}")
+    async def snapshot(symbol: str, request: Request) -> JSONResponse:
+        async def act(_: Request) -> JSONResponse:
+            exchange.check_market_symbol(symbol)
+            return JSONResponse(exchange.snapshot(symbol))
+
+        return await guarded(request, act)
+
+    return router

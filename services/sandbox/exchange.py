@@ -1,0 +1,537 @@
+"""The sandbox exchange's state and its I/O shell around the pure engines.
+
+:class:`Exchange` owns one :class:`~services.sandbox.engine.MatchingEngine`
+per configured symbol, the :class:`~services.sandbox.flow.SyntheticFlow`
+driving them, the WebSocket :class:`~services.sandbox.hub.Hub` and the
+:class:`~services.sandbox.faults.FaultState`. Every engine action (a REST
+order, a cancel, a flow step) goes through :meth:`Exchange._publish`, which
+hands the messages it emitted to the hub at once and in order: nothing awaits
+between an engine action and its publication, so the L3 stream always
+carries exactly the engine's sequence.
+
+The flow runs in one asyncio task (:meth:`Exchange.start`) at
+``flow_rate`` actions a second (negative = as fast as possible), pausable and
+re-rated at run time; it uses the event loop's clock. With
+``SANDBOX_REPLAY`` set, a :class:`~services.sandbox.replay.Replayer` sends a
+capture instead, and trading is disabled (its sequences belong to the
+capture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Final
+
+from services.sandbox.auth import ApiCredential
+from services.sandbox.contracts import CONTRACTS, Contract
+from services.sandbox.engine import (
+    CANNOT_CANCEL,
+    INVALID_PARAMETER,
+    EngineOrder,
+    MatchingEngine,
+    Message,
+    OrderRequest,
+    RejectError,
+)
+from services.sandbox.faults import FaultState
+from services.sandbox.flow import SyntheticFlow
+from services.sandbox.hub import Hub
+from services.sandbox.settings import SandboxSettings
+
+if TYPE_CHECKING:
+    from services.sandbox.replay import Replayer
+
+__all__ = ["INVALID_SYMBOL", "Exchange", "SnapshotLimiter", "UnknownSymbol"]
+
+_log = logging.getLogger(__name__)
+
+#: Error code of an unknown contract symbol.
+INVALID_SYMBOL: Final = "200003"
+#: Longest time the flow runner works before yielding to the loop, in "max" mode.
+_MAX_BURST_S: Final = 0.005
+#: Longest sleep of the flow runner between checks of its rate.
+_MAX_SLEEP_S: Final = 0.1
+#: A paced flow never catches up more than this many seconds of backlog.
+_MAX_BACKLOG_S: Final = 1.0
+#: In "max" mode, how long the flow waits for a slow client before going on without it.
+_STALL_S: Final = 5.0
+#: Poll period while waiting for client queues to drain.
+_POLL_S: Final = 0.002
+
+
+class UnknownSymbol(RejectError):
+    """A symbol the sandbox does not list (code 200003)."""
+
+    def __init__(self, symbol: str, http_status: int = 400) -> None:
+        super().__init__(INVALID_SYMBOL, f"contract {symbol!r} does not exist", http_status)
+        self.symbol = symbol
+
+
+class SnapshotLimiter:
+    """Per-client token buckets for the L3 snapshot (pure: time comes in).
+
+    A client may burst ``max(1, rate_per_min)`` requests, refilled at
+    ``rate_per_min`` a minute; ``rate_per_min`` 0 means no limit.
+    """
+
+    _MAX_CLIENTS: Final = 10_000
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, client: str, rate_per_min: float, now_s: float) -> bool:
+        """Take one token of ``client``'s bucket at ``now_s`` (monotonic seconds)."""
+        if rate_per_min <= 0:
+            return True
+        capacity = max(1.0, rate_per_min)
+        tokens, last = self._buckets.get(client, (capacity, now_s))
+        tokens = min(capacity, tokens + max(0.0, now_s - last) * rate_per_min / 60.0)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        if len(self._buckets) >= self._MAX_CLIENTS and client not in self._buckets:
+            self._buckets.clear()  # bounded memory; forgetting only ever allows more
+        self._buckets[client] = (tokens, now_s)
+        return allowed
+
+    def retry_after(self, client: str, rate_per_min: float, now_s: float) -> float:
+        """Seconds until ``client`` may ask again (0 when it may now)."""
+        if rate_per_min <= 0 or client not in self._buckets:
+            return 0.0
+        tokens, last = self._buckets[client]
+        tokens += max(0.0, now_s - last) * rate_per_min / 60.0
+        return max(0.0, (1.0 - tokens) * 60.0 / rate_per_min)
+
+    def reset(self) -> None:
+        """Forget every bucket."""
+        self._buckets.clear()
+
+
+class Exchange:
+    """The sandbox: engines, flow, hub and faults of one process.
+
+    Built from the settings; :meth:`start` / :meth:`stop` run its background
+    tasks (the app's lifespan calls them). All methods run on the event loop's
+    thread.
+    """
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+        self.faults = FaultState(
+            drop_rate=settings.drop_rate,
+            duplicate_rate=settings.duplicate_rate,
+            reorder_rate=settings.reorder_rate,
+            delay_ms=settings.delay_ms,
+            disconnect_every_s=settings.disconnect_every_s,
+            refuse_snapshots=settings.refuse_snapshots,
+            rest_latency_ms=settings.rest_latency_ms,
+            snapshot_rate_per_min=settings.snapshot_rate_per_min,
+        )
+        self.replay_mode = settings.replay is not None
+        self.hub = Hub(
+            self.faults,
+            symbols=None if self.replay_mode else settings.symbol_list,
+            seed=settings.seed,
+            queue_limit=settings.client_queue_limit,
+            ping_timeout_s=settings.ws_idle_timeout_s,
+        )
+        self.credentials: dict[str, ApiCredential] = {
+            k.key: ApiCredential(
+                key=k.key, secret=k.secret, passphrase=k.passphrase, user_id=k.user_id
+            )
+            for k in settings.api_keys
+        }
+        start_sequence = settings.start_sequence
+        if start_sequence is None:
+            start_sequence = time.time_ns() // 1_000_000
+        self.contracts: dict[str, Contract] = {s: CONTRACTS[s] for s in settings.symbol_list}
+        self.engines: dict[str, MatchingEngine] = {
+            symbol: MatchingEngine(
+                contract,
+                id_seed=settings.seed,
+                start_sequence=start_sequence,
+                max_active_per_user=settings.max_active_orders,
+            )
+            for symbol, contract in self.contracts.items()
+        }
+        self.flow = SyntheticFlow(self.engines, seed=settings.seed)
+        self.snapshot_limiter = SnapshotLimiter()
+        self.replayer: Replayer | None = None
+        self._rate = settings.flow_rate
+        self._paused = settings.flow_rate == 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_ns = 0
+        self.flow_steps = 0
+        self.flow_error: str | None = None
+        self.primed = False
+
+    # ------------------------------------------------------------------ clock
+
+    def now_ns(self) -> int:
+        """Wall-clock nanoseconds, strictly increasing within this process."""
+        now = time.time_ns()
+        if now <= self._last_ns:
+            now = self._last_ns + 1
+        self._last_ns = now
+        return now
+
+    # ------------------------------------------------------------------ publishing
+
+    def _publish(self, symbol: str, messages: list[Message]) -> None:
+        """The one place engine output leaves: to the hub, at once, in order."""
+        if messages:
+            self.hub.publish(symbol, messages)
+
+    def _publish_all(self, batches: Iterable[tuple[str, list[Message]]]) -> int:
+        count = 0
+        for symbol, messages in batches:
+            self._publish(symbol, messages)
+            count += len(messages)
+        return count
+
+    # ------------------------------------------------------------------ lookups
+
+    def contract(self, symbol: str, *, http_status: int = 400) -> Contract:
+        """The listed contract ``symbol``, or :class:`UnknownSymbol`."""
+        contract = self.contracts.get(symbol)
+        if contract is None:
+            raise UnknownSymbol(symbol, http_status)
+        return contract
+
+    def engine(self, symbol: str, *, http_status: int = 400) -> MatchingEngine:
+        """The engine of ``symbol``, or :class:`UnknownSymbol`."""
+        engine = self.engines.get(symbol)
+        if engine is None:
+            raise UnknownSymbol(symbol, http_status)
+        return engine
+
+    def _engines_for(self, symbol: str | None) -> list[MatchingEngine]:
+        if symbol is None:
+            return list(self.engines.values())
+        return [self.engine(symbol)]
+
+    def _trading(self) -> None:
+        if self.replay_mode:
+            raise RejectError(
+                INVALID_PARAMETER, "trading is disabled while the sandbox replays a capture"
+            )
+
+    # ------------------------------------------------------------------ orders
+
+    def place(self, symbol: str, request: OrderRequest) -> EngineOrder:
+        """Place an order for ``request.user_id``; its messages are published."""
+        self._trading()
+        engine = self.engine(symbol)
+        order, messages = engine.place(request, self.now_ns())
+        self._publish(symbol, messages)
+        return order
+
+    def get_order(self, user_id: str, order_id: str) -> EngineOrder | None:
+        """``user_id``'s order ``order_id`` on any symbol, or None."""
+        for engine in self.engines.values():
+            order = engine.get_order(order_id)
+            if order is not None and order.user_id == user_id:
+                return order
+        return None
+
+    def get_by_client_oid(
+        self, user_id: str, client_oid: str, symbol: str | None = None
+    ) -> EngineOrder | None:
+        """``user_id``'s latest order with ``client_oid`` (on ``symbol``, or any), or None."""
+        found = [
+            order
+            for engine in self._engines_for(symbol)
+            if (order := engine.get_by_client_oid(user_id, client_oid)) is not None
+        ]
+        if not found:
+            return None
+        return max(found, key=lambda o: (o.is_active, o.created_at, o.order_time))
+
+    def cancel(self, user_id: str, order_id: str) -> list[str]:
+        """Cancel ``user_id``'s order ``order_id``: the ids whose cancel was accepted."""
+        self._trading()
+        order = self.get_order(user_id, order_id)
+        if order is None:
+            raise RejectError(CANNOT_CANCEL, f"order {order_id} does not exist", http_status=404)
+        messages = self.engines[order.symbol].cancel(order_id, self.now_ns(), user_id)
+        self._publish(order.symbol, messages)
+        return [order_id]
+
+    def cancel_by_client_oid(
+        self, user_id: str, client_oid: str, symbol: str | None = None
+    ) -> EngineOrder:
+        """Cancel ``user_id``'s order with ``client_oid`` (on ``symbol``, or wherever it is)."""
+        self._trading()
+        if symbol is None:
+            found = self.get_by_client_oid(user_id, client_oid)
+            if found is None:
+                raise RejectError(
+                    CANNOT_CANCEL,
+                    f"order with clientOid {client_oid} does not exist",
+                    http_status=404,
+                )
+            symbol = found.symbol
+        engine = self.engine(symbol)
+        order, messages = engine.cancel_by_client_oid(user_id, client_oid, self.now_ns())
+        self._publish(symbol, messages)
+        return order
+
+    def cancel_all(self, user_id: str, symbol: str | None = None) -> list[str]:
+        """Cancel every open limit order of ``user_id`` (on ``symbol``, or all symbols)."""
+        self._trading()
+        ids: list[str] = []
+        for engine in self._engines_for(symbol):
+            cancelled, messages = engine.cancel_all(user_id, self.now_ns())
+            self._publish(engine.symbol, messages)
+            ids.extend(cancelled)
+        return ids
+
+    def orders(self, user_id: str, *, active: bool, symbol: str | None = None) -> list[EngineOrder]:
+        """``user_id``'s active (or done) orders, newest first."""
+        out: list[EngineOrder] = []
+        for engine in self._engines_for(symbol):
+            if active:
+                out.extend(engine.active_orders(user_id))
+            else:
+                out.extend(o for o in engine.all_orders(user_id) if not o.is_active)
+        out.sort(key=lambda o: (o.created_at, o.order_time), reverse=True)
+        return out
+
+    # ------------------------------------------------------------------ market data
+
+    def check_market_symbol(self, symbol: str) -> None:
+        """:class:`UnknownSymbol` unless ``symbol`` has market data (listed, or replayed)."""
+        if self.replayer is not None:
+            if symbol not in self.replayer.symbols:
+                raise UnknownSymbol(symbol)
+            return
+        self.engine(symbol)
+
+    def snapshot(self, symbol: str) -> dict[str, Any]:
+        """The ``data`` of ``GET /api/v2/level3/snapshot`` for ``symbol`` (no limits)."""
+        if self.replayer is not None:
+            try:
+                return self.replayer.snapshot(symbol)
+            except KeyError:
+                raise UnknownSymbol(symbol) from None
+        return self.engine(symbol).snapshot(self.now_ns())
+
+    def book_l3(self, symbol: str) -> dict[str, Any]:
+        """The engine's visible L3 book of ``symbol``, as JSON-able data."""
+        book = self.engine(symbol, http_status=404).book_l3()
+
+        def side(levels: list[tuple[str, list[tuple[str, int, int]]]]) -> list[dict[str, Any]]:
+            return [
+                {
+                    "price": price,
+                    "size": str(sum(size for _, size, _ in orders)),
+                    "orders": [
+                        {"orderId": oid, "size": str(size), "ts": ts} for oid, size, ts in orders
+                    ],
+                }
+                for price, orders in levels
+            ]
+
+        return {
+            "symbol": symbol,
+            "sequence": book["sequence"],
+            "bids": side(book["bids"]),
+            "asks": side(book["asks"]),
+        }
+
+    def sequences(self) -> dict[str, int]:
+        """The last sequence of every symbol."""
+        if self.replayer is not None:
+            seqs: dict[str, int] = self.replayer.stats()["sequences"]
+            return seqs
+        return {symbol: engine.sequence for symbol, engine in self.engines.items()}
+
+    def mark_price(self, symbol: str) -> Decimal | None:
+        """The engine's mid quantised to the tick, or None on a one-sided book."""
+        engine = self.engine(symbol)
+        mid = engine.mid()
+        if mid is None:
+            return None
+        tick = engine.contract.tick_size
+        return (mid / tick).to_integral_value() * tick
+
+    # ------------------------------------------------------------------ flow control
+
+    @property
+    def flow_rate(self) -> float:
+        """Flow actions a second (negative = as fast as possible, 0 = none)."""
+        return self._rate
+
+    @property
+    def flow_running(self) -> bool:
+        """Whether the flow (or the replay) is producing messages now."""
+        if self.replayer is not None:
+            return not self.replayer.paused and not self.replayer.done
+        return not self._paused and self._rate != 0 and self.flow_error is None
+
+    def pause(self) -> None:
+        """Stop the flow after the current step."""
+        self._paused = True
+        if self.replayer is not None:
+            self.replayer.pause()
+        self._wake.set()
+
+    def resume(self) -> None:
+        """Start the flow again at its current rate (clears a previous flow error)."""
+        self._paused = False
+        self.flow_error = None
+        if self.replayer is not None:
+            self.replayer.resume()
+        self._wake.set()
+
+    def set_rate(self, rate: float) -> None:
+        """Change the flow rate: actions a second, < 0 = as fast as possible, 0 = none."""
+        if not math.isfinite(rate):
+            raise ValueError(f"rate must be a finite number, not {rate!r}")
+        self._rate = float(rate)
+        self._wake.set()
+
+    def step(self, n: int) -> int:
+        """Run ``n`` flow steps now (deterministic tests); returns messages published."""
+        if self.replayer is not None:
+            raise RejectError(INVALID_PARAMETER, "no synthetic flow while replaying a capture")
+        count = 0
+        for _ in range(n):
+            count += self._step_once()
+        return count
+
+    def _step_once(self) -> int:
+        self.flow_steps += 1
+        return self._publish_all(self.flow.step(self.now_ns()))
+
+    def prime(self) -> int:
+        """Place the flow's initial resting orders (once); returns messages published."""
+        if self.primed or self.replay_mode:
+            return 0
+        self.primed = True
+        return self._publish_all(self.flow.prime(self.now_ns()))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Prime the books, start the hub and the flow (or replay) task."""
+        await self.hub.start()
+        if self.replay_mode:
+            from services.sandbox.replay import Replayer
+
+            assert self.settings.replay is not None
+            self.replayer = Replayer(
+                self.settings.replay, self.hub, speed=self.settings.replay_speed
+            )
+            if self._paused:
+                self.replayer.pause()
+            self._tasks.append(asyncio.create_task(self._run_replay(), name="sandbox-replay"))
+        else:
+            self.prime()
+            self._tasks.append(asyncio.create_task(self._run_flow(), name="sandbox-flow"))
+
+    async def stop(self) -> None:
+        """Stop the background tasks and disconnect every client."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.hub.stop()
+
+    async def _run_replay(self) -> None:
+        assert self.replayer is not None
+        try:
+            await self.replayer.run()
+            _log.info("replay finished: %s", self.replayer.stats())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.flow_error = repr(exc)
+            _log.exception("replay failed")
+
+    async def _run_flow(self) -> None:
+        """Step the flow at the current rate until cancelled (loop clock only)."""
+        loop = asyncio.get_running_loop()
+        credit = 0.0
+        last = loop.time()
+        while True:
+            if not self.flow_running:
+                self._wake.clear()
+                await self._wake.wait()
+                credit, last = 0.0, loop.time()
+                continue
+            rate = self._rate
+            try:
+                if rate < 0:
+                    deadline = loop.time() + _MAX_BURST_S
+                    while loop.time() < deadline:
+                        self._step_once()
+                    await self._backpressure(loop)
+                    last = loop.time()
+                    continue
+                now = loop.time()
+                credit = min(credit + (now - last) * rate, max(1.0, rate * _MAX_BACKLOG_S))
+                last = now
+                due = int(credit)
+                for _ in range(due):
+                    self._step_once()
+                credit -= due
+            except Exception as exc:
+                # A bug in the flow: stop it loudly rather than spin on the error.
+                self.flow_error = repr(exc)
+                _log.exception("synthetic flow failed; paused (resume to retry)")
+                continue
+            self._wake.clear()
+            wait = min(_MAX_SLEEP_S, max(0.0, (1.0 - credit) / rate))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    async def _backpressure(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Yield; in "max" mode, also wait (bounded) while a client queue is over half full.
+
+        "As fast as possible" means as fast as the clients take it: a client
+        that stays stuck longer than ``_STALL_S`` is left to fill its queue
+        and be dropped as slow, rather than stalling everyone.
+        """
+        await asyncio.sleep(0)
+        hub = self.hub
+        high = hub.queue_limit // 2
+        if hub.max_queue_depth() <= high:
+            return
+        deadline = loop.time() + _STALL_S
+        while hub.max_queue_depth() > high and loop.time() < deadline and self._rate < 0:
+            await asyncio.sleep(_POLL_S)
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        """What ``GET /sandbox/state`` shows."""
+        hub = self.hub.stats()
+        state: dict[str, Any] = {
+            "flow": {
+                "running": self.flow_running,
+                "paused": self._paused,
+                "rate": self._rate,
+                "max": self._rate < 0,
+                "steps": self.flow_steps,
+                "rejects": self.flow.rejects,
+                "error": self.flow_error,
+            },
+            "symbols": list(self.contracts),
+            "sequences": self.sequences(),
+            "faults": self.faults.to_dict(),
+            "counts": dict(self.faults.counts),
+            "hub": hub,
+            "clients": hub["clients"],
+            "replay": None if self.replayer is None else self.replayer.stats(),
+        }
+        return state

@@ -1,0 +1,102 @@
+"""An official KuCoin Futures client works against the sandbox with only its base URL changed.
+
+The client is ``kucoin-futures-python`` (KuCoin's own SDK, ``kucoin_futures``),
+unchanged: it signs with key version 2, sends numbers as it pleases and
+checks the ``200000`` envelope itself. Skipped when the package is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+import warnings
+from typing import Any
+
+import pytest
+
+from tests.sandbox_proc import DEMO_KEY_1, SandboxProcess
+
+try:
+    with warnings.catch_warnings():
+        # The SDK imports pkg_resources, which newer setuptools flags as deprecated
+        # (and without it, the SDK's import fails with a NameError, not an ImportError).
+        warnings.simplefilter("ignore")
+        client = importlib.import_module("kucoin_futures.client")
+except Exception as exc:
+    pytest.skip(f"kucoin-futures-python is not usable: {exc!r}", allow_module_level=True)
+
+SYMBOL = "XBTUSDM"
+
+
+def _trade(sandbox: SandboxProcess) -> Any:
+    return client.Trade(
+        key=DEMO_KEY_1.key,
+        secret=DEMO_KEY_1.secret,
+        passphrase=DEMO_KEY_1.passphrase,
+        url=sandbox.base_url,
+    )
+
+
+def test_market_data_endpoints(sandbox: SandboxProcess) -> None:
+    market = client.Market(url=sandbox.base_url)
+    assert isinstance(market.get_server_timestamp(), int)
+    contracts = market.get_contracts_list()
+    assert {c["symbol"] for c in contracts} == {"XBTUSDM", "XBTUSDTM", "ETHUSDTM"}
+    detail = market.get_contract_detail(SYMBOL)
+    assert detail["symbol"] == SYMBOL and detail["isInverse"] is True
+    snapshot = market.l3_order_book_v2(SYMBOL)
+    assert snapshot["symbol"] == SYMBOL and snapshot["bids"] and snapshot["asks"]
+    with pytest.raises(Exception, match="200003"):
+        market.get_contract_detail("NOPEUSDM")
+
+
+def test_ws_token(sandbox: SandboxProcess) -> None:
+    token = client.WsToken(url=sandbox.base_url).get_ws_token()
+    assert token["token"]
+    (server,) = token["instanceServers"]
+    assert server["endpoint"] == f"{sandbox.ws_url}"
+    assert server["pingInterval"] == 18000 and server["protocol"] == "websocket"
+    private = client.WsToken(
+        key=DEMO_KEY_1.key,
+        secret=DEMO_KEY_1.secret,
+        passphrase=DEMO_KEY_1.passphrase,
+        url=sandbox.base_url,
+    ).get_ws_token(is_private=True)
+    assert private["token"]
+
+
+def test_place_get_list_cancel(sandbox: SandboxProcess) -> None:
+    trade = _trade(sandbox)
+    trade.cancel_all_limit_order(SYMBOL)
+    bid = float(client.Market(url=sandbox.base_url).l3_order_book_v2(SYMBOL)["bids"][0][1])
+    price = f"{bid - 10:.1f}"
+    client_oid = uuid.uuid4().hex
+
+    placed = trade.create_limit_order(SYMBOL, "buy", "5", 2, price, clientOid=client_oid)
+    order_id = placed["orderId"]
+    details = trade.get_order_details(order_id)
+    assert details["clientOid"] == client_oid and details["status"] == "open"
+    assert details["price"] == price and details["size"] == 2
+
+    listing = trade.get_order_list(status="active", symbol=SYMBOL)
+    assert [o["id"] for o in listing["items"]] == [order_id]
+
+    assert trade.cancel_order(order_id)["cancelledOrderIds"] == [order_id]
+    with pytest.raises(Exception, match="100004"):
+        trade.cancel_order(order_id)
+    assert trade.get_order_details(order_id)["status"] == "done"
+
+    second = uuid.uuid4().hex
+    trade.create_limit_order(SYMBOL, "buy", 5, "2", price, clientOid=second)
+    assert trade.cancel_order_by_clientOid(second, SYMBOL)["clientOid"] == second
+
+    third = trade.create_limit_order(SYMBOL, "buy", "5", 1, price)["orderId"]
+    assert trade.cancel_all_limit_order(SYMBOL)["cancelledOrderIds"] == [third]
+
+
+def test_bad_credentials_are_refused(sandbox: SandboxProcess) -> None:
+    trade = client.Trade(
+        key=DEMO_KEY_1.key, secret="wrong", passphrase=DEMO_KEY_1.passphrase, url=sandbox.base_url
+    )
+    with pytest.raises(Exception, match="400004"):
+        trade.get_order_list(status="active")
