@@ -1,0 +1,81 @@
+"""Settings of the feed: the shared variables plus its own, prefixed ``FEED_``.
+
+Shared (see :class:`kumex_l3.config.CommonSettings`): ``REDIS_URL``,
+``KUMEX_SYMBOLS``, ``KUMEX_BASE_URL``, ``LOG_LEVEL`` (and the API secrets,
+which the feed does not use: it reads public data only).
+
+The feed's own, with their defaults:
+
+==============================  ========  ==================================================
+variable                        default   meaning
+==============================  ========  ==================================================
+``FEED_STREAM_MAXLEN``          100000    ``XADD ... MAXLEN ~ N`` of each symbol's stream
+``FEED_BATCH_SIZE``             500       entries per Redis pipeline
+``FEED_BUFFER_MAX``             100000    messages held in memory while Redis is slow or
+                                          down; past it they are dropped (``ctl=gap``)
+``FEED_SNAPSHOT_PER_MIN``       1         L3 snapshot budget a minute (the real venue's
+                                          limit); 0 = unlimited
+``FEED_BACKOFF_INITIAL``        1.0       first reconnect/retry delay, seconds
+``FEED_BACKOFF_FACTOR``         2.0       growth of the delay per failed attempt
+``FEED_BACKOFF_MAX``            30.0      largest delay, seconds
+``FEED_HTTP_HOST``              0.0.0.0   address of /healthz, /readyz, /metrics
+``FEED_HTTP_PORT``              8081      port of the same (0 = any free port, logged)
+``FEED_CAPTURE``                (none)    file to append each raw data frame to, one a
+                                          line (gzip when it ends with ``.gz``);
+                                          the sandbox can replay it
+``FEED_WELCOME_TIMEOUT``        10.0      seconds to wait for ``welcome``
+``FEED_SUBSCRIBE_TIMEOUT``      10.0      seconds to wait for the subscribe acks
+``FEED_HTTP_TIMEOUT``           10.0      seconds for a REST call (token, snapshot)
+``FEED_REDIS_TIMEOUT``          5.0       seconds for a Redis command
+``FEED_SHUTDOWN_TIMEOUT``       10.0      seconds to flush the buffer on stop
+==============================  ========  ==================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from kumex_l3.config import CommonSettings
+
+__all__ = ["ENV_PREFIX", "FeedSettings"]
+
+ENV_PREFIX = "FEED_"
+
+
+class FeedSettings(CommonSettings):
+    """Settings of ``python -m services.feed`` (see the module docstring)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore",
+                                      populate_by_name=True)
+
+    stream_maxlen: int = Field(100_000, gt=0)
+    batch_size: int = Field(500, gt=0, le=100_000)
+    buffer_max: int = Field(100_000, gt=0)
+    snapshot_per_min: float = Field(1.0, ge=0)
+    backoff_initial: float = Field(1.0, gt=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_max: float = Field(30.0, gt=0)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8081, ge=0, le=65535)
+    capture: Path | None = None
+    welcome_timeout: float = Field(10.0, gt=0)
+    subscribe_timeout: float = Field(10.0, gt=0)
+    http_timeout: float = Field(10.0, gt=0)
+    redis_timeout: float = Field(5.0, gt=0)
+    shutdown_timeout: float = Field(10.0, ge=0)
+
+    @field_validator("backoff_max")
+    @classmethod
+    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("backoff_initial")
+        if isinstance(initial, int | float) and value < initial:
+            raise ValueError("must be >= FEED_BACKOFF_INITIAL")
+        return value
+
+    @field_validator("capture", mode="before")
+    @classmethod
+    def _empty_capture(cls, value: object) -> object:
+        return None if value == "" else value

@@ -1,0 +1,737 @@
+"""The feed, from its parts to the whole process, with real Redis and real sockets.
+
+* the buffer and the snapshot budget (pure, quick);
+* the writer against a real Redis: one pipeline per batch, text unchanged,
+  ``MAXLEN ~``, control entries; an outage (our own ``redis-server``,
+  stopped and restarted) during which the reader is never blocked, the bound
+  holds, and a ``ctl=gap`` appears after recovery; a key Redis refuses for
+  good does not block the others;
+* the WebSocket client over real sockets: a fake exchange that never pongs or
+  never welcomes, and the sandbox refusing a topic;
+* ``python -m services.feed`` as a process against the sandbox process and a
+  real Redis: frames stored byte for byte, ``ctl=connected``, snapshots,
+  a forced disconnect, a snapshot request on the pub/sub channel, SIGTERM.
+
+Waits are bounded by a generous safety timeout and never asserted: the
+assertions are about content, order and counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+import redis
+import redis.asyncio
+import uvicorn
+from fastapi import FastAPI, WebSocket
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from starlette.websockets import WebSocketDisconnect
+
+from kumex_l3 import keys, parse_message, parse_snapshot
+from kumex_l3.backoff import Backoff
+from kumex_l3.devredis import RedisServer, free_port
+from kumex_l3.logs import kv, setup_logging
+from kumex_l3.wsclient import (
+    PingTimeout,
+    SubscribeError,
+    WelcomeTimeout,
+    WsClient,
+    WsOptions,
+    level3_topic,
+)
+from services.feed.buffer import FeedBuffer
+from services.feed.metrics import FeedMetrics
+from services.feed.snapshots import TokenBucket, parse_request
+from services.feed.writer import StreamWriter
+from services.sandbox.replay import read_capture
+from tests.sandbox_proc import SandboxProcess
+
+SAFETY_S = 30.0  # a ceiling against hangs, never a measurement
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str,
+                     timeout: float = SAFETY_S) -> None:
+    """Poll ``check`` until it is true; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _decode(fields: Any) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
+async def _xrange(client: redis.asyncio.Redis, key: str) -> list[dict[str, str]]:
+    """A stream's entries, fields decoded, oldest first."""
+    entries: Any = await client.xrange(key)
+    return [_decode(fields) for _, fields in entries]
+
+
+# =========================================================================== pure parts
+
+
+def test_buffer_bound_and_gap_marker_position() -> None:
+    buf = FeedBuffer(3)
+    assert all(buf.put("A", f"a{i}") for i in range(3))
+    assert not buf.put("A", "a3")
+    assert not buf.put("B", "b0")
+    assert buf.dropped == {"A": 1, "B": 1}
+    assert buf.data_count == 3
+    buf.commit(2)  # Redis took two
+    assert buf.put("A", "a4")  # room again: A's gap marker goes first
+    entries = buf.peek(10)
+    assert [e[1] for e in entries[:1]] == ["a2"]
+    marker = entries[1][1]
+    assert not isinstance(marker, str)
+    assert dict(marker.fields) == {"ctl": "gap", "reason": "buffer_overflow", "dropped": "1"}
+    assert entries[2] == ("A", "a4")
+    assert buf.pending_gaps == {"B": 1}
+    assert buf.put("A", "a5")  # full again: B's marker must wait for room
+    assert buf.settle_gaps() == []
+    buf.commit(4)  # a2, A's marker, a4, a5
+    assert buf.settle_gaps() == ["B"]
+    (last,) = buf.peek(10)
+    assert last[0] == "B" and not isinstance(last[1], str)
+    assert last[1].fields["dropped"] == "1"
+
+
+def test_token_bucket_budget() -> None:
+    bucket = TokenBucket(1.0, now=0.0)  # the real venue: 1 a minute
+    assert bucket.take(0.0) == 0.0
+    assert bucket.take(0.0) == pytest.approx(60.0)
+    assert bucket.take(30.0) == pytest.approx(30.0)
+    assert bucket.take(60.0) == 0.0
+    bucket.empty(61.0)
+    assert bucket.take(61.0) == pytest.approx(60.0)
+    fast = TokenBucket(120.0, now=0.0)  # burst of 120, then 2 a second
+    assert all(fast.take(0.0) == 0.0 for _ in range(120))
+    assert fast.take(0.0) == pytest.approx(0.5)
+    unlimited = TokenBucket(0.0, now=0.0)
+    assert all(unlimited.take(0.0) == 0.0 for _ in range(1000))
+
+
+def test_snapshot_request_payloads() -> None:
+    assert parse_request(b"0") == 0
+    assert parse_request(b"") == 0
+    assert parse_request(b" 1639148481406 ") == 1639148481406
+    assert parse_request(b"-5") is None
+    assert parse_request("abc") is None
+
+
+def test_log_lines_are_one_line_with_fields_and_redacted() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging("info", "feed", secrets=["hunter2-secret", None, ""], stream=stream)
+        log = logging.getLogger("services.feed.test")
+        log.info("connected %s", "with hunter2-secret inside", extra=kv(
+            connectId="c1", note="two words", token="x-hunter2-secret-y"))
+        try:
+            raise ValueError("boom\nhunter2-secret")
+        except ValueError:
+            log.exception("failed")
+        log.debug("hidden")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "hunter2" not in stream.getvalue()
+    ts, level, service, *_ = lines[0].split(" ")
+    assert ts.endswith("Z") and "T" in ts
+    assert (level, service) == ("INFO", "feed")
+    assert lines[0].endswith('connectId=c1 note="two words" token=x-***-y')
+    assert "connected with *** inside" in lines[0]
+    assert lines[1].split(" ")[1] == "ERROR" and "exc=" in lines[1] and "boom" in lines[1]
+
+
+# =========================================================================== the writer
+
+
+def _client(url: str) -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                        retry=Retry(NoBackoff(), 0))
+
+
+def _writer(client: redis.asyncio.Redis, metrics: FeedMetrics | None = None,
+            **kwargs: Any) -> StreamWriter:
+    kwargs.setdefault("buffer_max", 100_000)
+    kwargs.setdefault("batch_size", 500)
+    kwargs.setdefault("maxlen", 100_000)
+    kwargs.setdefault("backoff", Backoff(0.02, 2.0, 0.2, seed=1))
+    return StreamWriter(client, metrics or FeedMetrics(), **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def running(writer: StreamWriter) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(writer.run())
+    try:
+        yield task
+    finally:
+        writer.close()
+        try:
+            async with asyncio.timeout(SAFETY_S):
+                await task
+        except TimeoutError:
+            task.cancel()
+            raise
+
+
+def _frame(symbol: str, seq: int) -> str:
+    # Odd spacing and unicode on purpose: stored text must be byte-equal.
+    return ('{"type":"message","topic":"/contractMarket/level3v2:' + symbol + '",'
+            '"subject":"received","data":{"symbol":"' + symbol + f'","sequence":{seq}, '
+            f'"orderId":"o{seq}","clientOid":"é-{seq}","ts":1654073289160921530}}}}')
+
+
+async def test_writer_batches_pipelines_and_keeps_text(redis_client: redis.asyncio.Redis) -> None:
+    sent = [_frame("XBTUSDM", 1000 + i) for i in range(1200)]
+    metrics = FeedMetrics()
+    writer = _writer(redis_client, metrics, batch_size=500)
+    for text in sent:
+        assert writer.append("XBTUSDM", text)
+    async with running(writer):
+        await eventually(lambda: not writer.buffer, "the buffer to drain")
+    entries = await _xrange(redis_client, keys.l3_stream("XBTUSDM"))
+    assert entries == [{"msg": t} for t in sent]
+    assert writer.pipelines == 3  # 1200 messages, 500 a pipeline
+    assert metrics.registry.get_sample_value(
+        "kumex_feed_messages_written_total", {"symbol": "XBTUSDM"}) == 1200
+
+
+async def test_writer_trims_streams_approximately(redis_client: redis.asyncio.Redis) -> None:
+    writer = _writer(redis_client, maxlen=100, batch_size=1000)
+    for i in range(3000):
+        writer.append("XBTUSDM", _frame("XBTUSDM", i))
+    async with running(writer):
+        await eventually(lambda: not writer.buffer, "the buffer to drain")
+    length = await redis_client.xlen(keys.l3_stream("XBTUSDM"))
+    assert 100 <= length < 3000
+
+
+async def test_control_entries_snapshot_and_dead_letters(
+        redis_client: redis.asyncio.Redis) -> None:
+    writer = _writer(redis_client)
+    snap = b'{"symbol":"XBTUSDM","sequence":41,"ts":1,"asks":[],"bids":[]}'
+    writer.control("XBTUSDM", "connected", connectId="cid-1")
+    writer.append("XBTUSDM", _frame("XBTUSDM", 42))
+    writer.snapshot("XBTUSDM", snap, 41)
+    writer.dead_letter("XBTUSDM", "snapshot: bad", b"\x00raw")
+    async with running(writer):
+        await eventually(lambda: not writer.buffer, "the buffer to drain")
+    stream = await _xrange(redis_client, keys.l3_stream("XBTUSDM"))
+    assert stream == [
+        {"ctl": "connected", "connectId": "cid-1"},
+        {"msg": _frame("XBTUSDM", 42)},
+        {"ctl": "snapshot", "sequence": "41"},
+    ]
+    assert await redis_client.get(keys.snapshot("XBTUSDM")) == snap
+    (dead,) = await _xrange(redis_client, keys.dlq("XBTUSDM"))
+    assert dead == {"reason": "snapshot: bad", "raw": "\x00raw"}
+
+
+async def test_redis_outage_keeps_reader_free_bound_and_records_gap(tmp_path: Path) -> None:
+    """Fault: Redis stops. The reader keeps appending, the bound holds, a gap is recorded."""
+    bound = 50
+    metrics = FeedMetrics()
+    with RedisServer(dir=tmp_path, appendonly=True) as server:
+        client = _client(server.url)
+        writer = _writer(client, metrics, buffer_max=bound, batch_size=20)
+        try:
+            async with running(writer) as task:
+                for seq in range(10):
+                    writer.append("XBTUSDM", _frame("XBTUSDM", seq))
+                await eventually(lambda: not writer.buffer, "the first messages to be written")
+
+                server.stop()
+                # The reader's side: 300 messages while Redis is down. Each append
+                # returns at once; the event loop keeps running (the writer is
+                # retrying meanwhile) and nothing ever holds more than the bound.
+                accepted: list[int] = []
+                for seq in range(10, 310):
+                    if writer.append("XBTUSDM", _frame("XBTUSDM", seq)):
+                        accepted.append(seq)
+                    assert writer.buffer.data_count <= bound
+                    if seq % 25 == 0:
+                        await asyncio.sleep(0.01)
+                writer.append("ETHUSDTM", _frame("ETHUSDTM", 1))  # full too: dropped
+                assert not task.done()
+                assert accepted == list(range(10, 10 + bound))
+                await eventually(lambda: bool(metrics.registry.get_sample_value(
+                    "kumex_feed_redis_errors_total", {"op": "write"})), "a write error")
+                assert not writer.redis_ok.is_set()
+
+                server.start()  # same port, same append-only data
+                await eventually(lambda: not writer.buffer, "the buffer to drain after recovery")
+                for seq in (310, 311):
+                    writer.append("XBTUSDM", _frame("XBTUSDM", seq))
+                await eventually(lambda: not writer.buffer, "the last messages")
+                assert not task.done()
+                assert writer.redis_ok.is_set()
+
+            stream = await _xrange(client, keys.l3_stream("XBTUSDM"))
+            msgs = [json.loads(e["msg"])["data"]["sequence"] if "msg" in e else e
+                    for e in stream]
+            # The gap marker sits where the loss happened, before the next message.
+            assert msgs == [*range(10 + bound),
+                            {"ctl": "gap", "reason": "buffer_overflow",
+                             "dropped": str(300 - bound)},
+                            310, 311]
+            eth = await _xrange(client, keys.l3_stream("ETHUSDTM"))
+            assert eth == [{"ctl": "gap", "reason": "buffer_overflow", "dropped": "1"}]
+            sample = metrics.registry.get_sample_value
+            assert sample("kumex_feed_messages_dropped_total", {"symbol": "XBTUSDM"}) == 250
+            assert sample("kumex_feed_gaps_total", {"symbol": "XBTUSDM"}) == 1
+            assert sample("kumex_feed_gaps_total", {"symbol": "ETHUSDTM"}) == 1
+            assert sample("kumex_feed_messages_written_total", {"symbol": "XBTUSDM"}) == 62
+        finally:
+            await client.aclose()
+
+
+async def test_a_key_redis_refuses_does_not_block_others(
+        redis_client: redis.asyncio.Redis) -> None:
+    """Fault: one symbol's stream key holds a string (WRONGTYPE): that symbol loses, not others."""
+    await redis_client.set(keys.l3_stream("XBTUSDTM"), b"not a stream")
+    metrics = FeedMetrics()
+    writer = _writer(redis_client, metrics)
+    for seq in range(5):
+        writer.append("XBTUSDM", _frame("XBTUSDM", seq))
+        writer.append("XBTUSDTM", _frame("XBTUSDTM", seq))
+    async with running(writer) as task:
+        await eventually(lambda: not writer.buffer and not writer.buffer.pending_gaps,
+                         "the buffer to drain")
+        assert not task.done()
+    assert await redis_client.xlen(keys.l3_stream("XBTUSDM")) == 5
+    sample = metrics.registry.get_sample_value
+    assert sample("kumex_feed_messages_dropped_total", {"symbol": "XBTUSDTM"}) == 5
+    assert (sample("kumex_feed_redis_errors_total", {"op": "write"}) or 0) >= 5
+
+
+# =========================================================================== ws client
+
+
+class FakeExchange:
+    """bullet-public and a WS endpoint that misbehave on request (welcome, pong)."""
+
+    def __init__(self, *, welcome: bool = True, pong: bool = True) -> None:
+        self.welcome = welcome
+        self.pong = pong
+        self.port = 0
+        self.pings = 0
+        self.app = FastAPI()
+        self.app.post("/api/v1/bullet-public")(self._bullet)
+        self.app.websocket("/endpoint")(self._endpoint)
+
+    async def _bullet(self) -> dict[str, Any]:
+        return {"code": "200000", "data": {"token": "fake-token", "instanceServers": [{
+            "endpoint": f"ws://127.0.0.1:{self.port}/endpoint", "encrypt": False,
+            "protocol": "websocket", "pingInterval": 100, "pingTimeout": 300}]}}
+
+    async def _endpoint(self, ws: WebSocket) -> None:
+        await ws.accept()
+        cid = ws.query_params.get("connectId")
+        if self.welcome:
+            await ws.send_text(json.dumps({"id": cid, "type": "welcome"}))
+        try:
+            while True:
+                msg = json.loads(await ws.receive_text())
+                if msg["type"] == "ping":
+                    self.pings += 1
+                    if self.pong:
+                        await ws.send_text(json.dumps({"id": msg["id"], "type": "pong"}))
+                elif msg["type"] == "subscribe":
+                    await ws.send_text(json.dumps({"id": msg["id"], "type": "ack"}))
+        except WebSocketDisconnect:
+            pass
+
+
+@pytest.fixture
+async def fake_exchange() -> AsyncIterator[Callable[..., Awaitable[FakeExchange]]]:
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def make(**kwargs: Any) -> FakeExchange:
+        fake = FakeExchange(**kwargs)
+        config = uvicorn.Config(fake.app, host="127.0.0.1", port=0, log_level="warning",
+                                lifespan="off", ws_ping_interval=None)
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        await eventually(lambda: server.started, "the fake exchange to start")
+        fake.port = int(server.servers[0].sockets[0].getsockname()[1])
+        servers.append((server, task))
+        return fake
+
+    yield make
+    for server, task in servers:
+        server.should_exit = True
+        await task
+
+
+async def test_wsclient_keeps_pinging_while_pongs_come(
+        fake_exchange: Callable[..., Awaitable[FakeExchange]]) -> None:
+    fake = await fake_exchange()
+    async with WsClient(f"http://127.0.0.1:{fake.port}") as client, \
+            client.connect([level3_topic("XBTUSDM")]) as conn:
+        assert conn.topics == [level3_topic("XBTUSDM")]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):  # pings every 100 ms, no data comes
+                await conn.recv()
+        assert fake.pings >= 2
+
+
+async def test_wsclient_no_pong_means_dead(
+        fake_exchange: Callable[..., Awaitable[FakeExchange]]) -> None:
+    """Fault: the server stops answering pings; recv() raises PingTimeout."""
+    fake = await fake_exchange(pong=False)
+    async with WsClient(f"http://127.0.0.1:{fake.port}",
+                        options=WsOptions(close_timeout=0.5)) as client, \
+            client.connect([level3_topic("XBTUSDM")]) as conn:
+        with pytest.raises(PingTimeout):
+            async with asyncio.timeout(SAFETY_S):
+                await conn.recv()
+
+
+async def test_wsclient_no_welcome_times_out(
+        fake_exchange: Callable[..., Awaitable[FakeExchange]]) -> None:
+    fake = await fake_exchange(welcome=False)
+    async with WsClient(f"http://127.0.0.1:{fake.port}",
+                        options=WsOptions(welcome_timeout=0.3)) as client:
+        with pytest.raises(WelcomeTimeout):
+            async with client.connect([level3_topic("XBTUSDM")]):
+                pass
+
+
+async def test_wsclient_subscribe_refused_by_the_sandbox(sandbox: SandboxProcess) -> None:
+    async with WsClient(sandbox.base_url) as client:
+        with pytest.raises(SubscribeError) as info:
+            async with client.connect([level3_topic("XBTUSDM"), level3_topic("NOPEUSDM")]):
+                pass
+    assert info.value.topic == level3_topic("NOPEUSDM")
+
+
+# =========================================================================== the process
+
+
+class FeedProcess:
+    """``python -m services.feed`` with its log in a temporary file."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.http_port = free_port()
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("FEED_", "KUMEX_", "REDIS_URL", "LOG_LEVEL"))}
+        base.update({"FEED_HTTP_HOST": "127.0.0.1", "FEED_HTTP_PORT": str(self.http_port),
+                     "PYTHONUNBUFFERED": "1"})
+        base.update(env)
+        self._log: IO[bytes] = tempfile.TemporaryFile(prefix="feed-", suffix=".log")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.feed"], cwd=_ROOT,
+                                     env=base, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log_text(self) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        text = self._log.read().decode("utf-8", errors="replace")
+        self._log.seek(0, os.SEEK_END)
+        return text
+
+    async def get(self, path: str) -> httpx.Response | None:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            try:
+                return await client.get(self.url + path)
+            except httpx.HTTPError:
+                return None
+
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        reply = await self.get("/metrics")
+        assert reply is not None and reply.status_code == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(reply.text)
+                for s in family.samples}
+
+    async def ready(self) -> bool:
+        assert self.proc.poll() is None, f"feed exited:\n{self.log_text()}"
+        reply = await self.get("/readyz")
+        return reply is not None and reply.status_code == 200
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(SAFETY_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
+
+
+@pytest.fixture
+def feed_process(request: pytest.FixtureRequest) -> Iterator[Callable[[dict[str, str]],
+                                                                        FeedProcess]]:
+    started: list[FeedProcess] = []
+
+    def start(env: dict[str, str]) -> FeedProcess:
+        proc = FeedProcess(env)
+        started.append(proc)
+        return proc
+
+    yield start
+    report = getattr(request.node, "rep_call", None)
+    for proc in started:
+        proc.stop()
+        if report is not None and report.failed:
+            sys.stderr.write(f"--- feed log ---\n{proc.log_text()}\n")
+        proc.close()
+
+
+def _metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+            **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def _entries(client: redis.asyncio.Redis, symbol: str) -> list[dict[str, str]]:
+    return await _xrange(client, keys.l3_stream(symbol))
+
+
+def _ctl(entries: list[dict[str, str]], ctl: str) -> list[dict[str, str]]:
+    return [e for e in entries if e.get("ctl") == ctl]
+
+
+async def _step(sandbox: SandboxProcess, n: int) -> None:
+    async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+        (await http.post("/sandbox/step", json={"n": n})).raise_for_status()
+
+
+def _sequences(entries: list[dict[str, str]]) -> list[int]:
+    out = []
+    for e in entries:
+        if "msg" in e:
+            msg = parse_message(e["msg"])
+            out.append(msg.sequence)  # type: ignore[union-attr]
+    return out
+
+
+async def test_feed_process_against_the_sandbox(
+    sandbox: SandboxProcess, redis_url: str, redis_client: redis.asyncio.Redis,
+    feed_process: Callable[[dict[str, str]], FeedProcess], tmp_path: Path,
+) -> None:
+    symbols = ("XBTUSDM", "XBTUSDTM")
+    capture = tmp_path / "capture.jsonl.gz"
+    feed = feed_process({
+        "REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url,
+        "KUMEX_SYMBOLS": ",".join(symbols), "KUMEX_API_SECRET": "never-log-this-s3cret",
+        "FEED_SNAPSHOT_PER_MIN": "60", "FEED_BACKOFF_INITIAL": "0.1",
+        "FEED_BACKOFF_MAX": "0.5", "FEED_CAPTURE": str(capture), "LOG_LEVEL": "info",
+    })
+    await eventually(feed.ready, "the feed to be ready")
+
+    # Start: ctl=connected, then a snapshot stored and announced, for every symbol.
+    async def snapshots_announced(count: int) -> bool:
+        for s in symbols:
+            if len(_ctl(await _entries(redis_client, s), "snapshot")) < count:
+                return False
+        return True
+
+    await eventually(lambda: snapshots_announced(1), "the first snapshots")
+    for symbol in symbols:
+        entries = await _entries(redis_client, symbol)
+        assert entries[0]["ctl"] == "connected" and entries[0]["connectId"]
+        (announced,) = _ctl(entries, "snapshot")
+        stored = await redis_client.get(keys.snapshot(symbol))
+        assert stored is not None
+        snap = parse_snapshot(stored)
+        assert snap.symbol == symbol
+        assert str(snap.sequence) == announced["sequence"]
+
+    # Data: what the sandbox sends is what lands in the stream, byte for byte.
+    seen: dict[str, dict[int, str]] = {s: {} for s in symbols}
+    async with WsClient(sandbox.base_url) as client, \
+            client.connect([level3_topic(s) for s in symbols]) as conn:
+        await _step(sandbox, 150)
+
+        async def collect() -> None:
+            while True:
+                text = await conn.recv()
+                msg = parse_message(text)
+                seen[msg.symbol][msg.sequence] = text  # type: ignore[union-attr]
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await collect()
+    assert all(seen[s] for s in symbols)
+
+    async def stored_all() -> bool:
+        for s in symbols:
+            if not set(seen[s]) <= set(_sequences(await _entries(redis_client, s))):
+                return False
+        return True
+
+    await eventually(stored_all, "the stepped messages in the streams")
+    for symbol in symbols:
+        entries = await _entries(redis_client, symbol)
+        by_seq = {parse_message(e["msg"]).sequence: e["msg"]  # type: ignore[union-attr]
+                  for e in entries if "msg" in e}
+        for seq, text in seen[symbol].items():
+            assert by_seq[seq].encode() == text.encode()
+        seqs = _sequences(entries)
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # consecutive
+
+    # Fault: the sandbox drops every socket. The feed reconnects: a second
+    # ctl=connected (new connectId) and a fresh snapshot, for every symbol.
+    async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+        (await http.post("/sandbox/disconnect")).raise_for_status()
+
+    async def reconnected() -> bool:
+        for s in symbols:
+            if len(_ctl(await _entries(redis_client, s), "connected")) < 2:
+                return False
+        return True
+
+    await eventually(reconnected, "a second ctl=connected")
+    await eventually(lambda: snapshots_announced(2), "the snapshots after the reconnect")
+    await eventually(feed.ready, "the feed to be ready again")
+    for symbol in symbols:
+        first, second = _ctl(await _entries(redis_client, symbol), "connected")
+        assert first["connectId"] != second["connectId"]
+    samples = await feed.metrics()
+    assert _metric(samples, "kumex_feed_reconnects_total") >= 1
+    assert _metric(samples, "kumex_feed_connections_total") >= 2
+
+    # Data after the reconnect keeps its sequence (no flow ran while it was down).
+    before = {s: _sequences(await _entries(redis_client, s))[-1] for s in symbols}
+    await _step(sandbox, 60)
+
+    async def more_data() -> bool:
+        for s in symbols:
+            if _sequences(await _entries(redis_client, s))[-1] <= before[s]:
+                return False
+        return True
+
+    await eventually(more_data, "data after the reconnect")
+    for symbol in symbols:
+        seqs = _sequences(await _entries(redis_client, symbol))
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+    # A consumer asks for a snapshot on the pub/sub channel: served within the budget.
+    samples = await feed.metrics()
+    fetched = _metric(samples, "kumex_feed_snapshots_fetched_total", symbol="XBTUSDM")
+    await redis_client.publish(keys.snapshot_requests("XBTUSDM"), b"0")
+    await eventually(lambda: _snapshot_count(redis_client, "XBTUSDM", 3),
+                     "the requested snapshot")
+    samples = await feed.metrics()
+    assert _metric(samples, "kumex_feed_snapshot_requests_total", symbol="XBTUSDM") == 1
+    assert _metric(samples, "kumex_feed_snapshots_fetched_total",
+                   symbol="XBTUSDM") == fetched + 1
+    # Asking for what is already stored is answered without spending budget.
+    latest = _ctl(await _entries(redis_client, "XBTUSDM"), "snapshot")[-1]["sequence"]
+    await redis_client.publish(keys.snapshot_requests("XBTUSDM"), latest.encode())
+    await eventually(lambda: _snapshot_count(redis_client, "XBTUSDM", 4),
+                     "the re-announced snapshot")
+    samples = await feed.metrics()
+    assert _metric(samples, "kumex_feed_snapshots_fetched_total",
+                   symbol="XBTUSDM") == fetched + 1
+    assert _ctl(await _entries(redis_client, "XBTUSDM"), "snapshot")[-1]["sequence"] == latest
+
+    # SIGTERM: a clean stop (buffer flushed, capture closed).
+    assert feed.stop() == 0
+    log = feed.log_text()
+    assert "never-log-this-s3cret" not in log
+    assert " INFO feed connected and subscribed " in log
+    assert " INFO feed snapshot stored " in log
+    captured = list(read_capture(capture))
+    for symbol in symbols:
+        stream = [e["msg"] for e in await _entries(redis_client, symbol) if "msg" in e]
+        assert [t for t in captured if f'level3v2:{symbol}"' in t] == stream
+
+
+async def _snapshot_count(client: redis.asyncio.Redis, symbol: str, count: int) -> bool:
+    return len(_ctl(await _entries(client, symbol), "snapshot")) >= count
+
+
+async def test_feed_backs_off_when_the_venue_refuses_snapshots(
+    sandbox: SandboxProcess, redis_url: str, redis_client: redis.asyncio.Redis,
+    feed_process: Callable[[dict[str, str]], FeedProcess],
+) -> None:
+    """Fault: the venue allows 1 snapshot a minute, the feed's budget says more: 429s."""
+    async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+        (await http.post("/sandbox/faults",
+                         json={"snapshot_rate_per_min": 1})).raise_for_status()
+    feed = feed_process({
+        "REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url,
+        "KUMEX_SYMBOLS": "XBTUSDM,XBTUSDTM", "FEED_SNAPSHOT_PER_MIN": "0",
+        "FEED_BACKOFF_INITIAL": "0.1", "FEED_BACKOFF_MAX": "0.5",
+    })
+    await eventually(feed.ready, "the feed to be ready")
+
+    async def refused() -> bool:
+        samples = await feed.metrics()
+        return sum(v for (name, labels), v in samples.items()
+                   if name == "kumex_feed_snapshots_refused_total"
+                   and ("reason", "rate_limited") in labels) >= 1
+
+    await eventually(refused, "a rate-limited snapshot")
+    stored = [s for s in ("XBTUSDM", "XBTUSDTM")
+              if await redis_client.get(keys.snapshot(s)) is not None]
+    assert len(stored) <= 1  # one a minute, as the venue said
+    assert await feed.ready()
+    assert feed.stop() == 0
+
+
+def test_feed_refuses_a_bad_setting_naming_the_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEED_", "KUMEX_"))}
+    env.update({"FEED_BATCH_SIZE": "lots", "REDIS_URL": "redis://127.0.0.1:1/0"})
+    done = subprocess.run([sys.executable, "-m", "services.feed"], cwd=_ROOT, env=env,
+                          capture_output=True, text=True, timeout=SAFETY_S, check=False)
+    assert done.returncode == 2
+    assert "FEED_BATCH_SIZE" in done.stderr
+
+
+def test_capture_is_replayable_text(tmp_path: Path) -> None:
+    from services.feed.capture import Capture
+
+    path = tmp_path / "cap.jsonl"
+    cap = Capture(path)
+    cap.write('{"a":1}')
+    cap.write('{"b":\n2}')
+    cap.close()
+    cap2 = Capture(path)  # appends
+    cap2.write('{"c":3}')
+    cap2.close()
+    assert list(read_capture(path)) == ['{"a":1}', '{"b": 2}', '{"c":3}']
+    assert math.isfinite(len(path.read_bytes()))
