@@ -20,6 +20,9 @@ no REST error fault, no signature). Errors are ``{"error": "..."}`` with HTTP
 ``POST /sandbox/disconnect``           drop every WebSocket client now
 ``GET  /sandbox/book/{symbol}``        the engine's visible L3 book, best first
 ``GET  /sandbox/snapshot/{symbol}``    the L3 snapshot, without rate limit or faults
+``GET  /sandbox/journal/{symbol}``     ``?after=SEQ&limit=N``: the engine's messages
+                                       (before faults) above SEQ, when
+                                       ``SANDBOX_JOURNAL_SIZE`` > 0
 =====================================  =============================================
 """
 
@@ -203,6 +206,22 @@ def control_router(exchange: Exchange) -> APIRouter:
         async def act(_: Request) -> JSONResponse:
             exchange.check_market_symbol(symbol)
             return JSONResponse(exchange.snapshot(symbol))
+
+        return await guarded(request, act)
+
+    @router.get("/journal/{symbol}")
+    async def journal(symbol: str, request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            if not exchange.journal:
+                raise _BadInput("the journal is off (SANDBOX_JOURNAL_SIZE=0)", 409)
+            try:
+                after = int(req.query_params.get("after", "0"))
+                limit = int(req.query_params.get("limit", "100000"))
+            except ValueError:
+                raise _BadInput("after and limit must be integers") from None
+            if limit < 1:
+                raise _BadInput("limit must be positive")
+            return JSONResponse(exchange.journal_after(symbol, after, limit))
 
         return await guarded(request, act)
 

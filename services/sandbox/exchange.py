@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
@@ -171,6 +173,10 @@ class Exchange:
         self.flow_steps = 0
         self.flow_error: str | None = None
         self.primed = False
+        #: Per symbol: (sequence, JSON text) of the last engine messages, before faults.
+        self.journal: dict[str, deque[tuple[int, str]]] = {
+            symbol: deque(maxlen=settings.journal_size) for symbol in self.engines
+        } if settings.journal_size else {}
 
     # ------------------------------------------------------------------ clock
 
@@ -187,7 +193,20 @@ class Exchange:
     def _publish(self, symbol: str, messages: list[Message]) -> None:
         """The one place engine output leaves: to the hub, at once, in order."""
         if messages:
+            journal = self.journal.get(symbol)
+            if journal is not None:
+                journal.extend((m["data"]["sequence"], json.dumps(m, separators=(",", ":")))
+                               for m in messages)
             self.hub.publish(symbol, messages)
+
+    def journal_after(self, symbol: str, after: int, limit: int) -> dict[str, Any]:
+        """Journalled messages of ``symbol`` with a sequence above ``after`` (oldest first)."""
+        journal = self.journal.get(symbol)
+        if journal is None:
+            raise UnknownSymbol(symbol, 404)
+        out = [text for seq, text in journal if seq > after][:limit]
+        first = journal[0][0] if journal else None
+        return {"symbol": symbol, "first": first, "messages": out}
 
     def _publish_all(self, batches: Iterable[tuple[str, list[Message]]]) -> int:
         count = 0

@@ -97,6 +97,9 @@ class SandboxSettings(BaseSettings):
     client_queue_limit: int = Field(default=10_000, gt=0)
     #: Open orders a user may have per contract (the real venue's limit).
     max_active_orders: int = Field(default=100, gt=0)
+    #: Engine messages kept per symbol, before any fault, for ``/sandbox/journal``
+    #: (tests rebuild the true book at every sequence from it); 0 = off.
+    journal_size: int = Field(default=0, ge=0)
     # Fault injection at start-up (changeable at run time through /sandbox/faults).
     drop_rate: float = Field(default=0.0, ge=0, le=1)
     duplicate_rate: float = Field(default=0.0, ge=0, le=1)
