@@ -1,0 +1,346 @@
+"""Symbol leases in Redis: which replica of a role serves which symbol.
+
+A lease is the string key :func:`kumex_l3.keys.owner` ``(symbol, role)``
+holding ``{"id": replica_id, "url": public_url}`` with a TTL. Its holder
+renews it every period (``ttl / 3``, at most 2 s); when the holder dies the key
+expires and another replica takes the symbol at its next step, so a takeover
+takes at most ``ttl + period``. The operations are atomic on the server:
+
+* :func:`acquire`: ``SET NX PX`` (a lease already holding exactly our value,
+  left by a previous run of the same replica id, is taken back at once);
+* :func:`renew`: compare-and-``PEXPIRE`` (only if the value is still ours);
+* :func:`release`: compare-and-``DEL``.
+
+:class:`LeaseManager` runs these for a list of symbols: it acquires free
+symbols, renews held ones, and reports each transition to the service through
+``on_gained`` / ``on_lost``. Balancing is first come, first served with a cap:
+while other owners are visible a replica takes at most
+``ceil(symbols / replicas)`` (replicas = distinct owners seen, itself
+included); a replica alone takes everything. A replica that holds nothing is
+invisible to the others, so nothing is taken away from a live replica to feed
+a newcomer: leases move only when their holder stops or dies.
+
+Redis trouble never stops the manager: it keeps trying every period, and a
+lease not renewed in time is reported lost a little *before* it can expire on
+the server (``ttl / 10`` early), so that two replicas never both believe they
+serve a symbol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio
+import redis.exceptions
+
+from kumex_l3 import keys
+from kumex_l3.logs import kv
+
+__all__ = [
+    "LeaseCallback",
+    "LeaseManager",
+    "LeaseOwner",
+    "acquire",
+    "read_owner",
+    "read_owners",
+    "release",
+    "renew",
+]
+
+log = logging.getLogger(__name__)
+
+#: Called with the symbol when a lease is gained or lost.
+LeaseCallback = Callable[[str], Awaitable[None]]
+
+# Set when free, or when it already holds our value (a restart of the same replica id).
+_ACQUIRE: Final = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseOwner:
+    """Who holds a lease: the replica ``id`` and the ``url`` it serves at (if any)."""
+
+    id: str
+    url: str | None = None
+
+    def to_json(self) -> str:
+        """The lease value (compact JSON, the same text on every call)."""
+        return json.dumps({"id": self.id, "url": self.url}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> LeaseOwner:
+        """Parse a lease value; a value that is not ours to parse becomes its own ``id``."""
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return cls(text)
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            return cls(text)
+        url = data.get("url")
+        return cls(data["id"], url if isinstance(url, str) else None)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+async def acquire(client: redis.asyncio.Redis, symbol: str, role: str, owner: LeaseOwner,
+                  ttl: float) -> bool:
+    """Take the lease of ``symbol`` for ``role`` if it is free (or already ours)."""
+    done = await client.eval(_ACQUIRE, 1, keys.owner(symbol, role), owner.to_json(), _ms(ttl))
+    return bool(done)
+
+
+async def renew(client: redis.asyncio.Redis, symbol: str, role: str, owner: LeaseOwner,
+                ttl: float) -> bool:
+    """Extend the lease to ``ttl`` from now, only if ``owner`` still holds it."""
+    done = await client.eval(_RENEW, 1, keys.owner(symbol, role), owner.to_json(), _ms(ttl))
+    return bool(done)
+
+
+async def release(client: redis.asyncio.Redis, symbol: str, role: str,
+                  owner: LeaseOwner) -> bool:
+    """Delete the lease, only if ``owner`` still holds it."""
+    done = await client.eval(_RELEASE, 1, keys.owner(symbol, role), owner.to_json())
+    return bool(done)
+
+
+async def read_owner(client: redis.asyncio.Redis, symbol: str, role: str) -> LeaseOwner | None:
+    """The current holder of ``symbol``'s lease for ``role``, or ``None`` when free."""
+    raw = await client.get(keys.owner(symbol, role))
+    return None if raw is None else LeaseOwner.from_json(raw)
+
+
+async def read_owners(client: redis.asyncio.Redis, symbols: Sequence[str],
+                      role: str) -> dict[str, LeaseOwner | None]:
+    """The holder of each symbol's lease (one round trip per symbol, pipelined)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for symbol in symbols:
+            pipe.get(keys.owner(symbol, role))
+        values: list[Any] = await pipe.execute()
+    return {s: None if v is None else LeaseOwner.from_json(v) for s, v in zip(symbols, values,
+                                                                               strict=True)}
+
+
+async def _nothing(symbol: str) -> None:
+    return None
+
+
+class LeaseManager:
+    """Acquires, renews and releases the leases of ``symbols`` for one replica of ``role``.
+
+    Run :meth:`run` as a task (or call :meth:`step` yourself); :meth:`close`
+    releases every held lease (and reports each as lost). ``on_gained`` and
+    ``on_lost`` are awaited inside the step, so keep them short (start or stop
+    a task). ``clock`` is monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        role: str,
+        symbols: Iterable[str],
+        owner: LeaseOwner,
+        *,
+        ttl: float = 10.0,
+        period: float | None = None,
+        on_gained: LeaseCallback = _nothing,
+        on_lost: LeaseCallback = _nothing,
+        balance: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be > 0")
+        self.client = client
+        self.role = role
+        self.symbols: tuple[str, ...] = tuple(dict.fromkeys(symbols))
+        self.owner = owner
+        self.ttl = ttl
+        #: Seconds between two steps: renewals and attempts to take free symbols.
+        self.period = period if period is not None else min(ttl / 3, 2.0)
+        if not 0 < self.period < ttl:
+            raise ValueError("period must be > 0 and below ttl")
+        self.on_gained = on_gained
+        self.on_lost = on_lost
+        self.balance = balance
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        # symbol -> monotonic time by which the lease must be considered lost.
+        self._held: dict[str, float] = {}
+        self._owners: dict[str, LeaseOwner | None] = dict.fromkeys(self.symbols)
+        self._lock = asyncio.Lock()
+        self._closed = False
+        #: Completed steps (a step that met a Redis error is not counted).
+        self.rounds = 0
+        #: Steps that met a Redis error.
+        self.errors = 0
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Symbols whose lease this replica holds."""
+        return frozenset(self._held)
+
+    def holds(self, symbol: str) -> bool:
+        """``True`` while this replica holds ``symbol``'s lease."""
+        return symbol in self._held
+
+    @property
+    def owners(self) -> dict[str, LeaseOwner | None]:
+        """Each symbol's holder as seen at the last step (``None``: free)."""
+        owners = dict(self._owners)
+        for symbol in self._held:
+            owners[symbol] = self.owner
+        return owners
+
+    def limit(self) -> int:
+        """How many symbols this replica may hold now (see the module doc)."""
+        if not self.balance or not self.symbols:
+            return len(self.symbols)
+        alive = {o.id for o in self._owners.values() if o is not None}
+        alive.add(self.owner.id)
+        return math.ceil(len(self.symbols) / len(alive))
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        """Step every :attr:`period` until cancelled (never raises on Redis errors)."""
+        while not self._closed:
+            started = self._clock()
+            await self.step()
+            await asyncio.sleep(max(0.0, self.period - (self._clock() - started)))
+
+    async def step(self) -> None:
+        """One round: renew held leases, read owners, acquire free symbols, expire stale ones.
+
+        The Redis part is bounded by the period (a hung connection cannot keep a
+        lease "held" past its deadline); callbacks run after it, losses first.
+        """
+        async with self._lock:
+            if self._closed:
+                return
+            gained: list[str] = []
+            lost: list[str] = []
+            try:
+                async with asyncio.timeout(max(self.period, 0.05)):
+                    await self._renew_all(lost)
+                    self._owners = await read_owners(self.client, self.symbols, self.role)
+                    await self._acquire_free(gained)
+            except _REDIS_ERRORS as exc:
+                self.errors += 1
+                log.warning("lease round failed: %s", str(exc) or type(exc).__name__,
+                            extra=kv(role=self.role))
+            else:
+                self.rounds += 1
+            self._expire(lost)
+            for symbol in lost:
+                await self._report(self.on_lost, symbol)
+            for symbol in gained:
+                if symbol in self._held:
+                    await self._report(self.on_gained, symbol)
+
+    async def close(self, *, release_leases: bool = True) -> None:
+        """Stop stepping and give the leases back (each reported through ``on_lost``)."""
+        async with self._lock:
+            self._closed = True
+            for symbol in list(self._held):
+                del self._held[symbol]
+                if release_leases:
+                    with contextlib.suppress(*_REDIS_ERRORS):
+                        await release(self.client, symbol, self.role, self.owner)
+                await self._report(self.on_lost, symbol)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _renew_all(self, lost: list[str]) -> None:
+        if not self._held:
+            return
+        symbols = list(self._held)
+        value, ttl_ms = self.owner.to_json(), _ms(self.ttl)
+        sent = self._clock()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for symbol in symbols:
+                pipe.eval(_RENEW, 1, keys.owner(symbol, self.role), value, ttl_ms)
+            results: list[Any] = await pipe.execute()
+        for symbol, ok in zip(symbols, results, strict=True):
+            if ok:
+                self._held[symbol] = self._deadline(sent)
+            else:
+                log.warning("lease lost: held by someone else or expired",
+                            extra=kv(symbol=symbol, role=self.role))
+                del self._held[symbol]
+                lost.append(symbol)
+
+    async def _acquire_free(self, gained: list[str]) -> None:
+        limit = self.limit()
+        free = [s for s in self.symbols if s not in self._held and self._owners.get(s) is None]
+        self._rng.shuffle(free)
+        # A lease of ours left by a previous run of this replica id is taken back first.
+        mine = [s for s in self.symbols
+                if s not in self._held and self._owners.get(s) == self.owner]
+        for symbol in mine + free:
+            if symbol in free and len(self._held) >= limit:
+                break
+            sent = self._clock()
+            if await acquire(self.client, symbol, self.role, self.owner, self.ttl):
+                self._held[symbol] = self._deadline(sent)
+                self._owners[symbol] = self.owner
+                gained.append(symbol)
+
+    def _expire(self, lost: list[str]) -> None:
+        now = self._clock()
+        for symbol, deadline in list(self._held.items()):
+            if now >= deadline:
+                log.warning("lease not renewed in time: treated as lost",
+                            extra=kv(symbol=symbol, role=self.role))
+                del self._held[symbol]
+                lost.append(symbol)
+
+    def _deadline(self, sent: float) -> float:
+        # The server set the TTL at or after `sent`; stop a little before it can lapse.
+        return sent + self.ttl * 0.9
+
+    async def _report(self, callback: LeaseCallback, symbol: str) -> None:
+        try:
+            await callback(symbol)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("lease callback failed", extra=kv(symbol=symbol))

@@ -1,0 +1,505 @@
+"""The per-symbol synchroniser around :class:`~kumex_l3.book.OrderBook` (pure, no I/O).
+
+It turns the feed's stream (raw level3v2 messages and control entries, in
+arrival order, duplicates and gaps possible) plus snapshots and checkpoints into
+a book that is either known to be right (*synced*) or marked as not known. It
+follows the exchange's sync procedure (kumex-api.md, section 5):
+
+* while not synced, messages are buffered (bounded: the oldest are dropped
+  and counted when it overflows, which only asks for a newer snapshot);
+* a snapshot older than ``first buffered sequence - 1`` (or than the lowest
+  sequence the synchroniser said it needs) cannot be used: ask again;
+* a usable snapshot becomes the book, buffered messages at or below its
+  sequence are dropped, the rest applied in sequence order; a hole among them
+  leaves the book unsynced and asks for a snapshot newer than the hole;
+* once synced, each message must carry ``book.sequence + 1``: a lower one is
+  ignored (counted as stale), a higher one is a gap; a gap, an
+  :class:`~kumex_l3.errors.IntegrityError` or ``ctl=gap`` make the book
+  unsynced, ask for a snapshot and start buffering again. ``ctl=connected``
+  (the feed reconnected) only says a gap *may* follow: a contiguous next
+  message keeps the book synced, a non-contiguous one is a gap as usual;
+* a message that cannot be parsed (or belongs to another symbol) is refused:
+  a :class:`DeadLetter` output, counted, the book untouched.
+
+Like python-websockets' protocol objects it never awaits and never reads the
+clock: the service calls ``on_*`` with what it read and acts on the outputs
+each call returns (:class:`Applied`, :class:`NeedSnapshot`,
+:class:`FetchSnapshot`, :class:`BecameSynced`, :class:`BecameUnsynced`,
+:class:`DeadLetter`). Consecutive applied messages are coalesced into one
+:class:`Applied`.
+
+Checkpoints: while :attr:`Synchronizer.synced`, every entry consumed so far is
+reflected in the book, so ``(book.to_state(), book.sequence,
+last_stream_id)`` is a consistent checkpoint; :meth:`Synchronizer.on_checkpoint`
+restores one and the caller resumes reading the stream after its stream id.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+from kumex_l3.book import OrderBook
+from kumex_l3.errors import IntegrityError, MessageError, SequenceGap
+from kumex_l3.keys import FIELD_CTL, FIELD_MSG
+from kumex_l3.messages import Control, DataMessage, Snapshot, parse_message, parse_snapshot
+
+__all__ = [
+    "CTL_CONNECTED",
+    "CTL_GAP",
+    "CTL_SNAPSHOT",
+    "Applied",
+    "BecameSynced",
+    "BecameUnsynced",
+    "DeadLetter",
+    "FetchSnapshot",
+    "NeedSnapshot",
+    "Output",
+    "SyncState",
+    "SyncStats",
+    "Synchronizer",
+]
+
+#: ``ctl`` values written by the feed.
+CTL_CONNECTED: Final = "connected"
+CTL_SNAPSHOT: Final = "snapshot"
+CTL_GAP: Final = "gap"
+
+#: Default bound of the buffer kept while not synced.
+DEFAULT_MAX_BUFFER: Final = 100_000
+
+
+class SyncState(enum.Enum):
+    """Where a synchroniser stands."""
+
+    #: No book yet: waiting for a checkpoint or a snapshot.
+    STARTING = "starting"
+    #: Had a book, lost it (gap, integrity error, feed gap): waiting for a snapshot.
+    SYNCING = "syncing"
+    #: The book is known to be right up to ``book.sequence``.
+    SYNCED = "synced"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(slots=True)
+class Applied:
+    """``count`` messages were applied; the last one has ``sequence``, from ``stream_id``."""
+
+    count: int
+    sequence: int
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NeedSnapshot:
+    """Ask the feed for a snapshot whose sequence is at least ``min_sequence``; ``reason`` why."""
+
+    min_sequence: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSnapshot:
+    """The feed announced a stored snapshot (``ctl=snapshot``) that may be usable: read it.
+
+    ``sequence`` is the announced sequence (``None`` when the entry did not say).
+    """
+
+    sequence: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BecameSynced:
+    """The book is now known to be right at ``sequence``."""
+
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class BecameUnsynced:
+    """The book is no longer known; ``reason`` says why."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An input was refused: store ``raw`` with ``reason`` (and the stream id) aside."""
+
+    raw: bytes | str
+    reason: str
+    stream_id: str
+
+
+Output: TypeAlias = (
+    Applied | NeedSnapshot | FetchSnapshot | BecameSynced | BecameUnsynced | DeadLetter
+)
+
+
+@dataclass(slots=True)
+class SyncStats:
+    """Counters since the synchroniser was created."""
+
+    #: Stream entries with a ``msg`` field.
+    messages: int = 0
+    applied: int = 0
+    #: Messages at or below the book's sequence (duplicates, replays).
+    stale: int = 0
+    #: Messages refused (dead-lettered).
+    refused: int = 0
+    #: ``ctl=connected`` entries (the feed reconnected).
+    reconnects: int = 0
+    #: Sequence gaps detected (in the stream, while replaying, or announced by the feed).
+    gaps: int = 0
+    integrity_errors: int = 0
+    #: Times the book went from synced to unsynced.
+    resyncs: int = 0
+    #: Times a snapshot was asked for.
+    snapshot_requests: int = 0
+    snapshots_used: int = 0
+    snapshots_rejected: int = 0
+    checkpoints_used: int = 0
+    #: Buffered messages dropped because the buffer was full.
+    overflow: int = 0
+    #: Buffered messages dropped because the snapshot already holds them.
+    dropped: int = 0
+
+
+class _Buffered:
+    __slots__ = ("msg", "stream_id")
+
+    def __init__(self, msg: DataMessage, stream_id: str) -> None:
+        self.msg = msg
+        self.stream_id = stream_id
+
+
+class Synchronizer:
+    """Keeps one symbol's :class:`OrderBook` in sync with the stream (see the module doc).
+
+    ``max_buffer`` bounds the messages kept while not synced. Call
+    :meth:`start` once to learn whether a snapshot is needed, then feed entries
+    with :meth:`on_entry` / :meth:`on_entries` (or :meth:`on_message` and
+    :meth:`on_control`), snapshots with :meth:`on_snapshot` and a checkpoint
+    with :meth:`on_checkpoint`.
+    """
+
+    def __init__(self, symbol: str, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1")
+        self.symbol = symbol
+        self.state = SyncState.STARTING
+        #: The book; only trustworthy while :attr:`synced`.
+        self.book: OrderBook | None = None
+        self.stats = SyncStats()
+        #: Id of the last stream entry consumed (message or control).
+        self.last_stream_id: str | None = None
+        #: Id of the stream entry of the last message applied.
+        self.last_applied_id: str | None = None
+        self._buffer: deque[_Buffered] = deque(maxlen=max_buffer)
+        # Lowest snapshot sequence we can use, beyond what the buffer says.
+        self._floor = 0
+        # Highest sequence seen in the stream (for the floor after ctl=gap).
+        self._max_seen = 0
+        self._out: list[Output] = []
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def synced(self) -> bool:
+        """``True`` when the book is known to be right."""
+        return self.state is SyncState.SYNCED
+
+    @property
+    def needed_sequence(self) -> int | None:
+        """While not synced: the lowest snapshot sequence that can be used; else ``None``."""
+        if self.state is SyncState.SYNCED:
+            return None
+        return self._needed()
+
+    @property
+    def max_sequence(self) -> int:
+        """Highest sequence seen so far (messages, snapshot or checkpoint)."""
+        return self._max_seen
+
+    @property
+    def buffered(self) -> int:
+        """Messages held while waiting for a snapshot."""
+        return len(self._buffer)
+
+    # ------------------------------------------------------------------ inputs
+
+    def start(self) -> list[Output]:
+        """Outputs of the initial state: a :class:`NeedSnapshot` unless already synced."""
+        if self.state is not SyncState.SYNCED:
+            self._request("no book yet")
+        return self._drain()
+
+    def on_entry(self, stream_id: str, fields: Mapping[Any, Any]) -> list[Output]:
+        """One stream entry as read from Redis (keys and values as ``str`` or ``bytes``)."""
+        self._entry(stream_id, fields)
+        return self._drain()
+
+    def on_entries(self, entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> list[Output]:
+        """A batch of stream entries ``(id, fields)``, in stream order."""
+        for stream_id, fields in entries:
+            sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+            self._entry(sid, fields)
+        return self._drain()
+
+    def on_message(self, raw: bytes | str, stream_id: str) -> list[Output]:
+        """One raw level3v2 message (the ``msg`` field) from entry ``stream_id``."""
+        self._message(raw, stream_id)
+        return self._drain()
+
+    def on_control(self, ctl: str, stream_id: str,
+                   fields: Mapping[str, str] | None = None) -> list[Output]:
+        """One feed control entry (``connected``, ``snapshot``, ``gap``); ``fields`` its others."""
+        self._control(ctl, stream_id, fields or {})
+        return self._drain()
+
+    def on_snapshot(self, data: Mapping[str, Any] | Snapshot | bytes | str) -> list[Output]:
+        """A snapshot (the exchange's ``data``, as JSON text, a dict or parsed) is available.
+
+        Ignored while synced; else used if recent enough (see the module doc),
+        otherwise a new :class:`NeedSnapshot` is output. A snapshot that cannot
+        be parsed or is crossed is rejected the same way.
+        """
+        self._snapshot(data)
+        return self._drain()
+
+    def on_checkpoint(self, state: Mapping[str, Any], stream_id: str) -> list[Output]:
+        """Restore the book from a checkpoint saved at ``stream_id`` (:meth:`OrderBook.to_state`).
+
+        The caller then reads the stream after ``stream_id``. Only accepted
+        before the synchroniser has a book; a bad checkpoint leaves it waiting
+        for a snapshot.
+        """
+        if self.state is not SyncState.STARTING or self.book is not None:
+            raise RuntimeError("a checkpoint can only be restored before anything else")
+        try:
+            book = OrderBook.from_state(state)
+            if book.symbol != self.symbol:
+                raise MessageError(f"checkpoint of {book.symbol}, not {self.symbol}")
+            book.check()
+        except (MessageError, IntegrityError) as exc:
+            self._request(f"bad checkpoint: {exc}")
+            return self._drain()
+        self.book = book
+        self.stats.checkpoints_used += 1
+        self.last_stream_id = stream_id
+        self._max_seen = max(self._max_seen, book.sequence)
+        self._become_synced()
+        return self._drain()
+
+    # ------------------------------------------------------------------ internals
+
+    def _drain(self) -> list[Output]:
+        out, self._out = self._out, []
+        return out
+
+    def _needed(self) -> int:
+        if self._buffer:
+            first = min(b.msg.sequence for b in self._buffer)
+            return max(self._floor, first - 1)
+        return self._floor
+
+    def _request(self, reason: str) -> None:
+        self.stats.snapshot_requests += 1
+        self._out.append(NeedSnapshot(self._needed(), reason))
+
+    def _entry(self, stream_id: str, fields: Mapping[Any, Any]) -> None:
+        raw = fields.get(FIELD_MSG)
+        if raw is None:
+            raw = fields.get(FIELD_MSG.encode())
+        if raw is not None:
+            self._message(raw, stream_id)
+            return
+        ctl = fields.get(FIELD_CTL)
+        if ctl is None:
+            ctl = fields.get(FIELD_CTL.encode())
+        if ctl is not None:
+            text = {_text(k): _text(v) for k, v in fields.items()}
+            self._control(_text(ctl), stream_id, text)
+            return
+        self.last_stream_id = stream_id
+        self.stats.refused += 1
+        described = ",".join(sorted(_text(k) for k in fields))
+        self._out.append(DeadLetter("", f"entry has neither msg nor ctl (fields: {described})",
+                                    stream_id))
+
+    def _message(self, raw: bytes | str, stream_id: str) -> None:
+        self.last_stream_id = stream_id
+        stats = self.stats
+        stats.messages += 1
+        try:
+            msg = parse_message(raw)
+            if isinstance(msg, Control):
+                raise MessageError(f"{msg.type} is not a level3v2 data message")
+            if msg.symbol != self.symbol:
+                raise MessageError(f"message for {msg.symbol} in the {self.symbol} stream")
+        except MessageError as exc:
+            stats.refused += 1
+            self._out.append(DeadLetter(raw, exc.reason, stream_id))
+            return
+        seq = msg.sequence
+        if seq > self._max_seen:
+            self._max_seen = seq
+        if self.state is SyncState.SYNCED:
+            self._apply_synced(msg, raw, stream_id)
+        else:
+            if len(self._buffer) == self._buffer.maxlen:
+                stats.overflow += 1
+            self._buffer.append(_Buffered(msg, stream_id))
+
+    def _apply_synced(self, msg: DataMessage, raw: bytes | str, stream_id: str) -> None:
+        book = self.book
+        assert book is not None
+        try:
+            applied = book.apply(msg)
+        except SequenceGap as exc:
+            self.stats.gaps += 1
+            reason = f"sequence gap: expected {exc.expected}, got {exc.got}"
+            self._lose(reason)
+            self._buffer.append(_Buffered(msg, stream_id))
+            self._request(reason)
+            return
+        except IntegrityError as exc:
+            self.stats.integrity_errors += 1
+            # The book or this message is wrong: only a snapshot that includes it will do.
+            self._floor = max(self._floor, msg.sequence)
+            reason = f"integrity error: {exc.reason}"
+            self._lose(reason)
+            self._request(reason)
+            return
+        except MessageError as exc:  # pragma: no cover - kind and symbol checked above
+            self.stats.refused += 1
+            self._out.append(DeadLetter(raw, exc.reason, stream_id))
+            return
+        if applied:
+            self._applied(msg.sequence, stream_id)
+        else:
+            self.stats.stale += 1
+
+    def _applied(self, sequence: int, stream_id: str) -> None:
+        self.stats.applied += 1
+        self.last_applied_id = stream_id
+        out = self._out
+        if out and type(last := out[-1]) is Applied:
+            last.count += 1
+            last.sequence = sequence
+            last.stream_id = stream_id
+        else:
+            out.append(Applied(1, sequence, stream_id))
+
+    def _control(self, ctl: str, stream_id: str, fields: Mapping[str, str]) -> None:
+        self.last_stream_id = stream_id
+        if ctl == CTL_CONNECTED:
+            # The stream may have a gap across a reconnection; the sequence check
+            # on the next message decides (contiguous: nothing lost).
+            self.stats.reconnects += 1
+        elif ctl == CTL_GAP:
+            self.stats.gaps += 1
+            if self.state is SyncState.SYNCED:
+                assert self.book is not None
+                self._floor = max(self._floor, self._max_seen + 1)
+                reason = "the feed dropped messages (ctl=gap)"
+                self._lose(reason)
+                self._request(reason)
+            else:
+                # Whatever we buffer before this point cannot bridge the loss.
+                self._floor = max(self._floor, self._max_seen + 1)
+                self._buffer.clear()
+        elif ctl == CTL_SNAPSHOT and self.state is not SyncState.SYNCED:
+            seq: int | None
+            try:
+                seq = int(fields["sequence"])
+            except (KeyError, ValueError):
+                seq = None
+            if seq is None or seq >= self._needed():
+                self._out.append(FetchSnapshot(seq))
+        # Other control kinds are informational for this consumer.
+
+    def _snapshot(self, data: Mapping[str, Any] | Snapshot | bytes | str) -> None:
+        if self.state is SyncState.SYNCED:
+            return
+        stats = self.stats
+        try:
+            snap = data if isinstance(data, Snapshot) else parse_snapshot(data)
+            if snap.symbol != self.symbol:
+                raise MessageError(f"snapshot of {snap.symbol}, not {self.symbol}")
+        except MessageError as exc:
+            stats.snapshots_rejected += 1
+            self._request(f"bad snapshot: {exc.reason}")
+            return
+        needed = self._needed()
+        if snap.sequence < needed:
+            stats.snapshots_rejected += 1
+            self._request(f"snapshot at {snap.sequence} is too old (need {needed})")
+            return
+        try:
+            book = OrderBook.from_snapshot(snap)
+        except IntegrityError as exc:
+            stats.snapshots_rejected += 1
+            self._floor = max(self._floor, snap.sequence + 1)
+            self._request(f"bad snapshot: {exc.reason}")
+            return
+        stats.snapshots_used += 1
+        self.book = book
+        self._max_seen = max(self._max_seen, book.sequence)
+        buffered = sorted(self._buffer, key=_sequence_of)
+        self._buffer.clear()
+        start = 0
+        while start < len(buffered) and buffered[start].msg.sequence <= book.sequence:
+            start += 1
+        stats.dropped += start
+        for i in range(start, len(buffered)):
+            item = buffered[i]
+            msg = item.msg
+            try:
+                applied = book.apply(msg)
+            except SequenceGap as exc:
+                stats.gaps += 1
+                # Keep the hole's far side; a snapshot newer than it is needed.
+                self._buffer.extend(buffered[i:])
+                self.book = None
+                self._request(f"hole in the buffered stream: expected {exc.expected}, "
+                              f"got {exc.got}")
+                return
+            except IntegrityError as exc:
+                stats.integrity_errors += 1
+                self._floor = max(self._floor, msg.sequence)
+                self._buffer.extend(buffered[i + 1:])
+                self.book = None
+                self._request(f"integrity error while replaying: {exc.reason}")
+                return
+            if applied:
+                self._applied(msg.sequence, item.stream_id)
+            else:
+                stats.stale += 1
+        self._become_synced()
+
+    def _become_synced(self) -> None:
+        assert self.book is not None
+        self.state = SyncState.SYNCED
+        self._floor = 0
+        self._out.append(BecameSynced(self.book.sequence))
+
+    def _lose(self, reason: str) -> None:
+        self.state = SyncState.SYNCING
+        self.stats.resyncs += 1
+        self.book = None
+        self._buffer.clear()
+        self._out.append(BecameUnsynced(reason))
+
+
+def _sequence_of(item: _Buffered) -> int:
+    return item.msg.sequence
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

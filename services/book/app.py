@@ -1,0 +1,351 @@
+"""The book service's HTTP and WebSocket API (DESIGN.md, "HTTP (book service)").
+
+Every replica answers for every configured symbol: it serves the books it owns
+and forwards the rest to the owner's URL (read from the lease), marking the
+forwarded request so that two replicas never bounce it between them. A book
+that is not synced answers 503 with a ``detail``; never a stale book. Bodies
+are built once per book version, depth and kind (see
+:class:`~services.book.consumer.SymbolConsumer`).
+
+WebSocket clients get the ``GET /book`` body whenever it changes, at most once
+per ``BOOK_WS_THROTTLE_SECONDS`` (always the latest: nothing queues up), and
+``{"symbol", "synced": false, "detail"}`` while the book is not served. A
+client that cannot take a message within ``BOOK_WS_SEND_TIMEOUT_SECONDS`` is
+dropped. On a replica that does not own the symbol, the socket relays the
+owner's WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Final
+
+import httpx
+import redis.asyncio
+import redis.exceptions
+from fastapi import FastAPI, HTTPException, Path, Query, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from starlette.websockets import WebSocketState
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import WebSocketException
+
+from kumex_l3.logs import kv
+from kumex_l3.metrics import metrics_router
+from services.book.consumer import SymbolConsumer
+from services.book.metrics import BookMetrics
+from services.book.replicas import BookService
+from services.book.settings import BookSettings
+
+__all__ = ["PROXY_HEADER", "REPLICA_HEADER", "create_app"]
+
+log = logging.getLogger(__name__)
+
+#: Set on a request forwarded by another replica (its id): never forwarded again.
+PROXY_HEADER: Final = "x-kumex-proxied-by"
+#: The replica that built the response.
+REPLICA_HEADER: Final = "x-kumex-replica"
+
+_JSON: Final = "application/json"
+_RELAY_RETRY_S: Final = 1.0
+
+Depth = Annotated[int, Query(ge=1, le=1000, description="levels per side")]
+Symbol = Annotated[str, Path(min_length=1, max_length=40)]
+
+_Scope = MutableMapping[str, Any]
+_Message = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+_ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+
+
+class _Timing:
+    """ASGI middleware: HTTP latency per method, route template and status."""
+
+    def __init__(self, app: _ASGIApp, metrics: BookMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: _Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http_latency.labels(scope["method"], route, str(status)).observe(
+                time.perf_counter() - started)
+
+
+class _SlowClient(Exception):
+    """A WebSocket client did not take a message in time."""
+
+
+def _unavailable(detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=503)
+
+
+def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan connects to Redis and runs the :class:`BookService`."""
+    metrics = metrics if metrics is not None else BookMetrics()
+    symbols = frozenset(settings.symbols)
+    replica = settings.replica
+    holder: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=False,
+                                              health_check_interval=30)
+        http = httpx.AsyncClient(timeout=settings.proxy_timeout_seconds)
+        service = BookService(settings, client, metrics)
+        holder["service"], holder["http"] = service, http
+        await service.start()
+        log.info("book service started",
+                 extra=kv(replica=replica, url=settings.url, symbols=",".join(settings.symbols)))
+        try:
+            yield
+        finally:
+            await service.stop()
+            await http.aclose()
+            await client.aclose()
+            log.info("book service stopped", extra=kv(replica=replica))
+
+    app = FastAPI(title="kumex-l3 book", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(_Timing, metrics=metrics)
+    app.include_router(metrics_router(metrics.registry))
+
+    def service() -> BookService:
+        svc: BookService = holder["service"]
+        return svc
+
+    def known(symbol: str) -> None:
+        if symbol not in symbols:
+            raise HTTPException(404, f"unknown symbol {symbol}")
+
+    async def proxy(request: Request, symbol: str) -> Response:
+        if request.headers.get(PROXY_HEADER):
+            return _unavailable(f"{symbol} is not served by replica {replica} any more")
+        try:
+            owner = await service().owner_of(symbol)
+        except (redis.exceptions.RedisError, OSError):
+            return _unavailable(f"{symbol}: cannot read its owner from Redis")
+        if owner is None or owner.url is None:
+            metrics.proxied.labels(symbol, "no_owner").inc()
+            return _unavailable(f"no replica serves {symbol} at the moment")
+        if owner.id == replica:
+            return _unavailable(f"{symbol} book is starting on this replica")
+        http: httpx.AsyncClient = holder["http"]
+        try:
+            upstream = await http.get(owner.url + request.url.path,
+                                      params=request.query_params,
+                                      headers={PROXY_HEADER: replica})
+        except httpx.HTTPError as exc:
+            metrics.proxied.labels(symbol, "error").inc()
+            log.warning("proxy to the owner failed: %s", exc or type(exc).__name__,
+                        extra=kv(symbol=symbol, owner=owner.id))
+            return _unavailable(f"{symbol}: its owner {owner.id} did not answer")
+        metrics.proxied.labels(symbol, "ok").inc()
+        headers = {PROXY_HEADER: replica}
+        if REPLICA_HEADER in upstream.headers:
+            headers[REPLICA_HEADER] = upstream.headers[REPLICA_HEADER]
+        return Response(upstream.content, status_code=upstream.status_code, headers=headers,
+                        media_type=upstream.headers.get("content-type", _JSON))
+
+    async def serve(request: Request, symbol: str,
+                    build: Callable[[SymbolConsumer], bytes | None],
+                    missing: str = "") -> Response:
+        known(symbol)
+        consumer = service().local(symbol)
+        if consumer is None:
+            return await proxy(request, symbol)
+        if not consumer.serving:
+            return _unavailable(consumer.detail())
+        body = build(consumer)
+        if body is None:
+            raise HTTPException(404, missing)
+        return Response(body, media_type=_JSON, headers={REPLICA_HEADER: replica})
+
+    @app.get("/book/{symbol}")
+    async def get_book(request: Request, symbol: Symbol, depth: Depth = 12) -> Response:
+        """Aggregated levels: ``[price, size, orders]``, best first."""
+        return await serve(request, symbol, lambda c: c.book_body(depth))
+
+    @app.get("/book/{symbol}/l3")
+    async def get_l3(request: Request, symbol: Symbol, depth: Depth = 5) -> Response:
+        """Levels with their orders in queue order."""
+        return await serve(request, symbol, lambda c: c.l3_body(depth))
+
+    @app.get("/book/{symbol}/orders/{order_id}")
+    async def get_order(request: Request, symbol: Symbol,
+                        order_id: Annotated[str, Path(min_length=1, max_length=100)]) -> Response:
+        """Where a resting order stands in its price's queue."""
+        return await serve(request, symbol, lambda c: c.order_body(order_id),
+                           f"order {order_id} does not rest on the {symbol} book")
+
+    @app.get("/books")
+    async def get_books() -> Response:
+        """Every configured symbol with its sequence, synced flag and owner."""
+        try:
+            rows = await service().books()
+        except (redis.exceptions.RedisError, OSError):
+            return _unavailable("cannot read the other replicas' state from Redis")
+        return JSONResponse({"replica": replica, "books": rows},
+                            headers={REPLICA_HEADER: replica})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up and its event loop answers."""
+        return {"status": "ok", "replica": replica}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Ready when the leases were taken and every owned book is synced."""
+        svc = service()
+        ok, detail = svc.ready()
+        body = {"ready": ok, "detail": detail, "replica": replica, "owned": svc.owned}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.websocket("/ws/book/{symbol}")
+    async def ws_book(websocket: WebSocket, symbol: Symbol, depth: Depth = 12) -> None:
+        """The ``GET /book`` body, pushed on change (throttled)."""
+        if symbol not in symbols:
+            await websocket.close(code=1008, reason=f"unknown symbol {symbol}")
+            return
+        await websocket.accept()
+        metrics.ws_clients.labels(symbol).inc()
+        session = _WsSession(websocket, symbol, depth, service(), settings, metrics,
+                             proxied=bool(websocket.headers.get(PROXY_HEADER)))
+        try:
+            await session.run()
+        finally:
+            metrics.ws_clients.labels(symbol).dec()
+
+    return app
+
+
+class _WsSession:
+    """One WebSocket client: pushes local changes, or relays the owner's socket."""
+
+    def __init__(self, websocket: WebSocket, symbol: str, depth: int, service: BookService,
+                 settings: BookSettings, metrics: BookMetrics, *, proxied: bool) -> None:
+        self.ws = websocket
+        self.symbol = symbol
+        self.depth = depth
+        self.service = service
+        self.settings = settings
+        self.metrics = metrics
+        self.proxied = proxied
+        self._last: bytes | str | None = None
+
+    async def run(self) -> None:
+        pusher = asyncio.create_task(self._push())
+        listener = asyncio.create_task(self._listen())
+        try:
+            await asyncio.wait({pusher, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pusher, listener):
+                task.cancel()
+            pushed, _ = await asyncio.gather(pusher, listener, return_exceptions=True)
+        if isinstance(pushed, _SlowClient):
+            self.metrics.ws_dropped.labels(self.symbol).inc()
+            log.info("slow WebSocket client dropped", extra=kv(symbol=self.symbol))
+            await self._close(1008, "too slow")
+        elif pushed is None and self.ws.client_state is WebSocketState.CONNECTED:
+            await self._close(1000, "")
+        elif isinstance(pushed, Exception):
+            # Mostly a client gone in the middle of a send.
+            log.debug("WebSocket session ended: %r", pushed, extra=kv(symbol=self.symbol))
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self.ws.close(code=code, reason=reason)
+
+    async def _listen(self) -> None:
+        # Clients have nothing to say; reading notices their leaving at once.
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+
+    async def _send(self, text: bytes | str) -> None:
+        if text == self._last:
+            return
+        data = text.decode() if isinstance(text, bytes) else text
+        try:
+            async with asyncio.timeout(self.settings.ws_send_timeout_seconds):
+                await self.ws.send_text(data)
+        except TimeoutError:
+            raise _SlowClient from None
+        self._last = text
+
+    async def _push(self) -> None:
+        while True:
+            consumer = self.service.local(self.symbol)
+            if consumer is not None:
+                await self._push_local(consumer)
+            elif self.proxied:
+                # Forwarded here by a replica that thinks we own it: let it look again.
+                await self._send(_status(self.symbol, "not served by this replica"))
+                return
+            else:
+                await self._relay()
+
+    async def _push_local(self, consumer: SymbolConsumer) -> None:
+        throttle = self.settings.ws_throttle_seconds
+        sent_at = float("-inf")
+        while consumer.active and self.service.local(self.symbol) is consumer:
+            changed = consumer.changed
+            body = consumer.book_body(self.depth) if consumer.serving else consumer.status_body()
+            if body != self._last:
+                wait = sent_at + throttle - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue  # send what is current after the pause
+                await self._send(body)
+                sent_at = time.monotonic()
+            await changed.wait()
+
+    async def _relay(self) -> None:
+        try:
+            owner = await self.service.owner_of(self.symbol)
+        except (redis.exceptions.RedisError, OSError):
+            owner = None
+        if owner is None or owner.url is None or owner.id == self.service.owner.id:
+            await self._send(_status(self.symbol, f"no replica serves {self.symbol} right now"))
+            await asyncio.sleep(_RELAY_RETRY_S)
+            return
+        url = ("ws" + owner.url[4:] if owner.url.startswith("http") else owner.url)
+        url = f"{url}/ws/book/{self.symbol}?depth={self.depth}"
+        try:
+            async with ws_connect(url, additional_headers={PROXY_HEADER: self.service.owner.id},
+                                  open_timeout=self.settings.proxy_timeout_seconds,
+                                  ping_interval=None) as upstream:
+                async for message in upstream:
+                    await self._send(message)
+                    if self.service.local(self.symbol) is not None:
+                        return  # the symbol moved here: serve it locally
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            log.info("WebSocket relay to the owner ended: %s", exc or type(exc).__name__,
+                     extra=kv(symbol=self.symbol, owner=owner.id))
+        await asyncio.sleep(_RELAY_RETRY_S / 4)
+
+
+def _status(symbol: str, detail: str) -> str:
+    return json.dumps({"symbol": symbol, "synced": False, "detail": detail},
+                      separators=(",", ":"))

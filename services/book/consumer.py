@@ -1,0 +1,611 @@
+"""One symbol's book kept from its Redis stream: the I/O shell around the synchroniser.
+
+:class:`SymbolConsumer` starts from the newer of the book's own checkpoint and
+the feed's stored snapshot, reads the stream with ``XREAD BLOCK`` in batches,
+feeds :class:`~kumex_l3.sync.Synchronizer` and acts on its outputs: asks the
+feed for snapshots (``PUBLISH``, repeated while waiting), fetches announced
+ones, dead-letters refused input, checkpoints itself while synced, keeps the
+``top`` hash current and the metrics up to date. HTTP handlers read the book
+through :meth:`SymbolConsumer.book_body` and friends, which build each JSON
+body once per book version.
+
+Where reading starts:
+
+* checkpoint (at least as new as the snapshot): right after its ``streamId``,
+  unless entries after that id were trimmed from the stream;
+* stored snapshot at sequence ``S``: after the newest entry whose message
+  sequence is ``<= S`` (found by scanning the stream backwards), so that
+  ``S + 1`` is read; older entries are stale anyway;
+* neither: ``lookback_entries`` before the stream's end, buffered while the
+  feed is asked for a snapshot.
+
+Everything runs on the service's event loop: the book is never read while a
+batch is being applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Final
+
+import msgspec
+import redis.asyncio
+import redis.exceptions
+
+from kumex_l3 import keys
+from kumex_l3.backoff import Backoff
+from kumex_l3.book import OrderBook
+from kumex_l3.logs import kv
+from kumex_l3.messages import format_qty
+from kumex_l3.sync import (
+    Applied,
+    BecameSynced,
+    BecameUnsynced,
+    DeadLetter,
+    FetchSnapshot,
+    NeedSnapshot,
+    Output,
+    Synchronizer,
+    SyncStats,
+)
+from services.book.metrics import BookMetrics
+from services.book.settings import BookSettings
+
+__all__ = ["REDIS_ERRORS", "SymbolConsumer", "peek_message_sequence", "peek_snapshot_sequence"]
+
+log = logging.getLogger(__name__)
+
+#: Errors of the Redis connection: retried with backoff, state kept.
+REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+_TOP_MIN_INTERVAL: Final = 0.1  # at most 10 writes a second
+_TOP_HEARTBEAT: Final = 1.0
+_LAG_INTERVAL: Final = 1.0
+_SCAN_CHUNK: Final = 1000
+_CACHE_MAX: Final = 256
+
+
+class _Seq(msgspec.Struct, gc=False):
+    sequence: int | None = None
+
+
+class _Envelope(msgspec.Struct, gc=False):
+    data: _Seq | None = None
+
+
+_ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
+_SEQ_DECODER: Final = msgspec.json.Decoder(_Seq)
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def peek_message_sequence(raw: bytes | str) -> int | None:
+    """The ``data.sequence`` of a raw level3v2 message, without a full parse (``None``: bad)."""
+    try:
+        env = _ENVELOPE_DECODER.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return None if env.data is None else env.data.sequence
+
+
+def peek_snapshot_sequence(raw: bytes | str) -> int | None:
+    """The ``sequence`` of a stored snapshot's JSON, without a full parse (``None``: bad)."""
+    try:
+        return _SEQ_DECODER.decode(raw).sequence
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_tuple(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _trimmed_after(info: Mapping[str, Any], stream_id: str) -> bool:
+    """Whether entries after ``stream_id`` may be gone (XINFO STREAM of the stream).
+
+    Conservative: the checkpoint's own entry must still be there (the first
+    entry at or before it), and nothing after it deleted.
+    """
+    at = _id_tuple(stream_id)
+    deleted = info.get("max-deleted-entry-id")
+    if deleted is not None and _id_tuple(_text(deleted)) > at:
+        return True
+    first = info.get("first-entry")
+    if not info.get("length") or first is None:
+        last = info.get("last-generated-id")
+        return last is not None and _id_tuple(_text(last)) > at
+    return _id_tuple(_text(first[0])) > at
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SymbolConsumer:
+    """Keeps ``symbol``'s book from its stream while this replica holds the lease.
+
+    :meth:`start` runs it as a task, :meth:`stop` ends it (optionally writing a
+    last checkpoint). ``serving`` says whether the book may be served.
+    """
+
+    def __init__(self, symbol: str, client: redis.asyncio.Redis, settings: BookSettings,
+                 metrics: BookMetrics, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.symbol = symbol
+        self._redis = client
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self.sync = Synchronizer(symbol, max_buffer=settings.buffer_max)
+        self._stream = keys.l3_stream(symbol)
+        #: Read position: the last stream entry consumed.
+        self.read_id = "0-0"
+        #: Set once a read came back short: the book has reached the stream's end.
+        self.caught_up = False
+        self.active = False
+        #: Incremented whenever what the book serves may have changed.
+        self.version = 0
+        #: Why the book is not served (``None`` while serving).
+        self.reason: str | None = "starting"
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._cache: dict[tuple[str, int], bytes] = {}
+        self._cache_version = -1
+        self._reported = SyncStats()
+        self._pending_dlq: deque[tuple[bytes | str, str, str]] = deque(maxlen=10_000)
+        self._request_at = float("-inf")
+        self._request_min = -1
+        self._tried_sequence = -1
+        self._cp_at = clock()
+        self._cp_applied = 0
+        self._cp_mark: tuple[int, str] | None = None
+        self._top_at = float("-inf")
+        self._top_state: tuple[Any, ...] | None = None
+        self._last_sequence = 0
+        self._lag_at = float("-inf")
+        metrics.synced.labels(symbol).set(0)
+
+    # ------------------------------------------------------------------ serving
+
+    @property
+    def serving(self) -> bool:
+        """``True`` when the book is synced and has caught up with the stream once."""
+        return self.active and self.sync.synced and self.caught_up
+
+    @property
+    def book(self) -> OrderBook | None:
+        """The book, only while :attr:`serving`."""
+        return self.sync.book if self.serving else None
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set (and replaced) at the next change of :attr:`version` or of ``serving``."""
+        return self._changed
+
+    def detail(self) -> str:
+        """Why the book is not served, for a 503."""
+        if not self.active:
+            return f"{self.symbol} book is not running on this replica"
+        if self.sync.synced and not self.caught_up:
+            return f"{self.symbol} book is catching up with the stream"
+        return f"{self.symbol} book is not synced ({self.reason or self.sync.state.value})"
+
+    def book_body(self, depth: int) -> bytes:
+        """``GET /book`` JSON at ``depth`` (call only while :attr:`serving`)."""
+        return self._cached("book", depth, self._build_book)
+
+    def l3_body(self, depth: int) -> bytes:
+        """``GET /book/{symbol}/l3`` JSON at ``depth`` (call only while :attr:`serving`)."""
+        return self._cached("l3", depth, self._build_l3)
+
+    def order_body(self, order_id: str) -> bytes | None:
+        """``GET /book/{symbol}/orders/{orderId}`` JSON, ``None`` if the order does not rest."""
+        book = self.sync.book
+        assert book is not None
+        pos = book.queue_position(order_id)
+        if pos is None:
+            return None
+        return _ENCODER.encode({
+            "orderId": pos.order_id, "side": pos.side, "price": pos.price_text,
+            "size": format_qty(pos.size), "ts": pos.ts, "position": pos.position,
+            "sizeAhead": format_qty(pos.size_ahead),
+        })
+
+    def status_body(self) -> bytes:
+        """What WebSocket clients get while the book is not served."""
+        return _ENCODER.encode({"symbol": self.symbol, "synced": False, "detail": self.detail()})
+
+    def _cached(self, kind: str, depth: int, build: Callable[[OrderBook, int], bytes]) -> bytes:
+        if self._cache_version != self.version:
+            self._cache.clear()
+            self._cache_version = self.version
+        key = (kind, depth)
+        body = self._cache.get(key)
+        if body is None:
+            book = self.sync.book
+            assert book is not None
+            body = build(book, depth)
+            if len(self._cache) < _CACHE_MAX:
+                self._cache[key] = body
+        return body
+
+    def _build_book(self, book: OrderBook, depth: int) -> bytes:
+        bids, asks = book.depth_rows(depth)
+        return _ENCODER.encode({"symbol": self.symbol, "sequence": book.sequence, "ts": book.ts,
+                                "bids": bids, "asks": asks})
+
+    def _build_l3(self, book: OrderBook, depth: int) -> bytes:
+        bids, asks = book.l3(depth)
+
+        def levels(side: Sequence[Any]) -> list[dict[str, Any]]:
+            return [{"price": lv.text, "size": format_qty(lv.size),
+                     "orders": [{"orderId": o.order_id, "size": format_qty(o.size), "ts": o.ts}
+                                for o in lv.orders]}
+                    for lv in side]
+
+        return _ENCODER.encode({"symbol": self.symbol, "sequence": book.sequence, "ts": book.ts,
+                                "bids": levels(bids), "asks": levels(asks)})
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> asyncio.Task[None]:
+        """Run the consumer as a task (returned; it ends only when stopped or on a bug)."""
+        if self._task is None:
+            self.active = True
+            self._task = asyncio.create_task(self.run(), name=f"book-{self.symbol}")
+        return self._task
+
+    async def stop(self, *, checkpoint: bool = False) -> None:
+        """Stop reading; with ``checkpoint``, save a last one if the book is synced."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.active = False
+        self._notify()
+        if checkpoint:
+            # A clean stop, lease still held: save the book and say it is not served here.
+            try:
+                await self._write_checkpoint()
+                await self._write_top(float("inf"))
+            except (*REDIS_ERRORS, redis.exceptions.RedisError) as exc:
+                log.warning("last checkpoint failed: %s", exc, extra=kv(symbol=self.symbol))
+        self._metrics.synced.labels(self.symbol).set(0)
+
+    async def run(self) -> None:
+        """Start, then read until cancelled; Redis errors are retried with backoff."""
+        backoff = Backoff(initial=0.2, factor=2.0, max_delay=5.0)
+        self.active = True
+        try:
+            while True:
+                try:
+                    if not self._started:
+                        await self._start()
+                        self._started = True
+                    await self._step()
+                    backoff.reset()
+                except REDIS_ERRORS as exc:
+                    delay = backoff.next_delay()
+                    log.warning("redis error, retrying in %.1f s: %s", delay, exc,
+                                extra=kv(symbol=self.symbol))
+                    await asyncio.sleep(delay)
+        finally:
+            self.active = False
+            self._notify()
+
+    # ------------------------------------------------------------------ start
+
+    async def _start(self) -> None:
+        # A retried start begins from scratch.
+        self.sync = Synchronizer(self.symbol, max_buffer=self._settings.buffer_max)
+        self._reported = SyncStats()
+        r = self._redis
+        settings = self._settings
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.checkpoint(self.symbol))
+            pipe.get(keys.snapshot(self.symbol))
+            checkpoint, snapshot = await pipe.execute()
+        info = await self._stream_info()
+        snap_seq = None if snapshot is None else peek_snapshot_sequence(snapshot)
+        if checkpoint:
+            outs = await self._try_checkpoint(checkpoint, snap_seq, info)
+            if outs is not None:
+                await self._handle(outs)
+                return
+        if snapshot is not None and snap_seq is not None:
+            self.read_id = await self._find_start(snap_seq, settings.scan_max_entries)
+            log.info("starting from the stored snapshot",
+                     extra=kv(symbol=self.symbol, sequence=snap_seq, streamId=self.read_id))
+            outs = self.sync.on_snapshot(snapshot)
+            if not self.sync.synced:
+                outs += self.sync.start()
+            await self._handle(outs)
+            return
+        self.read_id = await self._lookback_id(settings.lookback_entries)
+        log.info("no snapshot or checkpoint: asking the feed",
+                 extra=kv(symbol=self.symbol, streamId=self.read_id))
+        await self._handle(self.sync.start())
+
+    async def _stream_info(self) -> dict[str, Any] | None:
+        try:
+            info: dict[str, Any] = await self._redis.xinfo_stream(self._stream)
+        except redis.exceptions.ResponseError:
+            return None  # no stream yet
+        return info
+
+    async def _try_checkpoint(self, checkpoint: Mapping[bytes, bytes], snap_seq: int | None,
+                              info: dict[str, Any] | None) -> list[Output] | None:
+        try:
+            sequence = int(checkpoint[b"sequence"])
+            stream_id = _text(checkpoint[b"streamId"])
+            _id_tuple(stream_id)
+            state = msgspec.json.decode(checkpoint[b"state"])
+        except (KeyError, ValueError, msgspec.DecodeError) as exc:
+            log.warning("checkpoint unreadable: %s", exc, extra=kv(symbol=self.symbol))
+            return None
+        if snap_seq is not None and snap_seq > sequence:
+            log.info("stored snapshot is newer than the checkpoint",
+                     extra=kv(symbol=self.symbol, checkpoint=sequence, snapshot=snap_seq))
+            return None
+        if info is not None and _trimmed_after(info, stream_id):
+            log.info("checkpoint too old: the stream was trimmed past it",
+                     extra=kv(symbol=self.symbol, streamId=stream_id))
+            return None
+        outs = self.sync.on_checkpoint(state, stream_id)
+        if not self.sync.synced:
+            return None
+        self.read_id = stream_id
+        self._cp_mark = (sequence, stream_id)
+        self._metrics.checkpoint_restores.labels(self.symbol).inc()
+        log.info("starting from the checkpoint",
+                 extra=kv(symbol=self.symbol, sequence=sequence, streamId=stream_id))
+        return outs
+
+    async def _find_start(self, sequence: int, budget: int) -> str:
+        """Id after which reading finds ``sequence + 1``: the newest entry at or below it."""
+        end = "+"
+        scanned = 0
+        oldest: str | None = None
+        while scanned < budget:
+            chunk: Any = await self._redis.xrevrange(self._stream, end, "-", count=_SCAN_CHUNK)
+            if not chunk:
+                return "0-0"
+            for entry_id, fields in chunk:
+                oldest = _text(entry_id)
+                raw = fields.get(keys.FIELD_MSG.encode())
+                if raw is None:
+                    continue
+                seq = peek_message_sequence(raw)
+                if seq is not None and seq <= sequence:
+                    return oldest
+            scanned += len(chunk)
+            if len(chunk) < _SCAN_CHUNK:
+                return "0-0"
+            end = f"({oldest}"
+        return oldest or "0-0"
+
+    async def _lookback_id(self, entries: int) -> str:
+        if entries <= 0:
+            newest: Any = await self._redis.xrevrange(self._stream, "+", "-", count=1)
+            return _text(newest[0][0]) if newest else "0-0"
+        chunk: Any = await self._redis.xrevrange(self._stream, "+", "-", count=entries + 1)
+        return _text(chunk[-1][0]) if len(chunk) == entries + 1 else "0-0"
+
+    # ------------------------------------------------------------------ reading
+
+    async def _step(self) -> None:
+        settings = self._settings
+        block_ms = max(1, int(settings.read_block_seconds * 1000))
+        reply: Any = await self._redis.xread({self._stream: self.read_id},
+                                             count=settings.read_batch, block=block_ms)
+        entries: list[Any] = reply[0][1] if reply else []
+        if entries:
+            outs = self.sync.on_entries(entries)
+            self.read_id = _text(entries[-1][0])
+            await self._handle(outs)
+        if len(entries) < settings.read_batch and not self.caught_up:
+            self.caught_up = True
+            self._bump()
+            if self.sync.synced:
+                log.info("book served", extra=kv(symbol=self.symbol,
+                                                 sequence=self._sequence()))
+        await self._housekeeping()
+
+    async def _handle(self, outs: list[Output]) -> None:
+        queue = deque(self._absorb(outs))
+        while queue:
+            out = queue.popleft()
+            if isinstance(out, NeedSnapshot):
+                more = await self._ask(out.min_sequence, out.reason)
+            else:
+                more = await self._fetch_snapshot()
+            queue.extend(self._absorb(more))
+        if self._pending_dlq:
+            await self._flush_dlq()
+
+    def _absorb(self, outs: list[Output]) -> list[NeedSnapshot | FetchSnapshot]:
+        """Take in what the synchroniser said, without awaiting; return the I/O to do.
+
+        The book changed in the same step as the outputs were made: the version
+        is bumped here, before any await, so no body cached for the old version
+        is served for the new book.
+        """
+        work: list[NeedSnapshot | FetchSnapshot] = []
+        changed = False
+        for out in outs:
+            if isinstance(out, Applied):
+                changed = True
+            elif isinstance(out, DeadLetter):
+                self._pending_dlq.append((out.raw, out.reason, out.stream_id))
+                log.warning("message refused: %s", out.reason,
+                            extra=kv(symbol=self.symbol, streamId=out.stream_id))
+            elif isinstance(out, BecameSynced):
+                changed = True
+                self.reason = None
+                log.info("book synced", extra=kv(symbol=self.symbol, sequence=out.sequence))
+            elif isinstance(out, BecameUnsynced):
+                changed = True
+                self.reason = out.reason
+                log.warning("book not synced: %s", out.reason, extra=kv(symbol=self.symbol))
+            else:
+                if isinstance(out, NeedSnapshot) and not self.sync.synced:
+                    self.reason = out.reason
+                work.append(out)
+        if changed:
+            self._bump()
+        self._report_stats()
+        return work
+
+    async def _ask(self, min_sequence: int, reason: str, *, force: bool = False) -> list[Output]:
+        now = self._clock()
+        if not force and min_sequence <= self._request_min and (
+                now - self._request_at < self._settings.snapshot_retry_seconds):
+            return []
+        # The stored one may already do (another consumer asked, or the feed refreshed).
+        outs = await self._fetch_snapshot()
+        if outs:
+            return outs
+        await self._redis.publish(keys.snapshot_requests(self.symbol), str(min_sequence))
+        self._metrics.snapshot_requests.labels(self.symbol).inc()
+        self._request_at = now
+        self._request_min = max(self._request_min, min_sequence)
+        log.info("asked the feed for a snapshot: %s", reason,
+                 extra=kv(symbol=self.symbol, minSequence=min_sequence))
+        return []
+
+    async def _fetch_snapshot(self) -> list[Output]:
+        needed = self.sync.needed_sequence
+        if needed is None:
+            return []
+        raw = await self._redis.get(keys.snapshot(self.symbol))
+        if raw is None:
+            return []
+        seq = peek_snapshot_sequence(raw)
+        if seq is None:
+            log.warning("stored snapshot is unreadable", extra=kv(symbol=self.symbol))
+            return []
+        # Too old, or already tried and refused (what we need only grows while waiting).
+        if seq < needed or seq <= self._tried_sequence:
+            return []
+        log.info("rebuilding from the stored snapshot",
+                 extra=kv(symbol=self.symbol, sequence=seq, needed=needed))
+        outs = self.sync.on_snapshot(raw)
+        if not self.sync.synced:
+            self._tried_sequence = seq
+        return outs
+
+    async def _flush_dlq(self) -> None:
+        key = keys.dlq(self.symbol)
+        maxlen = self._settings.dlq_maxlen
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for raw, reason, stream_id in self._pending_dlq:
+                pipe.xadd(key, {"reason": reason, "raw": raw, "streamId": stream_id},
+                          maxlen=maxlen, approximate=True)
+            await pipe.execute()
+        self._pending_dlq.clear()
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def _housekeeping(self) -> None:
+        now = self._clock()
+        sync = self.sync
+        if self._pending_dlq:  # left over by a failed write
+            await self._flush_dlq()
+        if not sync.synced and now - self._request_at >= self._settings.snapshot_retry_seconds:
+            needed = sync.needed_sequence
+            if needed is not None:
+                await self._handle(await self._ask(needed, "still waiting for a snapshot",
+                                                   force=True))
+        if sync.synced and self._checkpoint_due(now):
+            await self._write_checkpoint()
+        await self._write_top(now)
+        if now - self._lag_at >= _LAG_INTERVAL:
+            await self._measure_lag(now)
+        self._report_stats()
+
+    def _sequence(self) -> int:
+        book = self.sync.book
+        if book is not None and self.sync.synced:
+            self._last_sequence = book.sequence
+        return self._last_sequence
+
+    def _checkpoint_due(self, now: float) -> bool:
+        book = self.sync.book
+        if book is None or (book.sequence, self.read_id) == self._cp_mark:
+            return False
+        return (self.sync.stats.applied - self._cp_applied >= self._settings.checkpoint_messages
+                or now - self._cp_at >= self._settings.checkpoint_seconds)
+
+    async def _write_checkpoint(self) -> None:
+        book = self.sync.book
+        if book is None or not self.sync.synced:
+            return
+        mark = (book.sequence, self.read_id)
+        state = _ENCODER.encode(book.to_state())
+        await self._redis.hset(keys.checkpoint(self.symbol), mapping={
+            "state": state, "sequence": str(book.sequence), "streamId": self.read_id,
+            "updatedAt": str(_now_ms()),
+        })
+        self._cp_mark = mark
+        self._cp_at = self._clock()
+        self._cp_applied = self.sync.stats.applied
+        self._metrics.checkpoints.labels(self.symbol).inc()
+
+    async def _write_top(self, now: float) -> None:
+        if now - self._top_at < _TOP_MIN_INTERVAL:
+            return
+        book = self.book
+        serving = book is not None
+        state = (serving, self._sequence(),
+                 (book.best_bid_text() or "") if book is not None else "",
+                 (book.best_ask_text() or "") if book is not None else "")
+        if state == self._top_state and now - self._top_at < _TOP_HEARTBEAT:
+            return
+        await self._redis.hset(keys.top(self.symbol), mapping={
+            "sequence": str(state[1]), "bestBid": state[2], "bestAsk": state[3],
+            "synced": "1" if serving else "0", "updatedAt": str(_now_ms()),
+        })
+        self._top_state = state
+        self._top_at = now
+
+    async def _measure_lag(self, now: float) -> None:
+        self._lag_at = now
+        newest: Any = await self._redis.xrevrange(self._stream, "+", "-", count=20)
+        lag_ms = 0
+        if newest and _id_tuple(_text(newest[0][0])) > _id_tuple(self.read_id):
+            lag_ms = max(0, _now_ms() - _id_tuple(self.read_id)[0])
+        self._metrics.lag_ms.labels(self.symbol).set(lag_ms)
+        for _, fields in newest:
+            raw = fields.get(keys.FIELD_MSG.encode())
+            seq = None if raw is None else peek_message_sequence(raw)
+            if seq is not None:
+                base = self.sync.book.sequence if (
+                    self.sync.synced and self.sync.book is not None) else self.sync.max_sequence
+                self._metrics.lag_messages.labels(self.symbol).set(max(0, seq - base))
+                break
+
+    def _report_stats(self) -> None:
+        now = self.sync.stats
+        self._metrics.add_sync_stats(self.symbol, now, self._reported)
+        self._reported = replace(now)
+        self._metrics.synced.labels(self.symbol).set(1 if self.serving else 0)
+        self._metrics.sequence.labels(self.symbol).set(self._sequence())
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()

@@ -1,0 +1,86 @@
+"""Prometheus metrics of the book service, on a registry of its own (``kumex_book_*``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kumex_l3.metrics import make_registry
+from kumex_l3.sync import SyncStats
+
+__all__ = ["BookMetrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class BookMetrics:
+    """Every metric of one book service instance (one registry per instance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else make_registry()
+        r = self.registry
+        sym = ["symbol"]
+        self.messages = Counter("kumex_book_messages", "Stream messages read", sym, registry=r)
+        self.applied = Counter("kumex_book_messages_applied", "Messages applied to the book",
+                               sym, registry=r)
+        self.ignored = Counter("kumex_book_messages_ignored",
+                               "Messages ignored as already applied (duplicates, replays)",
+                               sym, registry=r)
+        self.dropped = Counter("kumex_book_messages_dropped",
+                               "Buffered messages dropped because a snapshot held them",
+                               sym, registry=r)
+        self.refused = Counter("kumex_book_messages_refused",
+                               "Input refused and sent to the DLQ", sym, registry=r)
+        self.overflow = Counter("kumex_book_buffer_overflow",
+                                "Buffered messages lost to the buffer bound", sym, registry=r)
+        self.gaps = Counter("kumex_book_gaps", "Sequence gaps seen", sym, registry=r)
+        self.resyncs = Counter("kumex_book_resyncs", "Times a synced book was lost", sym,
+                               registry=r)
+        self.snapshot_requests = Counter("kumex_book_snapshot_requests",
+                                         "Snapshot requests published to the feed", sym,
+                                         registry=r)
+        self.snapshots_used = Counter("kumex_book_snapshots_used",
+                                      "Snapshots the book was rebuilt from", sym, registry=r)
+        self.checkpoints = Counter("kumex_book_checkpoints", "Checkpoints written", sym,
+                                   registry=r)
+        self.checkpoint_restores = Counter("kumex_book_checkpoint_restores",
+                                           "Starts from a checkpoint", sym, registry=r)
+        self.lag_messages = Gauge("kumex_book_stream_lag_messages",
+                                  "Sequence of the stream's newest message minus the book's",
+                                  sym, registry=r)
+        self.lag_ms = Gauge("kumex_book_stream_lag_milliseconds",
+                            "Age of the oldest stream entry not yet consumed (0 when caught up)",
+                            sym, registry=r)
+        self.synced = Gauge("kumex_book_synced", "1 while the book is synced and served", sym,
+                            registry=r)
+        self.owned = Gauge("kumex_book_owned", "1 while this replica holds the symbol's lease",
+                           sym, registry=r)
+        self.sequence = Gauge("kumex_book_sequence", "Sequence of the local book", sym,
+                              registry=r)
+        self.http_latency = Histogram("kumex_book_http_request_duration_seconds",
+                                      "HTTP request latency", ["method", "route", "status"],
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.proxied = Counter("kumex_book_proxied_requests",
+                               "Requests forwarded to the owning replica", ["symbol", "outcome"],
+                               registry=r)
+        self.ws_clients = Gauge("kumex_book_ws_clients", "Connected WebSocket clients", sym,
+                                registry=r)
+        self.ws_dropped = Counter("kumex_book_ws_dropped",
+                                  "WebSocket clients dropped for being too slow", sym,
+                                  registry=r)
+
+    def add_sync_stats(self, symbol: str, now: SyncStats, before: SyncStats) -> None:
+        """Add what a synchroniser counted since ``before`` (both its :class:`SyncStats`)."""
+        for counter, field in (
+            (self.messages, "messages"),
+            (self.applied, "applied"),
+            (self.ignored, "stale"),
+            (self.dropped, "dropped"),
+            (self.refused, "refused"),
+            (self.overflow, "overflow"),
+            (self.gaps, "gaps"),
+            (self.resyncs, "resyncs"),
+            (self.snapshots_used, "snapshots_used"),
+        ):
+            delta = getattr(now, field) - getattr(before, field)
+            if delta > 0:
+                counter.labels(symbol).inc(delta)

@@ -1,0 +1,171 @@
+"""Several book replicas sharing the symbols: leases, local consumers, and the owners' URLs.
+
+:class:`BookService` holds this replica's symbol leases (role ``book``) through
+:class:`~kumex_l3.lease.LeaseManager`: for each symbol it gains it runs a
+:class:`~services.book.consumer.SymbolConsumer` (restarted after a bug, with
+backoff), and stops it at once when the lease is lost, so that a symbol is
+never served by a replica that no longer owns it. Requests for symbols owned
+elsewhere are forwarded by the HTTP layer to the owner's URL, read from the
+lease (:meth:`BookService.owner_of`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+
+from kumex_l3 import keys
+from kumex_l3.backoff import Backoff
+from kumex_l3.lease import LeaseManager, LeaseOwner, read_owner
+from kumex_l3.logs import kv
+from services.book.consumer import SymbolConsumer
+from services.book.metrics import BookMetrics
+from services.book.settings import ROLE, BookSettings
+
+__all__ = ["BookService"]
+
+log = logging.getLogger(__name__)
+
+
+class BookService:
+    """This replica's books: lease handling and one consumer per symbol it owns."""
+
+    def __init__(self, settings: BookSettings, client: redis.asyncio.Redis,
+                 metrics: BookMetrics) -> None:
+        self.settings = settings
+        self.redis = client
+        self.metrics = metrics
+        self.owner = LeaseOwner(settings.replica, settings.url)
+        self.leases = LeaseManager(client, ROLE, settings.symbols, self.owner,
+                                   ttl=settings.lease_ttl_seconds, on_gained=self._gained,
+                                   on_lost=self._lost)
+        self._consumers: dict[str, SymbolConsumer] = {}
+        self._supervisors: dict[str, asyncio.Task[None]] = {}
+        self._lease_task: asyncio.Task[None] | None = None
+        for symbol in settings.symbols:
+            metrics.owned.labels(symbol).set(0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start taking leases (returns at once; the first round runs in the background)."""
+        if self._lease_task is None:
+            self._lease_task = asyncio.create_task(self.leases.run(), name="book-leases")
+
+    async def stop(self) -> None:
+        """Checkpoint every owned book, then give the leases back for a quick takeover."""
+        task, self._lease_task = self._lease_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for symbol in list(self._supervisors):
+            await self._stop_symbol(symbol, checkpoint=True)
+        await self.leases.close()
+
+    # ------------------------------------------------------------------ reading
+
+    def local(self, symbol: str) -> SymbolConsumer | None:
+        """The running consumer of ``symbol`` if this replica owns it, else ``None``."""
+        consumer = self._consumers.get(symbol)
+        if consumer is None or not consumer.active or not self.leases.holds(symbol):
+            return None
+        return consumer
+
+    @property
+    def owned(self) -> list[str]:
+        """Symbols whose lease this replica holds, in configuration order."""
+        held = self.leases.held
+        return [s for s in self.settings.symbols if s in held]
+
+    async def owner_of(self, symbol: str) -> LeaseOwner | None:
+        """The replica holding ``symbol`` now (from Redis), or ``None``."""
+        if self.leases.holds(symbol):
+            return self.owner
+        return await read_owner(self.redis, symbol, ROLE)
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready when a lease round went through and every owned book is served."""
+        if self.leases.rounds == 0:
+            return False, "leases not taken yet"
+        waiting = [s for s in self.owned if not ((c := self.local(s)) and c.serving)]
+        if waiting:
+            return False, "not synced: " + ",".join(waiting)
+        return True, "ok"
+
+    async def books(self) -> list[dict[str, Any]]:
+        """Every configured symbol: sequence, synced, owner (local state or Redis)."""
+        remote = [s for s in self.settings.symbols if self.local(s) is None]
+        found: dict[str, tuple[Any, Any]] = {}
+        if remote:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for symbol in remote:
+                    pipe.get(keys.owner(symbol, ROLE))
+                    pipe.hgetall(keys.top(symbol))
+                values: list[Any] = await pipe.execute()
+            for i, symbol in enumerate(remote):
+                found[symbol] = (values[2 * i], values[2 * i + 1])
+        rows: list[dict[str, Any]] = []
+        for symbol in self.settings.symbols:
+            consumer = self.local(symbol)
+            if consumer is not None:
+                book = consumer.book
+                rows.append({"symbol": symbol,
+                             "sequence": book.sequence if book is not None else None,
+                             "synced": consumer.serving, "owner": self.owner.id,
+                             "ownerUrl": self.owner.url, "local": True})
+                continue
+            raw_owner, top = found[symbol]
+            owner = None if raw_owner is None else LeaseOwner.from_json(raw_owner)
+            sequence = top.get(b"sequence")
+            rows.append({"symbol": symbol,
+                         "sequence": int(sequence) if sequence and sequence.isdigit() else None,
+                         "synced": owner is not None and top.get(b"synced") == b"1",
+                         "owner": owner.id if owner is not None else None,
+                         "ownerUrl": owner.url if owner is not None else None,
+                         "local": False})
+        return rows
+
+    # ------------------------------------------------------------------ leases
+
+    async def _gained(self, symbol: str) -> None:
+        log.info("symbol taken", extra=kv(symbol=symbol, replica=self.owner.id))
+        self.metrics.owned.labels(symbol).set(1)
+        if symbol not in self._supervisors:
+            self._supervisors[symbol] = asyncio.create_task(self._supervise(symbol),
+                                                            name=f"book-supervisor-{symbol}")
+
+    async def _lost(self, symbol: str) -> None:
+        log.info("symbol released", extra=kv(symbol=symbol, replica=self.owner.id))
+        self.metrics.owned.labels(symbol).set(0)
+        # Another replica may own it already: no last checkpoint from here.
+        await self._stop_symbol(symbol, checkpoint=False)
+
+    async def _stop_symbol(self, symbol: str, *, checkpoint: bool) -> None:
+        task = self._supervisors.pop(symbol, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        consumer = self._consumers.pop(symbol, None)
+        if consumer is not None:
+            await consumer.stop(checkpoint=checkpoint)
+
+    async def _supervise(self, symbol: str) -> None:
+        backoff = Backoff(initial=1.0, factor=2.0, max_delay=30.0)
+        while True:
+            consumer = SymbolConsumer(symbol, self.redis, self.settings, self.metrics)
+            self._consumers[symbol] = consumer
+            try:
+                await consumer.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("book consumer failed; starting it again",
+                              extra=kv(symbol=symbol))
+            await asyncio.sleep(backoff.next_delay())

@@ -1,0 +1,96 @@
+"""Settings of the book service: :class:`CommonSettings` plus ``BOOK_*`` variables.
+
+Built in ``main()`` with :func:`kumex_l3.config.load_settings` (a bad value
+stops the service with a message naming the variable), then passed down.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from kumex_l3.config import CommonSettings
+
+__all__ = ["ROLE", "BookSettings"]
+
+#: The lease role of this service (``kumex:{SYM}:owner:book``).
+ROLE = "book"
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+class BookSettings(CommonSettings):
+    """``python -m services.book``: shared variables plus ``BOOK_*`` (see each field)."""
+
+    model_config = SettingsConfigDict(env_prefix="BOOK_", extra="ignore", populate_by_name=True)
+
+    #: Address the HTTP server binds (``0.0.0.0`` in a container).
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    #: URL other replicas use to reach this one (proxying); default ``http://host:port``,
+    #: with the machine's host name when ``host`` is a wildcard address.
+    public_url: str | None = None
+    #: Identity in the symbol leases; default ``<hostname>-<port>`` (stable across restarts,
+    #: so a restarted replica takes its own leases back at once).
+    replica_id: str | None = Field(None, min_length=1, max_length=200)
+    #: Checkpoint after this many applied messages...
+    checkpoint_messages: int = Field(10_000, ge=1)
+    #: ...or this many seconds, whichever comes first (only while synced).
+    checkpoint_seconds: float = Field(5.0, gt=0)
+    #: Lease TTL; renewed every third of it (at most every 2 s). A dead replica's
+    #: symbols are taken over within ``ttl + min(ttl / 3, 2 s)`` plus the time to sync.
+    lease_ttl_seconds: float = Field(10.0, gt=0, le=60)
+    #: Minimum interval between two WebSocket pushes to one client.
+    ws_throttle_seconds: float = Field(0.1, ge=0)
+    #: A WebSocket client that cannot take a push within this time is dropped.
+    ws_send_timeout_seconds: float = Field(5.0, gt=0)
+    #: Messages kept while waiting for a snapshot (the oldest are dropped beyond).
+    buffer_max: int = Field(100_000, ge=1)
+    #: Stream entries read per XREAD.
+    read_batch: int = Field(1000, ge=1, le=100_000)
+    #: XREAD BLOCK timeout (also the idle tick of the consumer loop).
+    read_block_seconds: float = Field(0.25, gt=0, le=10)
+    #: While waiting for a snapshot, ask the feed again (and look at the key) this often.
+    snapshot_retry_seconds: float = Field(3.0, gt=0)
+    #: Without any snapshot or checkpoint, start reading this many entries before the
+    #: stream's end (they wait in the buffer for the snapshot asked for).
+    lookback_entries: int = Field(10_000, ge=0)
+    #: Entries scanned backwards from the end to find where a stored snapshot starts.
+    scan_max_entries: int = Field(1_000_000, ge=0)
+    #: Approximate bound of the DLQ stream.
+    dlq_maxlen: int = Field(10_000, ge=1)
+    #: Timeout of a request proxied to the owning replica.
+    proxy_timeout_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> BookSettings:
+        host = self.host if self.host not in _WILDCARD_HOSTS else socket.gethostname()
+        if self.public_url is None:
+            shown = f"[{host}]" if ":" in host else host
+            self.public_url = f"http://{shown}:{self.port}"
+        if self.replica_id is None:
+            self.replica_id = f"{socket.gethostname()}-{self.port}"
+        return self
+
+    @property
+    def url(self) -> str:
+        """The public URL (always set after validation)."""
+        assert self.public_url is not None
+        return self.public_url
+
+    @property
+    def replica(self) -> str:
+        """The replica id (always set after validation)."""
+        assert self.replica_id is not None
+        return self.replica_id

@@ -1,0 +1,488 @@
+"""The book service as real processes against a real Redis, fed the way the feed does.
+
+A :class:`Feed` writes a seeded StreamGenerator stream into ``kumex:{SYM}:l3``
+(``msg`` entries, stored snapshots announced by ``ctl=snapshot``) and keeps a
+reference :class:`OrderBook` built directly from the same messages (including
+the ones it "loses" on purpose, as the exchange's own book would). Each
+:class:`BookProcess` is ``python -m services.book`` on a free port. Waits poll
+with a generous ceiling and are never measured, except the documented 15 s
+takeover bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+import redis
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
+
+from kumex_l3 import OrderBook, keys, parse_message
+from kumex_l3.devredis import free_port
+from kumex_l3.synthetic import StreamGenerator
+
+ROOT = Path(__file__).resolve().parents[2]
+SAFETY_S = 30.0  # a ceiling against a hang, never a measurement
+TAKEOVER_S = 15.0  # the documented bound for another replica to serve a dead one's symbols
+SYM = "XBTUSDM"
+SYMBOLS = ("XBTUSDM", "XBTUSDTM", "ETHUSDTM")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Feed:
+    """Writes one symbol's stream as the feed would; ``ref`` is the exchange's true book."""
+
+    def __init__(self, r: redis.Redis, symbol: str = SYM, seed: int = 5) -> None:
+        self.r = r
+        self.symbol = symbol
+        self.gen = StreamGenerator(symbol, seed=seed, start_sequence=10_000, target_orders=200,
+                                   levels=40)
+        self.ref = OrderBook(symbol, 10_000)
+
+    def publish(self, n: int, *, lose: int = 0) -> None:
+        """About ``n`` messages; the first ``lose`` of them never reach the stream."""
+        msgs = self.gen.take(n) + self.gen.flush()
+        pipe = self.r.pipeline(transaction=False)
+        for i, raw in enumerate(msgs):
+            self.ref.apply(parse_message(raw))
+            if i >= lose:
+                pipe.xadd(keys.l3_stream(self.symbol), {keys.FIELD_MSG: raw})
+        pipe.execute()
+
+    def store_snapshot(self) -> int:
+        """Store the current snapshot and announce it, as the feed does."""
+        snap = self.gen.snapshot()
+        self.r.set(keys.snapshot(self.symbol), json.dumps(snap))
+        self.r.xadd(keys.l3_stream(self.symbol),
+                    {keys.FIELD_CTL: "snapshot", "sequence": str(snap["sequence"])})
+        return int(snap["sequence"])
+
+    def expected(self, depth: int = 1000) -> dict[str, Any]:
+        bids, asks = self.ref.depth_rows(depth)
+        return {"symbol": self.symbol, "sequence": self.ref.sequence, "ts": self.ref.ts,
+                "bids": bids, "asks": asks}
+
+
+class BookProcess:
+    """``python -m services.book`` on a free port; log kept in a temporary file."""
+
+    def __init__(self, redis_url: str, replica: str, symbols: tuple[str, ...] = (SYM,),
+                 **env: str) -> None:
+        self.redis_url = redis_url
+        self.replica = replica
+        self.symbols = symbols
+        self.env = env
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] = tempfile.TemporaryFile(prefix="book-")  # noqa: SIM115
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> BookProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BOOK_")}
+        env.update({
+            "REDIS_URL": self.redis_url, "KUMEX_SYMBOLS": ",".join(self.symbols),
+            "BOOK_HOST": "127.0.0.1", "BOOK_PORT": str(self.port),
+            "BOOK_REPLICA_ID": self.replica, "BOOK_LEASE_TTL_SECONDS": "3",
+            "BOOK_CHECKPOINT_SECONDS": "0.3", "BOOK_SNAPSHOT_RETRY_SECONDS": "0.5",
+            "BOOK_READ_BLOCK_SECONDS": "0.1", "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.env)
+        self.process = subprocess.Popen([sys.executable, "-m", "services.book"], cwd=ROOT,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        wait_for(lambda: self._healthy(), f"{self.replica} healthz", proc=self)
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.replica} exited:\n{self.log_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL: no checkpoint, no lease release."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+
+    def close(self) -> None:
+        self._log.close()
+
+    def log_text(self) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        text = self._log.read().decode("utf-8", "replace")
+        self._log.seek(0, os.SEEK_END)
+        return text
+
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", params=params, timeout=10.0)
+
+    def metric(self, name: str, symbol: str = SYM) -> float:
+        text = self.get("/metrics").text
+        needle = f'{name}{{symbol="{symbol}"}} '
+        for line in text.splitlines():
+            if line.startswith(needle):
+                return float(line[len(needle):])
+        return 0.0
+
+
+def wait_for(check: Callable[[], Any], what: str, *, timeout: float = SAFETY_S,
+             proc: BookProcess | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            log = f"\n--- log ---\n{proc.log_text()}" if proc is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{log}")
+        time.sleep(0.05)
+
+
+def book_at(proc: BookProcess, feed: Feed, depth: int = 1000,
+            timeout: float = SAFETY_S) -> dict[str, Any]:
+    """Poll ``GET /book`` until it reaches the reference's sequence; return the body."""
+    def check() -> dict[str, Any] | None:
+        res = proc.get(f"/book/{feed.symbol}", depth=depth)
+        if res.status_code != 200:
+            return None
+        body: dict[str, Any] = res.json()
+        return body if body["sequence"] >= feed.ref.sequence else None
+
+    body: dict[str, Any] = wait_for(check, f"{feed.symbol} at {feed.ref.sequence}",
+                                    timeout=timeout, proc=proc)
+    return body
+
+
+@pytest.fixture
+def procs(request: pytest.FixtureRequest) -> Iterator[list[BookProcess]]:
+    """Started processes, stopped after the test (their logs shown if it failed)."""
+    started: list[BookProcess] = []
+    yield started
+    failed = getattr(request.node, "rep_call", None)
+    for p in started:
+        if p.process is not None:
+            with contextlib.suppress(Exception):
+                p.stop()
+        if failed is not None and failed.failed:
+            sys.stderr.write(f"--- {p.replica} log ---\n{p.log_text()}\n")
+        p.close()
+
+
+def spawn(procs: list[BookProcess], *args: Any, **kwargs: Any) -> BookProcess:
+    proc = BookProcess(*args, **kwargs)
+    procs.append(proc)
+    return proc.start()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_snapshot_request_then_book_equals_reference(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feed = Feed(redis_sync)
+    feed.publish(400)
+    requests = redis_sync.pubsub(  # type: ignore[no-untyped-call]
+        ignore_subscribe_messages=True)
+    requests.subscribe(keys.snapshot_requests(SYM))
+    try:
+        book = spawn(procs, redis_url, "solo")
+        # No snapshot, no checkpoint: not synced, and the feed is asked for one.
+        res = book.get(f"/book/{SYM}")
+        assert res.status_code == 503 and "detail" in res.json()
+        assert book.get(f"/book/{SYM}/l3").status_code == 503
+        assert book.get("/readyz").status_code == 503
+        ask = wait_for(lambda: requests.get_message(timeout=0.1), "a snapshot request",
+                       proc=book)
+        assert int(ask["data"]) >= 0
+    finally:
+        requests.close()
+    feed.publish(300)
+    feed.store_snapshot()
+    feed.publish(300)
+    body = book_at(book, feed)
+    assert body == feed.expected()
+    # Smaller depths, the L3 view and queue positions agree with the reference too.
+    assert book.get(f"/book/{SYM}", depth=3).json() == feed.expected(3)
+    assert book.get(f"/book/{SYM}").json() == feed.expected(12)
+    l3 = book.get(f"/book/{SYM}/l3", depth=2).json()
+    bids, asks = feed.ref.l3(2)
+    assert l3["sequence"] == feed.ref.sequence
+    for got, want in ((l3["bids"], bids), (l3["asks"], asks)):
+        assert [lv["price"] for lv in got] == [lv.text for lv in want]
+        assert [[o["orderId"] for o in lv["orders"]] for lv in got] == [
+            [o.order_id for o in lv.orders] for lv in want]
+    assert len(book.get(f"/book/{SYM}/l3").json()["bids"]) == min(5, len(feed.ref.l3()[0]))
+    level = bids[0]
+    order = level.orders[-1]
+    pos = feed.ref.queue_position(order.order_id)
+    assert pos is not None
+    got = book.get(f"/book/{SYM}/orders/{order.order_id}").json()
+    assert got == {"orderId": order.order_id, "side": "buy", "price": level.text,
+                   "size": str(order.size), "ts": order.ts, "position": pos.position,
+                   "sizeAhead": str(pos.size_ahead)}
+    # 404 and 422 cases.
+    assert book.get(f"/book/{SYM}/orders/nope").status_code == 404
+    assert book.get("/book/NOPE").status_code == 404
+    assert book.get("/book/NOPE/l3").status_code == 404
+    assert book.get("/book/xbtusdm").status_code == 404
+    for bad in (0, 1001, "x"):
+        assert book.get(f"/book/{SYM}", depth=bad).status_code == 422
+        assert book.get(f"/book/{SYM}/l3", depth=bad).status_code == 422
+    assert book.get(f"/book/{SYM}", depth=1000).status_code == 200
+    # Service endpoints.
+    assert book.get("/healthz").json()["status"] == "ok"
+    ready = wait_for(lambda: book.get("/readyz").status_code == 200, "ready", proc=book)
+    assert ready
+    books = book.get("/books").json()["books"]
+    assert books == [{"symbol": SYM, "sequence": feed.ref.sequence, "synced": True,
+                      "owner": "solo", "ownerUrl": book.url, "local": True}]
+    top = wait_for(lambda: (t := redis_sync.hgetall(keys.top(SYM)))
+                   and t[b"sequence"] == str(feed.ref.sequence).encode() and t, "top")
+    assert top[b"synced"] == b"1"
+    assert top[b"bestBid"].decode() == feed.ref.best_bid_text()
+    assert top[b"bestAsk"].decode() == feed.ref.best_ask_text()
+    assert book.metric("kumex_book_synced") == 1.0
+    assert book.metric("kumex_book_snapshot_requests_total") >= 1.0
+    assert book.metric("kumex_book_messages_applied_total") > 0
+    assert "kumex_book_http_request_duration_seconds_bucket" in book.get("/metrics").text
+
+
+def test_gap_makes_503_then_resyncs_on_a_new_snapshot(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feed = Feed(redis_sync, seed=8)
+    feed.publish(200)
+    feed.store_snapshot()
+    feed.publish(200)
+    book = spawn(procs, redis_url, "solo")
+    assert book_at(book, feed) == feed.expected()
+    # The feed loses 10 messages: the book must stop serving, never show a wrong book.
+    feed.publish(100, lose=10)
+    wait_for(lambda: book.get(f"/book/{SYM}").status_code == 503, "503 after the gap",
+             proc=book)
+    detail = book.get(f"/book/{SYM}").json()["detail"]
+    assert "not synced" in detail
+    assert book.get("/books").json()["books"][0]["synced"] is False
+    feed.publish(50)
+    # Still no usable snapshot: still 503.
+    assert book.get(f"/book/{SYM}").status_code == 503
+    feed.store_snapshot()
+    feed.publish(100)
+    assert book_at(book, feed) == feed.expected()
+    assert book.metric("kumex_book_gaps_total") >= 1
+    assert book.metric("kumex_book_resyncs_total") == 1
+    assert book.metric("kumex_book_snapshots_used_total") == 2
+
+
+def test_malformed_entry_goes_to_the_dlq(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feed = Feed(redis_sync, seed=9)
+    feed.store_snapshot()
+    feed.publish(100)
+    book = spawn(procs, redis_url, "solo")
+    book_at(book, feed)
+    stream = keys.l3_stream(SYM)
+    bad_id = redis_sync.xadd(stream, {keys.FIELD_MSG: '{"type":"message","subject":"open"'})
+    other_id = redis_sync.xadd(stream, {"weird": "entry"})
+    feed.publish(100)
+    assert book_at(book, feed) == feed.expected()
+    letters = wait_for(lambda: (d := redis_sync.xrange(keys.dlq(SYM))) and len(d) == 2 and d,
+                       "two DLQ entries", proc=book)
+    first = letters[0][1]
+    assert first[b"raw"] == b'{"type":"message","subject":"open"'
+    assert first[b"streamId"] == bad_id and first[b"reason"]
+    assert letters[1][1][b"streamId"] == other_id
+    assert book.metric("kumex_book_messages_refused_total") == 2
+    assert book.get("/readyz").status_code == 200
+
+
+def test_kill_and_restart_resumes_from_the_checkpoint(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feed = Feed(redis_sync, seed=10)
+    feed.publish(300)
+    feed.store_snapshot()
+    feed.publish(500)
+    book = spawn(procs, redis_url, "solo")
+    book_at(book, feed)
+    wait_for(lambda: redis_sync.hget(keys.checkpoint(SYM), "sequence")
+             == str(feed.ref.sequence).encode(), "a checkpoint at the head", proc=book)
+    book.kill()
+    # No snapshot to fall back on: only the checkpoint can bring the book back.
+    redis_sync.delete(keys.snapshot(SYM))
+    feed.publish(400)
+    requests = redis_sync.pubsub(  # type: ignore[no-untyped-call]
+        ignore_subscribe_messages=True)
+    requests.subscribe(keys.snapshot_requests(SYM))
+    try:
+        # The same replica id takes its lease back at once.
+        book.start()
+        assert book_at(book, feed) == feed.expected()
+        assert book.metric("kumex_book_checkpoint_restores_total") == 1
+        assert book.metric("kumex_book_snapshot_requests_total") == 0
+        assert book.metric("kumex_book_snapshots_used_total") == 0
+        assert requests.get_message(timeout=0.2) is None
+    finally:
+        requests.close()
+    # SIGTERM: a last checkpoint, and the lease is released for the next replica.
+    feed.publish(50)
+    book_at(book, feed)
+    assert book.stop() == 0
+    assert redis_sync.hget(keys.checkpoint(SYM), "sequence") == str(feed.ref.sequence).encode()
+    assert redis_sync.get(keys.owner(SYM, "book")) is None
+
+
+def test_checkpoint_behind_a_trimmed_stream_is_not_used(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feed = Feed(redis_sync, seed=12)
+    feed.store_snapshot()
+    feed.publish(200)
+    book = spawn(procs, redis_url, "solo")
+    book_at(book, feed)
+    assert book.stop() == 0  # a last checkpoint at the head, newer than the snapshot
+    assert redis_sync.hget(keys.checkpoint(SYM), "sequence") == str(feed.ref.sequence).encode()
+    # Meanwhile the feed went on and trimmed what followed the checkpoint.
+    feed.publish(300)
+    redis_sync.xtrim(keys.l3_stream(SYM), maxlen=100, approximate=False)
+    requests = redis_sync.pubsub(  # type: ignore[no-untyped-call]
+        ignore_subscribe_messages=True)
+    requests.subscribe(keys.snapshot_requests(SYM))
+    try:
+        book.start()
+        # Neither the checkpoint nor the old snapshot bridges the trimmed part.
+        wait_for(lambda: requests.get_message(timeout=0.1), "a snapshot request", proc=book)
+    finally:
+        requests.close()
+    assert book.get(f"/book/{SYM}").status_code == 503
+    feed.store_snapshot()
+    feed.publish(50)
+    assert book_at(book, feed) == feed.expected()
+    assert book.metric("kumex_book_checkpoint_restores_total") == 0
+
+
+def test_two_replicas_share_three_symbols_and_take_over(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feeds = {s: Feed(redis_sync, s, seed=20 + i) for i, s in enumerate(SYMBOLS)}
+    for f in feeds.values():
+        f.publish(100)
+        f.store_snapshot()
+        f.publish(100)
+    a = spawn(procs, redis_url, "rep-a", SYMBOLS)
+    b = spawn(procs, redis_url, "rep-b", SYMBOLS)
+
+    def all_synced(p: BookProcess) -> list[dict[str, Any]] | None:
+        res = p.get("/books")
+        rows: list[dict[str, Any]] = res.json()["books"] if res.status_code == 200 else []
+        return rows if len(rows) == 3 and all(r["synced"] for r in rows) else None
+
+    rows = wait_for(lambda: all_synced(a), "every symbol synced", proc=a)
+    owners = {r["symbol"]: r["owner"] for r in rows}
+    assert set(owners.values()) <= {"rep-a", "rep-b"}
+    for f in feeds.values():
+        f.publish(100)
+    # Every symbol from either replica: served by its owner, forwarded by the other.
+    for symbol, f in feeds.items():
+        for p in (a, b):
+            assert book_at(p, f) == f.expected()
+            res = p.get(f"/book/{symbol}", depth=5)
+            assert res.status_code == 200 and res.json() == f.expected(5)
+            assert res.headers["x-kumex-replica"] == owners[symbol]
+            l3 = p.get(f"/book/{symbol}/l3", depth=1)
+            assert l3.status_code == 200 and l3.json()["sequence"] == f.ref.sequence
+    assert a.get("/book/NOPE").status_code == 404 and b.get("/book/NOPE").status_code == 404
+    assert b.get(f"/book/{SYM}", depth=0).status_code == 422
+    # Kill the replica holding XBTUSDM: the other serves every symbol within the bound.
+    victim, survivor = (a, b) if owners[SYM] == "rep-a" else (b, a)
+    victim.kill()
+    for f in feeds.values():
+        f.publish(50)
+
+    def survivor_serves_all() -> bool:
+        for symbol, f in feeds.items():
+            res = survivor.get(f"/book/{symbol}", depth=1000)
+            if res.status_code != 200 or res.headers.get("x-kumex-replica") != survivor.replica:
+                return False
+            if res.json() != f.expected():
+                return False
+        return True
+
+    wait_for(survivor_serves_all, "the survivor serving every symbol", timeout=TAKEOVER_S,
+             proc=survivor)
+    rows = survivor.get("/books").json()["books"]
+    assert {r["owner"] for r in rows} == {survivor.replica}
+    assert all(r["local"] and r["synced"] for r in rows)
+
+
+def test_websocket_pushes_changes(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feed = Feed(redis_sync, seed=11)
+    feed.store_snapshot()
+    feed.publish(100)
+    owner = spawn(procs, redis_url, "ws-a")
+    book_at(owner, feed)
+    other = spawn(procs, redis_url, "ws-b")  # owns nothing: relays the owner's socket
+
+    async def scenario() -> None:
+        ws_base = owner.url.replace("http", "ws")
+        relay_base = other.url.replace("http", "ws")
+        async with ws_connect(f"{ws_base}/ws/book/{SYM}?depth=5") as direct, \
+                ws_connect(f"{relay_base}/ws/book/{SYM}?depth=5") as relayed:
+            for ws in (direct, relayed):
+                first = json.loads(await asyncio.wait_for(ws.recv(), SAFETY_S))
+                assert first == feed.expected(5)
+            for _ in range(3):
+                feed.publish(60)
+                for ws in (direct, relayed):
+                    # Pushes are throttled and may skip states: read until the newest.
+                    async with asyncio.timeout(SAFETY_S):
+                        while True:
+                            body = json.loads(await ws.recv())
+                            if body.get("sequence") == feed.ref.sequence:
+                                break
+                    assert body == feed.expected(5)
+        with pytest.raises(InvalidStatus):
+            async with ws_connect(f"{ws_base}/ws/book/NOPE"):
+                pass
+
+    asyncio.run(scenario())
