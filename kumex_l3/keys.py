@@ -19,6 +19,7 @@ __all__ = [
     "owner",
     "snapshot",
     "snapshot_requests",
+    "strategy_state",
     "symbol_prefix",
     "top",
 ]
@@ -92,3 +93,12 @@ def owner(symbol: str, role: str) -> str:
 def dlq(symbol: str) -> str:
     """Stream: input that was refused, with the reason."""
     return f"kumex:{{{symbol}}}:dlq"
+
+
+def strategy_state(symbol: str, prefix: str) -> str:
+    """Hash: the grid strategy's persisted state for its clientOid ``prefix``.
+
+    Fields ``lastEventId``, ``position``, ``nextSeq``, ``centre``, ``filled:{clientOid}``,
+    ``plan:{clientOid}`` (a write-ahead log of decided orders); see services/strategy.
+    """
+    return f"kumex:{{{symbol}}}:strategy:{prefix}"

@@ -1,0 +1,519 @@
+"""The own-order state machine (pure: no I/O, no clock; time comes in as an argument).
+
+An :class:`OwnOrder` is one order of the user, keyed by the ``clientOid`` chosen
+before it was sent (DESIGN.md: the hash ``kumex:{SYM}:order:{clientOid}``). Its
+life is driven by the public L3 stream::
+
+    pending ──received──► received ──open──► open ──match──► partially_filled
+       │                     │ match (taker)          │ match / done filled
+       │                     └────────────────────────┴──► filled | canceled
+       └── REST refused / never seen on the stream ──► rejected
+
+* :func:`apply` takes one parsed L3 message (``received`` links the
+  ``clientOid`` to the exchange ``orderId``; it routinely arrives before the
+  REST reply) and returns a :class:`Transition` saying whether, and what,
+  it changed. A message at or below the order's ``last_sequence`` (a replay)
+  changes nothing, a trade id already applied changes nothing, and the
+  status only moves forward (a late ``open`` after ``done`` does not reopen).
+* :func:`rest_refused` (the REST call was refused), :func:`expire_if_unseen`
+  (the stream moved past the submission plus a grace without a ``received``)
+  and :func:`reconcile` (the exchange's own record, after messages may have
+  been lost) are the other ways an order changes.
+
+The functions mutate the order they are given and say what they did; a
+:class:`Transition` with ``changed`` False means the order is as it was (only
+bookkeeping such as ``last_sequence`` may have moved). Exchange strings map to
+:class:`OrderStatus` through one table, :data:`EXCHANGE_STATUS`.
+
+After a :func:`reconcile`, the record's ``updatedAt`` (exchange ms) is kept in
+``exchange_updated_at``: stream messages at or before it are already part of
+the record, so their fills and sizes are not applied a second time (the
+monitor reads the record *now*, while it may still be behind in the stream).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Final
+
+from kumex_l3.messages import (
+    Control,
+    DataMessage,
+    Done,
+    Match,
+    Open,
+    Qty,
+    Received,
+    Update,
+    format_qty,
+    parse_qty,
+)
+
+__all__ = [
+    "CLIENT_OID_PATTERN",
+    "EXCHANGE_STATUS",
+    "HASH_FIELDS",
+    "REASON_UNSEEN",
+    "TRADE_IDS_KEPT",
+    "Change",
+    "OrderStatus",
+    "OwnOrder",
+    "Transition",
+    "apply",
+    "exchange_status",
+    "expire_if_unseen",
+    "reconcile",
+    "rest_refused",
+]
+
+#: What the exchange accepts as a ``clientOid`` (kumex-api.md §6).
+CLIENT_OID_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,40}")
+#: ``reason`` of an order rejected because it never appeared on the stream.
+REASON_UNSEEN: Final = "unseen"
+#: How many of the latest trade ids an order remembers (idempotence of fills).
+TRADE_IDS_KEPT: Final = 32
+
+
+class OrderStatus(StrEnum):
+    """Own-order status, as stored in the hash's ``status`` field."""
+
+    PENDING = "pending"
+    RECEIVED = "received"
+    OPEN = "open"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+
+    @property
+    def finished(self) -> bool:
+        """True for the final statuses: filled, canceled, rejected."""
+        return _RANK[self] == _FINAL_RANK
+
+
+_FINAL_RANK: Final = 4
+_RANK: Final[Mapping[OrderStatus, int]] = {
+    OrderStatus.PENDING: 0,
+    OrderStatus.RECEIVED: 1,
+    OrderStatus.OPEN: 2,
+    OrderStatus.PARTIALLY_FILLED: 3,
+    OrderStatus.FILLED: _FINAL_RANK,
+    OrderStatus.CANCELED: _FINAL_RANK,
+    OrderStatus.REJECTED: _FINAL_RANK,
+}
+
+#: The one table from exchange strings to statuses: the L3 subjects, the ``reason``
+#: of ``done``, and the REST record's ``status`` (``done`` is resolved to
+#: ``filled`` or ``canceled`` first, see :func:`exchange_status`).
+EXCHANGE_STATUS: Final[Mapping[str, OrderStatus]] = {
+    "received": OrderStatus.RECEIVED,
+    "open": OrderStatus.OPEN,
+    "match": OrderStatus.PARTIALLY_FILLED,
+    "filled": OrderStatus.FILLED,
+    "canceled": OrderStatus.CANCELED,
+}
+
+
+def exchange_status(text: str) -> OrderStatus:
+    """The status an exchange string means (:data:`EXCHANGE_STATUS`); ``ValueError`` if none."""
+    try:
+        return EXCHANGE_STATUS[text]
+    except KeyError:
+        raise ValueError(f"unknown exchange order status {text!r}") from None
+
+
+class Change(StrEnum):
+    """What a transition did: the ``change`` field of an order event."""
+
+    RECEIVED = "received"
+    OPEN = "open"
+    FILL = "fill"
+    UPDATE = "update"
+    DONE = "done"
+    REJECTED = "rejected"
+    UNSEEN = "unseen"
+    RECONCILED = "reconciled"
+
+
+#: Hash field names (camelCase, DESIGN.md), in the order :meth:`OwnOrder.to_hash` writes them.
+HASH_FIELDS: Final = (
+    "clientOid", "orderId", "symbol", "side", "price", "size", "filledSize", "status",
+    "reason", "lastSequence", "createdAt", "updatedAt",
+    # beyond the documented ones
+    "remaining", "submittedAt", "corrected", "exchangeUpdatedAt", "tradeIds", "rev",
+)
+_HASH_FIELD_SET: Final = frozenset(HASH_FIELDS)
+
+
+@dataclass(slots=True, kw_only=True)
+class OwnOrder:
+    """One own order. Build a new one with :meth:`new`; read one with :meth:`from_hash`.
+
+    ``size`` is the size asked for; ``remaining`` the size still open (resting,
+    or still to be matched): ``size`` at first, then as ``open``, ``update`` and
+    ``match`` say, 0 once finished. ``corrected`` counts the reconciliations
+    that found the order different from the exchange's record. ``rev`` is the
+    revision of the stored hash (optimistic concurrency in the store).
+    ``extra`` holds the hash fields of the caller's own (e.g. a grid level).
+    """
+
+    client_oid: str
+    symbol: str
+    side: str
+    price: str
+    size: Qty
+    remaining: Qty
+    order_id: str | None = None
+    filled_size: Qty = 0
+    status: OrderStatus = OrderStatus.PENDING
+    reason: str = ""
+    last_sequence: int = 0
+    created_at: int = 0
+    updated_at: int = 0
+    submitted_at: int = 0
+    corrected: int = 0
+    exchange_updated_at: int = 0
+    trade_ids: tuple[str, ...] = ()
+    rev: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        symbol: str,
+        client_oid: str,
+        *,
+        side: str,
+        price: str,
+        size: Qty | str,
+        now_ms: int,
+        extra: Mapping[str, str] | None = None,
+    ) -> OwnOrder:
+        """A ``pending`` order, registered at ``now_ms``. ``ValueError`` on a bad argument."""
+        if not CLIENT_OID_PATTERN.fullmatch(client_oid):
+            raise ValueError("clientOid must be 1 to 40 characters of [A-Za-z0-9_-]")
+        if side not in ("buy", "sell"):
+            raise ValueError(f"side must be buy or sell, not {side!r}")
+        qty = parse_qty(size) if isinstance(size, str) else size
+        if (isinstance(qty, bool) or not isinstance(qty, int | Decimal)
+                or (isinstance(qty, Decimal) and not qty.is_finite()) or not qty > 0):
+            raise ValueError(f"size must be a positive number, not {size!r}")
+        extra_fields = dict(extra or {})
+        clash = _HASH_FIELD_SET.intersection(extra_fields)
+        if clash:
+            raise ValueError(f"extra fields {sorted(clash)} clash with the order's own fields")
+        return cls(
+            client_oid=client_oid, symbol=symbol, side=side, price=price, size=qty,
+            remaining=qty, created_at=now_ms, updated_at=now_ms, submitted_at=now_ms,
+            extra=extra_fields,
+        )
+
+    @property
+    def finished(self) -> bool:
+        """True once filled, canceled or rejected."""
+        return self.status.finished
+
+    def to_hash(self) -> dict[str, str]:
+        """The Redis hash: every field a string (``orderId`` empty until known)."""
+        out = {
+            "clientOid": self.client_oid,
+            "orderId": self.order_id or "",
+            "symbol": self.symbol,
+            "side": self.side,
+            "price": self.price,
+            "size": format_qty(self.size),
+            "filledSize": format_qty(self.filled_size),
+            "status": self.status.value,
+            "reason": self.reason,
+            "lastSequence": str(self.last_sequence),
+            "createdAt": str(self.created_at),
+            "updatedAt": str(self.updated_at),
+            "remaining": format_qty(self.remaining),
+            "submittedAt": str(self.submitted_at),
+            "corrected": str(self.corrected),
+            "exchangeUpdatedAt": str(self.exchange_updated_at),
+            "tradeIds": ",".join(self.trade_ids),
+            "rev": str(self.rev),
+        }
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_hash(cls, data: Mapping[Any, Any]) -> OwnOrder:
+        """The order stored in ``data`` (str or bytes, as Redis returns it).
+
+        Raises ``ValueError`` when a documented field is missing or malformed.
+        """
+        h = {_text(k): _text(v) for k, v in data.items()}
+        try:
+            size = parse_qty(h["size"])
+            return cls(
+                client_oid=h["clientOid"],
+                symbol=h["symbol"],
+                side=h["side"],
+                price=h["price"],
+                size=size,
+                remaining=parse_qty(h["remaining"], allow_zero=True) if "remaining" in h
+                else size,
+                order_id=h.get("orderId") or None,
+                filled_size=parse_qty(h["filledSize"], allow_zero=True),
+                status=OrderStatus(h["status"]),
+                reason=h.get("reason", ""),
+                last_sequence=int(h["lastSequence"]),
+                created_at=int(h["createdAt"]),
+                updated_at=int(h["updatedAt"]),
+                submitted_at=int(h.get("submittedAt") or h["createdAt"]),
+                corrected=int(h.get("corrected") or 0),
+                exchange_updated_at=int(h.get("exchangeUpdatedAt") or 0),
+                trade_ids=tuple(h["tradeIds"].split(",")) if h.get("tradeIds") else (),
+                rev=int(h.get("rev") or 0),
+                extra={k: v for k, v in h.items() if k not in _HASH_FIELD_SET},
+            )
+        except KeyError as exc:
+            raise ValueError(f"order hash lacks field {exc.args[0]!r}") from None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What one event did to an order.
+
+    ``changed`` False: nothing a user can see changed (``change`` is None).
+    ``fields``: the hash fields whose value changed. ``fill_*`` and
+    ``liquidity`` (``maker``/``taker``) describe a ``match`` that was applied.
+    """
+
+    changed: bool
+    old_status: OrderStatus
+    new_status: OrderStatus
+    change: Change | None = None
+    sequence: int = 0
+    fields: tuple[str, ...] = ()
+    fill_qty: Qty = 0
+    fill_price: str = ""
+    trade_id: str = ""
+    liquidity: str = ""
+
+    @property
+    def finished(self) -> bool:
+        """True when this transition moved the order into a final status."""
+        return self.changed and self.new_status.finished and not self.old_status.finished
+
+    @property
+    def linked(self) -> bool:
+        """True when this transition made the exchange ``orderId`` known."""
+        return "orderId" in self.fields
+
+
+_Snap = tuple[str | None, OrderStatus, Qty, Qty, str, int]
+_SNAP_FIELDS: Final = ("orderId", "status", "filledSize", "remaining", "reason", "corrected")
+
+
+def _snap(order: OwnOrder) -> _Snap:
+    return (order.order_id, order.status, order.filled_size, order.remaining, order.reason,
+            order.corrected)
+
+
+def _finish_transition(
+    order: OwnOrder, before: _Snap, change: Change, now_ms: int, sequence: int, **fill: Any
+) -> Transition:
+    after = _snap(order)
+    fields = tuple(name for name, a, b in zip(_SNAP_FIELDS, before, after, strict=True) if a != b)
+    if not fields:
+        return Transition(False, before[1], order.status, sequence=sequence)
+    order.updated_at = now_ms
+    return Transition(True, before[1], order.status, change, sequence, fields, **fill)
+
+
+def _unchanged(order: OwnOrder, sequence: int = 0) -> Transition:
+    return Transition(False, order.status, order.status, sequence=sequence)
+
+
+def _forward(current: OrderStatus, target: OrderStatus) -> OrderStatus:
+    return target if _RANK[target] > _RANK[current] else current
+
+
+def _concerns(order: OwnOrder, msg: DataMessage) -> bool:
+    oid = order.order_id
+    if isinstance(msg, Received):
+        if oid is None:
+            return bool(msg.client_oid) and msg.client_oid == order.client_oid
+        return msg.order_id == oid
+    if oid is None:
+        return False
+    if isinstance(msg, Match):
+        return oid in (msg.maker_order_id, msg.taker_order_id)
+    return msg.order_id == oid
+
+
+def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transition:
+    """Apply one L3 message to ``order`` (in place); say what changed.
+
+    Messages about other orders, control frames, and messages at or below
+    ``order.last_sequence`` change nothing. A message about this order moves
+    ``last_sequence`` forward even when it changes nothing else.
+    """
+    if isinstance(msg, Control) or msg.symbol != order.symbol:
+        return _unchanged(order)
+    seq = msg.sequence
+    if seq <= order.last_sequence or not _concerns(order, msg):
+        return _unchanged(order, seq)
+    order.last_sequence = seq
+    if order.status.finished:
+        return _unchanged(order, seq)
+    before = _snap(order)
+    # Already part of the exchange record a reconciliation adopted (see module doc).
+    covered = order.exchange_updated_at > 0 and msg.ts // 1_000_000 <= order.exchange_updated_at
+
+    if isinstance(msg, Received):
+        order.order_id = msg.order_id
+        order.status = _forward(order.status, OrderStatus.RECEIVED)
+        return _finish_transition(order, before, Change.RECEIVED, now_ms, seq)
+
+    if isinstance(msg, Done):
+        order.status = exchange_status(msg.reason)
+        order.reason = msg.reason
+        order.remaining = 0
+        return _finish_transition(order, before, Change.DONE, now_ms, seq)
+
+    if isinstance(msg, Open):
+        if not covered:
+            order.status = _forward(order.status, OrderStatus.OPEN)
+            order.remaining = msg.qty
+        return _finish_transition(order, before, Change.OPEN, now_ms, seq)
+
+    if isinstance(msg, Update):
+        if not covered:
+            order.remaining = msg.qty
+        return _finish_transition(order, before, Change.UPDATE, now_ms, seq)
+
+    # Match: as maker or as taker.
+    if msg.trade_id in order.trade_ids:
+        return _unchanged(order, seq)
+    order.trade_ids = (*order.trade_ids, msg.trade_id)[-TRADE_IDS_KEPT:]
+    if covered:
+        return _unchanged(order, seq)
+    maker = msg.maker_order_id == order.order_id
+    order.filled_size += msg.qty
+    if maker and msg.remain_qty is not None:
+        order.remaining = msg.remain_qty
+    else:
+        order.remaining = max(order.remaining - msg.qty, 0)
+    done = order.filled_size >= order.size or (maker and msg.remain_qty == 0)
+    order.status = _forward(order.status,
+                            OrderStatus.FILLED if done else exchange_status("match"))
+    if done:
+        order.reason = "filled"
+        order.remaining = 0
+    return _finish_transition(
+        order, before, Change.FILL, now_ms, seq, fill_qty=msg.qty, fill_price=msg.price,
+        trade_id=msg.trade_id, liquidity="maker" if maker else "taker")
+
+
+def rest_refused(order: OwnOrder, code: str, msg: str, now_ms: int) -> Transition:
+    """The REST call placing ``order`` was refused (``code``, ``msg``): ``rejected``.
+
+    Only a ``pending`` order can be refused: once the stream has shown it, the
+    engine has it, whatever the REST reply said.
+    """
+    if order.status is not OrderStatus.PENDING:
+        return _unchanged(order)
+    before = _snap(order)
+    order.status = OrderStatus.REJECTED
+    order.reason = f"{code} {msg}".strip()[:200]
+    order.remaining = 0
+    return _finish_transition(order, before, Change.REJECTED, now_ms, order.last_sequence)
+
+
+def expire_if_unseen(
+    order: OwnOrder, stream_time_ms: int, grace_ms: int, *, now_ms: int | None = None
+) -> Transition:
+    """``rejected`` (reason ``unseen``) if still ``pending`` once the stream is past
+    ``submitted_at + grace_ms``: the REST call timed out and the order never
+    reached the engine (its ``received`` would be on the stream by then).
+
+    ``stream_time_ms`` is the time of the latest stream entry read (its id's
+    ms part), not the wall clock: a monitor that lags expires nothing early.
+    ``now_ms`` stamps ``updatedAt`` (default: ``stream_time_ms``).
+    """
+    if order.status is not OrderStatus.PENDING or stream_time_ms <= order.submitted_at + grace_ms:
+        return _unchanged(order)
+    before = _snap(order)
+    order.status = OrderStatus.REJECTED
+    order.reason = REASON_UNSEEN
+    order.remaining = 0
+    return _finish_transition(order, before, Change.UNSEEN,
+                              stream_time_ms if now_ms is None else now_ms, order.last_sequence)
+
+
+def _record_qty(record: Mapping[str, Any], name: str) -> Qty | None:
+    value = record.get(name)
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    try:
+        return parse_qty(str(value), allow_zero=True)
+    except ValueError:
+        return None
+
+
+def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transition:
+    """Adopt the exchange's record of ``order`` (``GET /api/v1/orders/...`` data).
+
+    Uses ``id``, ``status`` (``open``/``done``), ``isActive``, ``cancelExist``,
+    ``size``, ``filledSize`` and ``updatedAt``. The status and ``filled_size``
+    only move forward (a record can lag the stream, never the reverse); a
+    ``done`` record is ``canceled`` when ``cancelExist`` (or not fully filled),
+    else ``filled``. When anything differed, ``corrected`` is incremented and
+    the transition's change is ``reconciled``. A finished order, or a record
+    of another order (another ``id`` or ``clientOid``), changes nothing.
+    """
+    if order.finished:
+        return _unchanged(order)
+    record_id = record.get("id")
+    if not isinstance(record_id, str) or not record_id:
+        return _unchanged(order)
+    if order.order_id is not None and record_id != order.order_id:
+        return _unchanged(order)
+    record_coid = record.get("clientOid")
+    if record_coid and record_coid != order.client_oid:
+        return _unchanged(order)
+    filled = _record_qty(record, "filledSize")
+    size = _record_qty(record, "size")
+    if filled is None or size is None:
+        return _unchanged(order)
+    text = record.get("status")
+    active = record.get("isActive")
+    if text not in ("open", "done"):
+        text = "open" if active is True else "done" if active is False else None
+    if text is None:
+        return _unchanged(order)
+    if text == "done":
+        canceled = record.get("cancelExist") is True or filled < size
+        target = exchange_status("canceled" if canceled else "filled")
+    else:
+        target = exchange_status("match" if filled > 0 else "open")
+
+    before = _snap(order)
+    order.order_id = record_id
+    order.status = _forward(order.status, target)
+    order.filled_size = max(order.filled_size, filled)
+    if order.status.finished:
+        order.remaining = 0
+        order.reason = order.status.value
+    else:
+        order.remaining = max(size - order.filled_size, 0)
+    updated = record.get("updatedAt")
+    if isinstance(updated, int) and not isinstance(updated, bool):
+        order.exchange_updated_at = max(order.exchange_updated_at, updated)
+    if _snap(order) != before:
+        order.corrected += 1
+    return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)

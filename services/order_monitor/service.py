@@ -1,0 +1,178 @@
+"""The order monitor process: symbol leases, one consumer task per symbol held, HTTP.
+
+:class:`OrderMonitor` asks :class:`~kumex_l3.lease.LeaseManager` for the
+symbols (role ``order_monitor``); for each one gained it starts a
+:class:`~services.order_monitor.monitor.SymbolMonitor` under a supervisor that
+restarts it after an error (with backoff; unacknowledged entries are claimed
+again on restart), and stops it when the lease is lost. :func:`run_monitor`
+builds everything from the settings and runs until ``stop`` is set; it then
+stops the consumers, gives the leases back and closes its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+
+from kumex_l3.backoff import Backoff
+from kumex_l3.config import redact_url
+from kumex_l3.lease import LeaseManager, LeaseOwner
+from kumex_l3.logs import kv
+from kumex_l3.rest import KumexRestClient
+from services.order_monitor.metrics import MonitorMetrics
+from services.order_monitor.monitor import LeaseLost, OrderLookup, SymbolMonitor
+from services.order_monitor.settings import ROLE, MonitorSettings
+from services.order_monitor.web import make_app, start_server
+
+__all__ = ["OrderMonitor", "run_monitor"]
+
+log = logging.getLogger("services.order_monitor")
+
+_STOP_TIMEOUT_S: Final = 5.0
+
+
+class OrderMonitor:
+    """Leases and per-symbol consumers of one replica. ``await run(stop)``."""
+
+    def __init__(
+        self,
+        settings: MonitorSettings,
+        redis: aioredis.Redis,
+        metrics: MonitorMetrics,
+        lookup: OrderLookup | None,
+        *,
+        url: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.metrics = metrics
+        self.lookup = lookup
+        self.leases = LeaseManager(
+            redis, ROLE, settings.symbols, LeaseOwner(settings.replica, url),
+            ttl=settings.lease_ttl_s, on_gained=self._gained, on_lost=self._lost)
+        self.monitors: dict[str, SymbolMonitor] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------ leases
+
+    async def _gained(self, symbol: str) -> None:
+        log.info("symbol gained", extra=kv(symbol=symbol))
+        self.metrics.owned.labels(symbol).set(1)
+        old = self._workers.get(symbol)
+        if old is None or old.done():
+            self._workers[symbol] = asyncio.create_task(self._supervise(symbol),
+                                                        name=f"order-monitor-{symbol}")
+
+    async def _lost(self, symbol: str) -> None:
+        log.info("symbol lost", extra=kv(symbol=symbol))
+        self.metrics.owned.labels(symbol).set(0)
+        self.monitors.pop(symbol, None)
+        task = self._workers.pop(symbol, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=_STOP_TIMEOUT_S)
+
+    async def _supervise(self, symbol: str) -> None:
+        """Run the symbol's consumer while the lease is held; restart it after an error."""
+        backoff = Backoff(initial=0.5, factor=2.0, max_delay=15.0)
+        while self.leases.holds(symbol):
+            monitor = SymbolMonitor(self.redis, symbol, self.settings, self.metrics,
+                                    self.lookup, holds=lambda: self.leases.holds(symbol))
+            self.monitors[symbol] = monitor
+            try:
+                await monitor.run()
+            except asyncio.CancelledError:
+                raise
+            except LeaseLost:
+                return
+            except Exception as exc:
+                self.metrics.errors.labels(symbol).inc()
+                delay = backoff.next_delay()
+                log.error("consumer failed, restarting",
+                          extra=kv(symbol=symbol, error=repr(exc), retry_s=round(delay, 2)),
+                          exc_info=not isinstance(exc, OSError | aioredis.RedisError))
+                await asyncio.sleep(delay)
+            else:  # pragma: no cover - run() only returns by raising
+                return
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Manage leases and consumers until ``stop`` is set; then give everything back."""
+        leases = asyncio.create_task(self.leases.run(), name="order-monitor-leases")
+        try:
+            await stop.wait()
+        finally:
+            leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leases
+            await self.leases.close()  # reports each symbol lost: consumers stopped
+            for task in list(self._workers.values()):
+                task.cancel()
+            if self._workers:
+                await asyncio.wait(list(self._workers.values()), timeout=_STOP_TIMEOUT_S)
+
+    def status(self) -> dict[str, Any]:
+        """What ``/readyz`` shows: ``ready`` and each held symbol's consumer state."""
+        symbols: dict[str, Any] = {}
+        ready = self.leases.rounds > 0
+        for symbol in sorted(self.leases.held):
+            monitor = self.monitors.get(symbol)
+            started = monitor is not None and monitor.ready
+            ready = ready and started
+            symbols[symbol] = {
+                "ready": started,
+                "lastSequence": None if monitor is None else monitor.last_sequence,
+                "streamTime": None if monitor is None else monitor.stream_ms,
+                "reconcileDue": None if monitor is None else monitor.reconcile_due,
+            }
+        return {"ready": ready, "replica": self.settings.replica, "symbols": symbols}
+
+
+async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
+    """Build the service from ``settings`` and run it until ``stop``; the exit status."""
+    redis = aioredis.Redis.from_url(
+        settings.redis_url, decode_responses=False,
+        socket_timeout=settings.redis_timeout + settings.block_ms / 1000,
+        socket_connect_timeout=settings.redis_timeout, health_check_interval=30)
+    lookup: KumexRestClient | None = None
+    if settings.has_credentials:
+        lookup = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,
+                                 settings.api_passphrase, timeout=settings.http_timeout)
+    else:
+        log.warning("no API credentials (KUMEX_API_KEY, KUMEX_API_SECRET, "
+                    "KUMEX_API_PASSPHRASE): reconciliation with the exchange is off")
+    metrics = MonitorMetrics()
+    host = settings.http_host if settings.http_host not in ("0.0.0.0", "::", "") \
+        else socket.gethostname()
+    service = OrderMonitor(settings, redis, metrics, lookup,
+                           url=f"http://{host}:{settings.http_port}")
+    try:
+        try:
+            server, server_task = await start_server(
+                make_app(service.status, metrics.registry), settings.http_host,
+                settings.http_port)
+        except OSError as exc:
+            log.error("cannot serve HTTP", extra=kv(error=str(exc)))
+            return 1
+        log.info("started", extra=kv(redis=redact_url(settings.redis_url),
+                                     symbols=",".join(settings.symbols), port=server.port,
+                                     replica=settings.replica, consumer=settings.consumer,
+                                     exchange=settings.base_url if lookup else "none"))
+        try:
+            await service.run(stop)
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(server_task, _STOP_TIMEOUT_S)
+    finally:
+        if lookup is not None:
+            await lookup.aclose()
+        await redis.aclose()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,502 @@
+"""The Trader SDK and the grid strategy against the sandbox process and a real Redis.
+
+The order monitor is not part of these tests: where the strategy needs
+order events, the test appends them to ``kumex:{SYM}:order-events`` itself,
+with the fields the monitor writes. Faults are named where injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from kumex_l3 import keys, order_store
+from kumex_l3.orders import OrderStatus
+from kumex_l3.rest import DuplicateClientOid, InvalidParameter, KumexRestClient, RequestTimeout
+from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
+from services.strategy.metrics import StrategyMetrics
+from services.strategy.runner import GridStrategy
+from services.strategy.settings import StrategySettings
+from services.strategy.state import load_state, strategy_state_key
+from tests.sandbox_proc import DEMO_KEY_1, SandboxProcess, free_port
+
+SYMBOL = "XBTUSDTM"
+ROOT = Path(__file__).resolve().parents[2]
+#: Upper bound on waiting for a process or an event; never an assertion on speed.
+SAFETY_S = 30.0
+
+
+def _control(sandbox: SandboxProcess, path: str, body: dict[str, Any]) -> None:
+    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as client:
+        client.post(path, json=body).raise_for_status()
+
+
+@pytest.fixture
+async def rest(sandbox: SandboxProcess) -> AsyncIterator[KumexRestClient]:
+    async with KumexRestClient(sandbox.base_url, DEMO_KEY_1.key, DEMO_KEY_1.secret,
+                               DEMO_KEY_1.passphrase, timeout=10.0) as client:
+        await client.cancel_all(SYMBOL)
+        yield client
+        _control(sandbox, "/sandbox/faults", {"rest_latency_ms": 5.0})
+        await client.cancel_all(SYMBOL)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _mark(rest: KumexRestClient) -> Decimal:
+    contract = await rest.contract(SYMBOL)
+    tick = Decimal(str(contract["tickSize"]))
+    mark = Decimal(str(contract.get("markPrice") or 30000))
+    return (mark / tick).to_integral_value() * tick
+
+
+async def _own_active(rest: KumexRestClient, prefix: str) -> list[Any]:
+    return [o for o in await rest.active_orders(SYMBOL)
+            if o.client_oid.startswith(prefix + "-")]
+
+
+def _settings(sandbox: SandboxProcess, redis_url: str, centre: Decimal,
+              **overrides: Any) -> StrategySettings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "base_url": sandbox.base_url, "symbols": [SYMBOL],
+        "api_key": DEMO_KEY_1.key, "api_secret": DEMO_KEY_1.secret,
+        "api_passphrase": DEMO_KEY_1.passphrase, "symbol": SYMBOL, "centre_price": centre,
+        "step_ticks": 50, "levels": 2, "size": 3, "max_position": 12,
+        "max_open_orders": 10, "leverage": 3, "client_oid_prefix": "gt",
+        "read_block": 0.05, "resolve_after": 0.0,
+    }
+    values.update(overrides)
+    return StrategySettings(**values)
+
+
+# ---------------------------------------------------------------------- Trader
+
+
+async def test_trader_registers_before_sending_and_marks_refusals(
+        redis: aioredis.Redis, rest: KumexRestClient) -> None:
+    trader = Trader(redis, rest)
+    price = await _mark(rest) * Decimal("0.8")
+    price = price.quantize(Decimal("0.1"))
+    placed = await trader.place_order(SYMBOL, "buy", price, 2, leverage=3, client_oid="tr-1")
+    assert placed.client_oid == "tr-1"
+    order = await order_store.load(redis, SYMBOL, "tr-1")
+    assert order is not None and order.side == "buy" and int(order.size) == 2
+    assert await redis.sismember(keys.orders_active(SYMBOL), "tr-1")
+    # The same clientOid twice: refused locally, nothing sent.
+    with pytest.raises(ClientOidInUse):
+        await trader.place_order(SYMBOL, "buy", price, 2, leverage=3, client_oid="tr-1")
+    assert len(await _own_active(rest, "tr")) == 1
+    # A refusal (a price off the tick): the order is rejected, with an event.
+    with pytest.raises(InvalidParameter):
+        await trader.place_order(SYMBOL, "buy", price + Decimal("0.05"), 1, leverage=3,
+                                 client_oid="tr-2")
+    rejected = await order_store.load(redis, SYMBOL, "tr-2")
+    assert rejected is not None and rejected.status is OrderStatus.REJECTED
+    assert rejected.reason.startswith("300000")
+    events: Any = await redis.xrange(keys.order_events(SYMBOL))
+    assert [(e[b"clientOid"], e[b"status"]) for _, e in events] == [(b"tr-2", b"rejected")]
+    # wait_for returns at once for a final order.
+    got = await trader.wait_for(SYMBOL, "tr-2", {"open"}, timeout=SAFETY_S)
+    assert got.status is OrderStatus.REJECTED
+    with pytest.raises(UnknownOrder):
+        await trader.wait_for(SYMBOL, "tr-none", timeout=SAFETY_S)
+    # Cancel: accepted once, then the exchange cannot (already done).
+    assert await trader.cancel_order(SYMBOL, "tr-1") is True
+    assert await trader.cancel_order(SYMBOL, "tr-1") is False
+
+
+async def test_trader_timeout_leaves_pending_and_resolves_without_duplicate(
+        sandbox: SandboxProcess, redis: aioredis.Redis, rest: KumexRestClient) -> None:
+    price = (await _mark(rest) * Decimal("0.8")).quantize(Decimal("0.1"))
+    # Fault: the sandbox acts, then holds the REST reply longer than the client waits.
+    _control(sandbox, "/sandbox/faults", {"rest_latency_ms": 2000.0})
+    async with KumexRestClient(sandbox.base_url, DEMO_KEY_1.key, DEMO_KEY_1.secret,
+                               DEMO_KEY_1.passphrase, timeout=0.3) as slow:
+        with pytest.raises(RequestTimeout):
+            await Trader(redis, slow).place_order(SYMBOL, "buy", price, 1, leverage=2,
+                                                  client_oid="to-1")
+    _control(sandbox, "/sandbox/faults", {"rest_latency_ms": 5.0})
+    pending = await order_store.load(redis, SYMBOL, "to-1")
+    assert pending is not None and pending.status is OrderStatus.PENDING
+    trader = Trader(redis, rest)
+    resolution = await trader.resolve_after_timeout(SYMBOL, "to-1", resend=True)
+    assert resolution.outcome == "found"  # checked first: not sent again
+    assert resolution.order is not None and resolution.order.status is OrderStatus.OPEN
+    assert resolution.order.order_id == resolution.exchange_order.id  # type: ignore[union-attr]
+    assert [o.client_oid for o in await _own_active(rest, "to")] == ["to-1"]
+    again = await trader.resolve_after_timeout(SYMBOL, "to-1")
+    assert again.outcome == "settled"
+
+
+async def test_trader_resolves_an_order_that_never_left(
+        redis: aioredis.Redis, rest: KumexRestClient) -> None:
+    price = (await _mark(rest) * Decimal("0.8")).quantize(Decimal("0.1"))
+    # Registered, then "the process died" before sending.
+    assert await order_store.register(redis, SYMBOL, "nl-1", side="buy", price=f"{price:f}",
+                                      size=1, now_ms=1, extra={"leverage": "2"})
+    trader = Trader(redis, rest)
+    absent = await trader.resolve_after_timeout(SYMBOL, "nl-1")
+    assert absent.outcome == "absent"
+    assert await _own_active(rest, "nl") == []
+    resent = await trader.resolve_after_timeout(SYMBOL, "nl-1", resend=True)
+    assert resent.outcome == "resent" and resent.placed is not None
+    assert [o.client_oid for o in await _own_active(rest, "nl")] == ["nl-1"]
+    # A second resend finds it: still one order.
+    assert (await trader.resolve_after_timeout(SYMBOL, "nl-1", resend=True)).outcome == "found"
+    assert len(await _own_active(rest, "nl")) == 1
+    # Lost Redis state while the exchange has it: 300018 adopts, never rejects.
+    await redis.delete(keys.order(SYMBOL, "nl-1"))
+    with pytest.raises(DuplicateClientOid):
+        await trader.place_order(SYMBOL, "buy", price, 1, leverage=2, client_oid="nl-1")
+    adopted = await order_store.load(redis, SYMBOL, "nl-1")
+    assert adopted is not None and adopted.status is OrderStatus.OPEN
+
+
+async def test_wait_for_and_follow_read_the_event_stream(
+        redis: aioredis.Redis, rest: KumexRestClient) -> None:
+    assert await order_store.register(redis, SYMBOL, "wf-1", side="sell", price="99999.0",
+                                      size=1, now_ms=1)
+    trader = Trader(redis, rest)
+    with pytest.raises(TimeoutError):
+        await trader.wait_for(SYMBOL, "wf-1", {"open"}, timeout=0.1)
+
+    async def reject_later() -> None:
+        await asyncio.sleep(0.05)
+        await order_store.mark_rejected(redis, SYMBOL, "wf-1", code="x", msg="test", now_ms=2)
+
+    task = asyncio.create_task(reject_later())
+    seen = [e async for e in trader.follow(SYMBOL, "wf-1", idle_timeout=SAFETY_S)]
+    await task
+    assert [e["change"] for e in seen] == ["state", "rejected"]
+    assert seen[0]["status"] == "pending" and seen[-1]["status"] == "rejected"
+    final = await trader.wait_for(SYMBOL, "wf-1", timeout=SAFETY_S)
+    assert final.status is OrderStatus.REJECTED
+
+
+# ---------------------------------------------------------------------- strategy
+
+
+async def test_dry_run_places_and_writes_nothing(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    centre = await _mark(rest)
+    settings = _settings(sandbox, redis_url, centre, dry_run=True, client_oid_prefix="dry")
+    strategy = GridStrategy(settings, redis, rest)
+    await strategy.start()
+    assert strategy.ready
+    assert strategy.state.open_count == 4  # decided, in memory only
+    await strategy.shutdown()
+    assert await _own_active(rest, "dry") == []
+    assert await redis.keys("*") == []
+
+
+async def test_grid_is_placed_and_adopted_on_restart_without_duplicates(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    centre = await _mark(rest)
+    settings = _settings(sandbox, redis_url, centre)
+    step = Decimal("0.1") * 50
+    first = GridStrategy(settings, redis, rest)
+    await first.start()
+    live = await _own_active(rest, "gt")
+    assert sorted((o.side, o.price) for o in live) == sorted([
+        ("buy", centre - step), ("buy", centre - 2 * step),
+        ("sell", centre + step), ("sell", centre + 2 * step)])
+    assert all(o.size == 3 and o.leverage == "3" for o in live)
+    stored = await load_state(redis, strategy_state_key(SYMBOL, "gt"))
+    assert stored.exists and stored.next_seq == 5 and stored.centre == centre
+    assert stored.plans == {}  # every planned order was registered and sent
+
+    # A restart (no cancel in between: a crash): everything adopted, nothing placed.
+    second = GridStrategy(settings.model_copy(update={"centre_price": None}), redis, rest)
+    await second.start()
+    assert second.config is not None and second.config.centre == centre  # from the state
+    assert sorted(o.id for o in await _own_active(rest, "gt")) == sorted(o.id for o in live)
+    assert second.state.open_count == 4 and second.state.next_seq == 5
+    # The exchange's records were adopted: orderId known, status open.
+    for coid in ("gt-1", "gt-2", "gt-3", "gt-4"):
+        order = await order_store.load(redis, SYMBOL, coid)
+        assert order is not None and order.status is OrderStatus.OPEN and order.order_id
+
+    # Redis loses everything; the exchange still has the grid: adopted again, no duplicate.
+    await redis.flushall()
+    third = GridStrategy(settings, redis, rest)
+    await third.start()
+    assert sorted(o.id for o in await _own_active(rest, "gt")) == sorted(o.id for o in live)
+    assert third.state.open_count == 4 and third.state.next_seq == 5
+    assert sorted(await order_store.active(redis, SYMBOL)) == ["gt-1", "gt-2", "gt-3", "gt-4"]
+
+    await third.shutdown()
+    assert await _own_active(rest, "gt") == []
+
+
+async def _event(redis: aioredis.Redis, coid: str, status: str, filled: int) -> str:
+    """An order event as the order monitor writes it."""
+    entry = await redis.xadd(keys.order_events(SYMBOL), {
+        "clientOid": coid, "orderId": "", "status": status, "filledSize": str(filled),
+        "sequence": "1", "reason": "", "change": "fill"})
+    return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+
+async def test_fill_events_give_counter_orders_once_across_restarts(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    # The centre at the best ask: the counter sell placed there rests (never takes).
+    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
+        asks = http.get(f"/sandbox/book/{SYMBOL}").json()["asks"]
+    centre = Decimal(asks[0]["price"]) if asks else await _mark(rest) + 100
+    step = Decimal("0.1") * 50
+    settings = _settings(sandbox, redis_url, centre, client_oid_prefix="gf")
+    metrics = StrategyMetrics()
+    strategy = GridStrategy(settings, redis, rest, metrics=metrics)
+    stop = asyncio.Event()
+    task = asyncio.create_task(strategy.run(stop))
+    try:
+        async with asyncio.timeout(SAFETY_S):
+            while not strategy.ready:
+                await asyncio.sleep(0.02)
+        buy = strategy.state.orders["gf-1"]
+        assert buy.side == "buy" and buy.price == centre - step
+        # The buy fills 2 of 3 (as the monitor would report it).
+        await _event(redis, "gf-1", "partially_filled", 2)
+        async with asyncio.timeout(SAFETY_S):
+            while "gf-5" not in strategy.state.orders:
+                await asyncio.sleep(0.02)
+        counter = strategy.state.orders["gf-5"]
+        assert (counter.side, counter.price, counter.size) == ("sell", centre, 2)
+        assert strategy.state.position == 2
+        # Decided first, then registered and sent: wait for the exchange to know it.
+        placed: list[Any] = []
+
+        async def at_exchange() -> bool:
+            placed[:] = [await rest.get_order_by_client_oid("gf-5", SYMBOL)]
+            return placed[0] is not None
+
+        await _wait(at_exchange, "the counter-order at the exchange")
+        assert (placed[0].side, placed[0].price, placed[0].size) == ("sell", centre, 2)
+    finally:
+        stop.set()
+        await task
+    # Shutdown cancelled every own order.
+    assert await _own_active(rest, "gf") == []
+    assert metrics.registry.get_sample_value("kumex_strategy_fills_total") == 1
+    assert metrics.registry.get_sample_value("kumex_strategy_counter_orders_total") == 1
+
+    # Restart: the fill event is not acted upon twice; the grid comes back, no counter again.
+    again = GridStrategy(settings, redis, rest)
+    await again.start()
+    live_after = await _own_active(rest, "gf")
+    assert "gf-5" not in {o.client_oid for o in live_after}
+    assert again.state.position == 2
+    sells_at_centre = [o for o in live_after if o.side == "sell" and o.price == centre]
+    assert sells_at_centre == []
+    assert len({o.client_oid for o in live_after}) == len(live_after)
+    await again.shutdown()
+
+
+def test_sigterm_cancels_every_own_order(sandbox: SandboxProcess, redis_url: str) -> None:
+    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
+        contract = http.get(f"/api/v1/contracts/{SYMBOL}").json()["data"]
+    centre = Decimal(str(contract["markPrice"])).quantize(Decimal("0.1"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("STRATEGY_", "KUMEX_", "SANDBOX_"))}
+    env.update({
+        "REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url, "KUMEX_SYMBOLS": SYMBOL,
+        "KUMEX_API_KEY": DEMO_KEY_1.key, "KUMEX_API_SECRET": DEMO_KEY_1.secret,
+        "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase, "STRATEGY_CENTRE_PRICE": f"{centre:f}",
+        "STRATEGY_STEP_TICKS": "40", "STRATEGY_LEVELS": "3", "STRATEGY_CLIENT_OID_PREFIX": "sig",
+        "STRATEGY_HTTP_HOST": "127.0.0.1", "STRATEGY_HTTP_PORT": str(port),
+        "STRATEGY_MAX_POSITION": "10", "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO",
+    })
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.strategy"], cwd=ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + SAFETY_S
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=2.0) as http:
+                while True:
+                    assert proc.poll() is None, "strategy exited at start"
+                    with contextlib.suppress(httpx.HTTPError):
+                        if http.get("/readyz").status_code == 200:
+                            state = http.get("/state").json()
+                            metrics = http.get("/metrics").text
+                            break
+                    assert time.monotonic() < deadline, "strategy not ready"
+                    time.sleep(0.05)
+            assert state["openOrders"] == 6 and state["centre"] == f"{centre:f}"
+            assert "kumex_strategy_orders_placed_total 6.0" in metrics
+            own = _sync_own_active(sandbox, "sig")
+            assert len(own) == 6
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(SAFETY_S) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.seek(0)
+            text = log.read().decode("utf-8", "replace")
+        assert _sync_own_active(sandbox, "sig") == [], text
+        assert "no own order active at the exchange" in text
+        for secret in (DEMO_KEY_1.secret, DEMO_KEY_1.passphrase):
+            assert secret not in text
+        assert all(len(line.split(" ", 3)) >= 3 for line in text.splitlines() if line)
+
+
+def _sync_own_active(sandbox: SandboxProcess, prefix: str) -> list[str]:
+    async def go() -> list[str]:
+        async with KumexRestClient(sandbox.base_url, DEMO_KEY_1.key, DEMO_KEY_1.secret,
+                                   DEMO_KEY_1.passphrase, timeout=10.0) as client:
+            return [o.client_oid for o in await _own_active(client, prefix)]
+
+    return asyncio.run(go())
+
+
+async def _wait(cond: Any, what: str) -> None:
+    """Poll an async condition, with a safety ceiling (never a measurement)."""
+    deadline = time.monotonic() + SAFETY_S
+    while not await cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_end_to_end_a_real_fill_gives_a_counter_order(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    """Sandbox -> feed -> Redis -> order monitor -> order events -> strategy -> sandbox."""
+    from services.feed.feed import run_feed
+    from services.feed.settings import FeedSettings
+    from services.order_monitor.service import run_monitor
+    from services.order_monitor.settings import MonitorSettings
+    from tests.sandbox_proc import DEMO_KEY_2
+
+    common: dict[str, Any] = {"redis_url": redis_url, "base_url": sandbox.base_url,
+                              "symbols": [SYMBOL]}
+    creds: dict[str, Any] = {"api_key": DEMO_KEY_1.key, "api_secret": DEMO_KEY_1.secret,
+                              "api_passphrase": DEMO_KEY_1.passphrase}
+    services_stop = asyncio.Event()
+    feed = asyncio.create_task(run_feed(FeedSettings(
+        **common, http_host="127.0.0.1", http_port=0, snapshot_per_min=0), services_stop))
+    monitor = asyncio.create_task(run_monitor(MonitorSettings(
+        **common, **creds, http_host="127.0.0.1", http_port=0, block_ms=100, refresh_s=0.2,
+        lease_ttl_s=2, replica_id="strategy-e2e"), services_stop))
+    strategy_stop = asyncio.Event()
+    strategy_task: asyncio.Task[None] | None = None
+    try:
+        async def monitor_consuming() -> bool:
+            if not await redis.exists(keys.l3_stream(SYMBOL)):
+                return False
+            groups = await redis.xinfo_groups(keys.l3_stream(SYMBOL))
+            return bool(groups) and await redis.exists(keys.owner(SYMBOL, "order_monitor")) > 0
+
+        await _wait(monitor_consuming, "feed and order monitor")
+        centre = await _mark(rest)
+        step = Decimal("0.1") * 5
+        settings = _settings(sandbox, redis_url, centre, client_oid_prefix="ge", levels=1,
+                             step_ticks=5, size=3)
+        strategy = GridStrategy(settings, redis, rest)
+        strategy_task = asyncio.create_task(strategy.run(strategy_stop))
+
+        async def grid_open() -> bool:
+            orders = await order_store.load_many(redis, SYMBOL, ["ge-1", "ge-2"])
+            return len(orders) == 2 and all(o.status is OrderStatus.OPEN
+                                            for o in orders.values())
+
+        await _wait(grid_open, "the grid open on the stream")
+        buy = await order_store.load(redis, SYMBOL, "ge-1")
+        assert buy is not None and buy.side == "buy" and Decimal(buy.price) == centre - step
+
+        # Another user sells into every bid down to the grid's buy and 2 of it (FIFO).
+        with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
+            book = http.get(f"/sandbox/book/{SYMBOL}").json()
+        ahead = 0
+        for level in book["bids"]:
+            if Decimal(level["price"]) > centre - step:
+                ahead += int(level["size"])
+            elif Decimal(level["price"]) == centre - step:
+                for resting in level["orders"]:
+                    if resting["orderId"] == buy.order_id:
+                        break
+                    ahead += int(resting["size"])
+        async with KumexRestClient(sandbox.base_url, DEMO_KEY_2.key, DEMO_KEY_2.secret,
+                                   DEMO_KEY_2.passphrase, timeout=10.0) as taker:
+            await taker.place_order(client_oid="taker-1", symbol=SYMBOL, side="sell",
+                                    price=centre - step, size=ahead + 2, leverage=2,
+                                    time_in_force="IOC")
+
+        async def counter_open() -> bool:
+            order = await order_store.load(redis, SYMBOL, "ge-3")
+            return order is not None and order.status is OrderStatus.OPEN
+
+        await _wait(counter_open, "the counter-order open on the stream")
+        counter = await order_store.load(redis, SYMBOL, "ge-3")
+        assert counter is not None
+        assert (counter.side, Decimal(counter.price), int(counter.size)) == ("sell", centre, 2)
+        filled = await order_store.load(redis, SYMBOL, "ge-1")
+        assert filled is not None and filled.status is OrderStatus.PARTIALLY_FILLED
+        assert int(filled.filled_size) == 2
+        assert strategy.state.position == 2
+        live = {o.client_oid for o in await _own_active(rest, "ge")}
+        assert live == {"ge-1", "ge-2", "ge-3"}
+
+        # Stop: cancel all, confirmed at the exchange, then on the stream by the monitor.
+        strategy_stop.set()
+        await strategy_task
+        assert await _own_active(rest, "ge") == []
+
+        async def all_canceled() -> bool:
+            orders = await order_store.load_many(redis, SYMBOL, ["ge-1", "ge-2", "ge-3"])
+            return all(o.status is OrderStatus.CANCELED for o in orders.values())
+
+        await _wait(all_canceled, "cancels on the stream")
+        assert await order_store.active(redis, SYMBOL) == []
+    finally:
+        strategy_stop.set()
+        if strategy_task is not None and not strategy_task.done():
+            await strategy_task
+        services_stop.set()
+        assert await feed == 0
+        assert await monitor == 0
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from kumex_l3.config import load_settings
+
+    for name in list(os.environ):
+        if name.startswith(("STRATEGY_", "KUMEX_", "BOOK_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("KUMEX_SYMBOLS", "ETHUSDTM,XBTUSDM")
+    monkeypatch.setenv("STRATEGY_DRY_RUN", "true")
+    monkeypatch.setenv("BOOK_URL", "http://book:8080/")
+    settings = load_settings(StrategySettings)
+    assert settings.trade_symbol == "ETHUSDTM" and settings.http_port == 8083
+    assert settings.book_url == "http://book:8080" and settings.client_oid_prefix == "grid"
+    monkeypatch.setenv("STRATEGY_DRY_RUN", "false")
+    monkeypatch.setenv("KUMEX_API_SECRET", "zz-very-secret-zz")
+    with pytest.raises(SystemExit):
+        load_settings(StrategySettings)
+    err = capsys.readouterr().err
+    assert "STRATEGY_DRY_RUN" in err and "KUMEX_API_KEY" in err
+    assert "zz-very-secret-zz" not in err

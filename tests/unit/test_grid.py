@@ -1,0 +1,242 @@
+"""Grid decisions (pure): layout, counter-orders, limits under random fills, clientOids."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kumex_l3.grid import (
+    Fill,
+    GridConfig,
+    GridOrder,
+    GridPlan,
+    GridState,
+    client_oid_seq,
+    initial_orders,
+    make_client_oid,
+    on_fill,
+)
+
+
+def _config(**overrides: object) -> GridConfig:
+    base: dict[str, object] = {
+        "symbol": "XBTUSDM", "centre": Decimal("30000.0"), "step_ticks": 5,
+        "tick_size": Decimal("0.1"), "levels": 3, "size": 2, "max_position": 100,
+        "max_open_orders": 50, "leverage": 5, "client_oid_prefix": "g1",
+    }
+    base.update(overrides)
+    return GridConfig(**base)  # type: ignore[arg-type]
+
+
+def _prices(plan: GridPlan, side: str) -> list[Decimal]:
+    return [d.price for d in plan.places if d.side == side and d.price is not None]
+
+
+def test_initial_grid_layout() -> None:
+    config = _config()
+    plan = initial_orders(config, GridState())
+    assert _prices(plan, "buy") == [Decimal("29999.5"), Decimal("29999.0"), Decimal("29998.5")]
+    assert _prices(plan, "sell") == [Decimal("30000.5"), Decimal("30001.0"), Decimal("30001.5")]
+    assert [d.client_oid for d in plan.places] == [f"g1-{i}" for i in range(1, 7)]
+    assert all(d.size == 2 and d.reason for d in plan.places)
+    assert plan.state.open_count == 6
+    assert plan.state.next_seq == 7
+    assert all(o.status == "pending" for o in plan.state.orders.values())
+    # Run again: everything is present, nothing new.
+    again = initial_orders(config, plan.state)
+    assert again.places == ()
+    assert again.state == plan.state
+    assert all("held by" in d.reason for d in again.decisions)
+
+
+def test_initial_grid_respects_limits_nearest_levels_first() -> None:
+    plan = initial_orders(_config(max_open_orders=3), GridState())
+    assert [(d.side, d.price) for d in plan.places] == [
+        ("buy", Decimal("29999.5")), ("sell", Decimal("30000.5")), ("buy", Decimal("29999.0"))]
+    assert any("max open orders" in d.reason for d in plan.decisions if d.action == "skip")
+
+    # Long 5 already, max 8, size 2: only one more buy fits (5 + 2 <= 8, 5 + 4 > 8).
+    plan = initial_orders(_config(max_position=8), GridState(position=5))
+    assert len(_prices(plan, "buy")) == 1
+    # Sells: 5 - 2k >= -8 → k <= 6: all three.
+    assert len(_prices(plan, "sell")) == 3
+    assert any("position could reach" in d.reason for d in plan.decisions)
+
+
+def test_initial_grid_skips_non_positive_prices() -> None:
+    plan = initial_orders(_config(centre=Decimal("1.0"), step_ticks=5, levels=3), GridState())
+    assert _prices(plan, "buy") == [Decimal("0.5")]
+    assert any("price <= 0" in d.reason for d in plan.decisions)
+
+
+def test_buy_fill_places_a_sell_one_step_higher_for_the_filled_size() -> None:
+    config = _config()
+    plan = initial_orders(config, GridState())
+    buy = plan.places[0]
+    assert buy.client_oid is not None and buy.price is not None
+    partial = on_fill(config, plan.state, Fill(buy.client_oid, 1))
+    (counter,) = partial.places
+    assert (counter.side, counter.price, counter.size) == ("sell", buy.price + config.step, 1)
+    assert counter.client_oid == "g1-7"
+    assert partial.state.position == 1
+    assert partial.state.orders[buy.client_oid].status == "partially_filled"
+    assert buy.client_oid in counter.reason
+    # The same event again: nothing new.
+    same = on_fill(config, partial.state, Fill(buy.client_oid, 1))
+    assert same.places == () and same.state.position == 1
+    # The rest fills: a second counter for 1 more.
+    rest = on_fill(config, partial.state, Fill(buy.client_oid, 2, "filled"))
+    (counter2,) = rest.places
+    assert (counter2.side, counter2.price, counter2.size) == ("sell", counter.price, 1)
+    assert rest.state.position == 2
+    assert not rest.state.orders[buy.client_oid].is_open
+
+
+def test_sell_fill_places_a_buy_one_step_lower() -> None:
+    config = _config()
+    plan = initial_orders(config, GridState())
+    sell = plan.places[1]
+    assert sell.side == "sell" and sell.client_oid is not None and sell.price is not None
+    filled = on_fill(config, plan.state, Fill(sell.client_oid, 2, "filled"))
+    (counter,) = filled.places
+    assert (counter.side, counter.price, counter.size) == ("buy", sell.price - config.step, 2)
+    assert filled.state.position == -2
+
+
+def test_counter_order_is_skipped_when_open_orders_are_at_the_limit() -> None:
+    config = _config(max_open_orders=2, levels=1)
+    plan = initial_orders(config, GridState())
+    assert plan.state.open_count == 2
+    buy = plan.places[0]
+    assert buy.client_oid is not None
+    partial = on_fill(config, plan.state, Fill(buy.client_oid, 1))
+    assert partial.places == ()
+    assert "max open orders" in partial.decisions[-1].reason
+    assert partial.state.position == 1
+    # A full fill frees its slot: the counter fits.
+    full = on_fill(config, partial.state, Fill(buy.client_oid, 2))
+    assert len(full.places) == 1 and full.places[0].size == 1
+
+
+def test_status_only_events_and_unknown_orders() -> None:
+    config = _config()
+    plan = initial_orders(config, GridState())
+    coid = plan.places[0].client_oid
+    assert coid is not None
+    canceled = on_fill(config, plan.state, Fill(coid, 0, "canceled"))
+    assert canceled.places == ()
+    assert not canceled.state.orders[coid].is_open
+    assert canceled.state.open_count == plan.state.open_count - 1
+    unknown = on_fill(config, plan.state, Fill("other-1", 5, "filled"))
+    assert unknown.state == plan.state and unknown.places == ()
+
+
+def test_over_fill_is_counted_at_the_order_size() -> None:
+    config = _config()
+    plan = initial_orders(config, GridState())
+    coid = plan.places[0].client_oid
+    assert coid is not None
+    over = on_fill(config, plan.state, Fill(coid, 99, "filled"))
+    assert over.state.position == 2
+    assert over.places[0].size == 2
+    assert "counted 2" in over.decisions[0].reason
+
+
+def test_client_oids_and_rebuild() -> None:
+    assert make_client_oid("g1", 12) == "g1-12"
+    assert client_oid_seq("g1", "g1-12") == 12
+    assert client_oid_seq("g1", "g1-x") is None
+    assert client_oid_seq("g1", "g1-a-3") is None
+    assert client_oid_seq("g", "g1-3") is None
+    orders = [GridOrder("g1-7", "buy", Decimal(1), 1, 0, "open"),
+              GridOrder("other-99", "sell", Decimal(2), 1, 0, "open")]
+    state = GridState.rebuild(orders, position=3, prefix="g1", next_seq=2)
+    assert state.next_seq == 8 and state.position == 3
+    assert GridState.rebuild([], position=0, prefix="g1", next_seq=40).next_seq == 40
+
+
+@pytest.mark.parametrize("overrides", [
+    {"tick_size": Decimal(0)}, {"centre": Decimal(0)}, {"centre": Decimal("30000.05")},
+    {"step_ticks": 0}, {"levels": 0}, {"size": 0}, {"max_position": -1},
+    {"max_open_orders": -1}, {"leverage": 0}, {"client_oid_prefix": "a-b"},
+    {"client_oid_prefix": ""}, {"client_oid_prefix": "x" * 25},
+])
+def test_config_validation(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        _config(**overrides)
+
+
+# ---------------------------------------------------------------------- property test
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("fill"), st.integers(0, 1000), st.integers(1, 10)),
+        st.tuples(st.just("cancel"), st.integers(0, 1000), st.just(0)),
+        st.tuples(st.just("grid"), st.just(0), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+def _check_limits(config: GridConfig, state: GridState) -> None:
+    assert state.open_count <= config.max_open_orders
+    long_worst, short_worst = state.exposure()
+    assert long_worst <= config.max_position
+    assert short_worst >= -config.max_position
+    assert -config.max_position <= state.position <= config.max_position
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=_OPS,
+    levels=st.integers(1, 6),
+    size=st.integers(1, 5),
+    max_position=st.integers(0, 20),
+    max_open=st.integers(0, 12),
+    step_ticks=st.integers(1, 3),
+)
+def test_limits_hold_across_random_fill_sequences(
+        ops: list[tuple[str, int, int]], levels: int, size: int, max_position: int,
+        max_open: int, step_ticks: int) -> None:
+    config = _config(levels=levels, size=size, max_position=max_position,
+                     max_open_orders=max_open, step_ticks=step_ticks,
+                     centre=Decimal("100.0"))
+    plan = initial_orders(config, GridState())
+    state = plan.state
+    seen = [d.client_oid for d in plan.places]
+    _check_limits(config, state)
+    for kind, pick, amount in ops:
+        open_orders = state.open_orders()
+        if kind == "grid":
+            plan = initial_orders(config, state)
+        elif not open_orders:
+            continue
+        else:
+            order = open_orders[pick % len(open_orders)]
+            if kind == "cancel":
+                plan = on_fill(config, state, Fill(order.client_oid, order.filled, "canceled"))
+            else:
+                filled = min(order.size, order.filled + amount)
+                plan = on_fill(config, state, Fill(order.client_oid, filled))
+                delta = filled - order.filled
+                for counter in plan.places:
+                    assert counter.size == delta
+                    assert counter.side != order.side
+                    assert counter.price is not None
+                    assert abs(counter.price - order.price) == config.step
+                    assert (counter.price > order.price) == (order.side == "buy")
+        for d in plan.places:
+            assert d.client_oid is not None and d.client_oid not in state.orders
+            assert config.owns(d.client_oid)
+            assert d.reason
+        seen.extend(d.client_oid for d in plan.places)
+        state = plan.state
+        _check_limits(config, state)
+        # Position is exactly what the fills say.
+        assert state.position == sum(
+            (o.filled if o.side == "buy" else -o.filled) for o in state.orders.values())
+    assert len(seen) == len(set(seen))
+    assert len(seen) == len(state.orders)
