@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["bench.bench_book"]
+BENCHES = ["bench.bench_book", "bench.bench_pipeline"]
 
 
 def main() -> int:

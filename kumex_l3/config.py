@@ -17,12 +17,22 @@ from typing import Annotated, TypeVar
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_BASE_URL", "CommonSettings", "load_settings", "redact_url"]
+__all__ = ["DEFAULT_BASE_URL", "CommonSettings", "check_http_url", "load_settings", "redact_url"]
 
 #: The local sandbox exchange: the default target (the real venue withdrew public L3).
 DEFAULT_BASE_URL = "http://127.0.0.1:8090"
 
 _S = TypeVar("_S", bound=BaseSettings)
+
+
+def check_http_url(value: str) -> str:
+    """``value`` without its trailing ``/``, if it is an ``http://`` or ``https://`` URL.
+
+    Raises ``ValueError`` otherwise (a settings validator shows it with the variable).
+    """
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value.rstrip("/")
 
 
 def _shared(name: str) -> AliasChoices:
@@ -68,9 +78,7 @@ class CommonSettings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return check_http_url(value)
 
 
 def redact_url(url: str) -> str:

@@ -65,7 +65,7 @@ def make_client_oid(prefix: str, seq: int) -> str:
 def client_oid_seq(prefix: str, client_oid: str) -> int | None:
     """The ``n`` of a clientOid ``{prefix}-{n}``, or None when it is not of this prefix."""
     head, sep, tail = client_oid.rpartition("-")
-    if not sep or head != prefix or not tail.isdigit():
+    if not sep or head != prefix or not (tail.isascii() and tail.isdigit()):
         return None
     return int(tail)
 

@@ -68,6 +68,11 @@ _ZERO: Final = Decimal(0)
 #: Sequences and nanosecond timestamps: exact non-negative integers within int64.
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
+#: Largest size accepted (int64): no contract count comes near it, and bounding it
+#: keeps hostile sizes cheap (``int(Decimal("1e999999999"))`` would never return).
+_MAX_QTY: Final = 2**63 - 1
+_MAX_QTY_DIGITS: Final = len(str(_MAX_QTY))
+
 
 def parse_price(text: str) -> Decimal:
     """Exact value of a price text; refuses non-numbers, non-finite and non-positive values."""
@@ -81,8 +86,14 @@ def parse_price(text: str) -> Decimal:
 
 
 def parse_qty(text: str, *, allow_zero: bool = False) -> Qty:
-    """Exact value of a size text: ``int`` when it is a whole number, else ``Decimal``."""
+    """Exact value of a size text: ``int`` when it is a whole number, else ``Decimal``.
+
+    Refuses (``MessageError``) non-numbers, non-finite, negative (zero unless
+    ``allow_zero``) and sizes above 2**63-1, before any costly conversion.
+    """
     if text.isdigit() and text.isascii():
+        if len(text.lstrip("0")) > _MAX_QTY_DIGITS:
+            raise MessageError(f"size {text[:40]!r} is out of range")
         value: Qty = int(text)
     else:
         try:
@@ -91,7 +102,11 @@ def parse_qty(text: str, *, allow_zero: bool = False) -> Qty:
             raise MessageError(f"size {text!r} is not a number") from None
         if not dec.is_finite():
             raise MessageError(f"size {text!r} is not finite")
+        if dec.adjusted() >= _MAX_QTY_DIGITS:
+            raise MessageError(f"size {text[:40]!r} is out of range")
         value = int(dec) if dec == dec.to_integral_value() else dec
+    if value > _MAX_QTY:
+        raise MessageError(f"size {text[:40]!r} is out of range")
     if value < 0 or (value == 0 and not allow_zero):
         raise MessageError(f"size {text!r} must be {'>= 0' if allow_zero else '> 0'}")
     return value
@@ -197,6 +212,10 @@ class _Envelope(msgspec.Struct, gc=False):
     data: msgspec.Raw = msgspec.Raw(b"")
 
 
+#: What decoding hostile input may raise: msgspec raises ``RecursionError`` (not a
+#: ``DecodeError``) for JSON nested deeper than the interpreter's recursion limit.
+_DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
 _CONTROL_TYPES: Final = frozenset({"welcome", "ack", "pong", "ping", "error"})
 _ENVELOPE: Final = msgspec.json.Decoder(_Envelope)
 _DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
@@ -215,7 +234,7 @@ def parse_message(raw: bytes | bytearray | memoryview | str) -> Message:
         raise MessageError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         env = _ENVELOPE.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise MessageError(f"bad envelope: {exc}") from None
     if env.type != "message":
         if env.type in _CONTROL_TYPES:
@@ -231,7 +250,7 @@ def parse_message(raw: bytes | bytearray | memoryview | str) -> Message:
         raise MessageError(f"{subject}: missing data")
     try:
         msg: DataMessage = decoder.decode(env.data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is one
+    except _DECODE_ERRORS as exc:  # ValidationError is one
         raise MessageError(f"{subject}: {exc}") from None
     topic = env.topic
     if topic is not None and not (
@@ -247,11 +266,12 @@ def _control(env: _Envelope) -> Control:
     if env.data:
         try:
             data = _ANY.decode(env.data)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except _DECODE_ERRORS as exc:
             raise MessageError(f"{env.type}: bad data: {exc}") from None
     code = env.code
     if isinstance(code, str):
-        code = int(code) if code.isdigit() else None
+        # ASCII digits only ("²".isdigit() is true, int("²") raises), bounded length.
+        code = int(code) if code.isascii() and code.isdigit() and len(code) <= 18 else None
     return Control(type=env.type, id=None if env.id is None else str(env.id), code=code, data=data)
 
 
@@ -324,7 +344,7 @@ def parse_snapshot(data: Mapping[str, Any] | bytes | str) -> Snapshot:
     if isinstance(data, bytes | str):
         try:
             data = _ANY.decode(data)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except _DECODE_ERRORS as exc:
             raise MessageError(f"snapshot: bad JSON: {exc}") from None
     if not isinstance(data, Mapping):
         raise MessageError("snapshot: data is not an object")

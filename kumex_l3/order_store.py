@@ -185,21 +185,26 @@ async def resolve(redis: aioredis.Redis, symbol: str, order_id: str) -> str | No
 
 def event_fields(order: OwnOrder, transition: Transition,
                  stream_id: str | None = None) -> dict[str, str]:
-    """The fields of the order-event entry of ``transition`` (``order`` as it is after it)."""
+    """The fields of the order-event entry of ``transition``: the order's state right after
+    it (``transition.after``; ``order`` as it is now when the transition has none)."""
+    order_id, _, filled, remaining, reason, corrected = (
+        transition.after if transition.after is not None
+        else (order.order_id, order.status, order.filled_size, order.remaining, order.reason,
+              order.corrected))
     out = {
         "clientOid": order.client_oid,
-        "orderId": order.order_id or "",
+        "orderId": order_id or "",
         "status": transition.new_status.value,
-        "filledSize": format_qty(order.filled_size),
+        "filledSize": format_qty(filled),
         "sequence": str(transition.sequence or order.last_sequence),
-        "reason": order.reason,
+        "reason": reason,
         "change": transition.change.value if transition.change is not None else "",
         "prevStatus": transition.old_status.value,
-        "remaining": format_qty(order.remaining),
+        "remaining": format_qty(remaining),
         "size": format_qty(order.size),
         "side": order.side,
         "price": order.price,
-        "corrected": str(order.corrected),
+        "corrected": str(corrected),
         "updatedAt": str(order.updated_at),
     }
     if stream_id is not None:

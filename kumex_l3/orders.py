@@ -288,6 +288,10 @@ class Transition:
     ``changed`` False: nothing a user can see changed (``change`` is None).
     ``fields``: the hash fields whose value changed. ``fill_*`` and
     ``liquidity`` (``maker``/``taker``) describe a ``match`` that was applied.
+    ``after``: the order's ``(orderId, status, filledSize, remaining, reason,
+    corrected)`` right after this transition (None when unchanged): several
+    transitions saved together each get an event with their own state, not
+    the last one's.
     """
 
     changed: bool
@@ -300,6 +304,7 @@ class Transition:
     fill_price: str = ""
     trade_id: str = ""
     liquidity: str = ""
+    after: tuple[str | None, OrderStatus, Qty, Qty, str, int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -329,7 +334,8 @@ def _finish_transition(
     if not fields:
         return Transition(False, before[1], order.status, sequence=sequence)
     order.updated_at = now_ms
-    return Transition(True, before[1], order.status, change, sequence, fields, **fill)
+    return Transition(True, before[1], order.status, change, sequence, fields, after=after,
+                      **fill)
 
 
 def _unchanged(order: OwnOrder, sequence: int = 0) -> Transition:

@@ -186,9 +186,15 @@ class Synchronizer:
     with :meth:`on_entry` / :meth:`on_entries` (or :meth:`on_message` and
     :meth:`on_control`), snapshots with :meth:`on_snapshot` and a checkpoint
     with :meth:`on_checkpoint`.
+
+    ``collect_ts``: keep the exchange ``ts`` of every message applied in
+    :attr:`applied_ts`, in order, for the caller to drain (e.g. to measure
+    how long after the exchange stamped it each message reached the book; the
+    synchroniser itself reads no clock).
     """
 
-    def __init__(self, symbol: str, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+    def __init__(self, symbol: str, *, max_buffer: int = DEFAULT_MAX_BUFFER,
+                 collect_ts: bool = False) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be at least 1")
         self.symbol = symbol
@@ -200,6 +206,9 @@ class Synchronizer:
         self.last_stream_id: str | None = None
         #: Id of the stream entry of the last message applied.
         self.last_applied_id: str | None = None
+        #: With ``collect_ts``: the ``ts`` (ns) of each message applied since the
+        #: caller last emptied the list (it must empty it, or it grows); else ``None``.
+        self.applied_ts: list[int] | None = [] if collect_ts else None
         self._buffer: deque[_Buffered] = deque(maxlen=max_buffer)
         # Lowest snapshot sequence we can use, beyond what the buffer says.
         self._floor = 0
@@ -381,12 +390,14 @@ class Synchronizer:
             self._out.append(DeadLetter(raw, exc.reason, stream_id))
             return
         if applied:
-            self._applied(msg.sequence, stream_id)
+            self._applied(msg.sequence, msg.ts, stream_id)
         else:
             self.stats.stale += 1
 
-    def _applied(self, sequence: int, stream_id: str) -> None:
+    def _applied(self, sequence: int, ts: int, stream_id: str) -> None:
         self.stats.applied += 1
+        if self.applied_ts is not None:
+            self.applied_ts.append(ts)
         self.last_applied_id = stream_id
         out = self._out
         if out and type(last := out[-1]) is Applied:
@@ -478,7 +489,7 @@ class Synchronizer:
                 self._request(f"integrity error while replaying: {exc.reason}")
                 return
             if applied:
-                self._applied(msg.sequence, item.stream_id)
+                self._applied(msg.sequence, msg.ts, item.stream_id)
             else:
                 stats.stale += 1
         self._become_synced()

@@ -242,13 +242,13 @@ def parse_bullet(body: bytes | str) -> Bullet:
     """The token and servers of a ``bullet-public`` reply. Raises :class:`TokenError`."""
     try:
         reply = msgspec.json.decode(body, type=_BulletReply)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise TokenError(f"bullet reply is not a valid envelope: {exc}") from None
     if str(reply.code) != _OK_CODE:
         raise TokenError(f"bullet refused: code {reply.code}: {(reply.msg or '')[:_TEXT_LIMIT]}")
     try:
         data = msgspec.json.decode(reply.data, type=_BulletData)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise TokenError(f"bullet data is not valid: {exc}") from None
     if not data.token:
         raise TokenError("bullet reply has an empty token")
@@ -337,7 +337,8 @@ def classify(text: str | bytes) -> Frame:
     """The kind, id and topic of a frame: only the envelope is decoded (``data`` is skipped)."""
     try:
         head = _HEAD.decode(text)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # RecursionError: msgspec's answer to JSON nested deeper than the recursion limit.
         return Frame(FrameKind.INVALID)
     kind = _KINDS.get(head.type, FrameKind.UNKNOWN) if isinstance(head.type, str) \
         else FrameKind.UNKNOWN
@@ -347,12 +348,13 @@ def classify(text: str | bytes) -> Frame:
         return Frame(kind, msg_id, topic)
     code = head.code
     if isinstance(code, str):
-        code = int(code) if code.isdigit() else None
+        # ASCII digits only ("²".isdigit() is true, int("²") raises), bounded length.
+        code = int(code) if code.isascii() and code.isdigit() and len(code) <= 18 else None
     elif not isinstance(code, int) or isinstance(code, bool):
         code = None
     detail: Any = None
     if head.data:
-        with contextlib.suppress(msgspec.DecodeError):
+        with contextlib.suppress(msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             detail = msgspec.json.decode(head.data)
     text_out = detail if isinstance(detail, str) else ("" if detail is None else str(detail))
     return Frame(kind, msg_id, topic, code, text_out[:_TEXT_LIMIT])

@@ -17,23 +17,17 @@ stderr so that pytest shows it with the failure.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
-import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
-from typing import IO
+from typing import Self
 
 import httpx
+
+from tests.procs import ServiceProcess
 
 __all__ = [
     "DEMO_KEY_1",
@@ -44,10 +38,6 @@ __all__ = [
     "SandboxStartError",
     "free_port",
 ]
-
-_ROOT = Path(__file__).resolve().parent.parent
-_POLL_S = 0.05
-
 
 @dataclass(frozen=True)
 class DemoKey:
@@ -117,12 +107,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class SandboxProcess:
+class SandboxProcess(ServiceProcess):
     """``python -m services.sandbox`` on a free port, as a context manager.
 
     ``env``: ``SANDBOX_*`` settings (and anything else) for the child, over
     the parent's environment minus its ``SANDBOX_*``. ``SANDBOX_HOST`` and
-    ``SANDBOX_PORT`` are chosen here unless given.
+    ``SANDBOX_PORT`` are chosen here unless given. Start-up failures raise
+    :class:`SandboxStartError`; a port taken meanwhile is retried.
     """
 
     def __init__(
@@ -132,132 +123,38 @@ class SandboxProcess:
         startup_timeout_s: float = 30.0,
         stop_timeout_s: float = 10.0,
     ) -> None:
-        self.env = dict(env or {})
-        self.startup_timeout_s = startup_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.host = self.env.get("SANDBOX_HOST", "127.0.0.1")
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self.returncode: int | None = None
-        self._log: IO[bytes] | None = None
-
-    # ------------------------------------------------------------------ addresses
+        given = dict(env or {})
+        self._fixed_port = "SANDBOX_PORT" in given
+        host = given.setdefault("SANDBOX_HOST", "127.0.0.1")
+        given.setdefault("SANDBOX_PORT", "0")
+        super().__init__("services.sandbox", given, port_var="SANDBOX_PORT", prefix="SANDBOX_",
+                         host=host, start_timeout=startup_timeout_s,
+                         stop_timeout=stop_timeout_s, check_stop=False)
 
     @property
     def base_url(self) -> str:
         """``http://host:port`` of the REST API (the ``KUMEX_BASE_URL`` to give clients)."""
-        return f"http://{self.host}:{self.port}"
+        return self.url
 
     @property
     def ws_url(self) -> str:
         """The WebSocket endpoint (clients should take it from bullet-public instead)."""
         return f"ws://{self.host}:{self.port}/endpoint"
 
-    # ------------------------------------------------------------------ log
-
-    def log_text(self) -> str:
-        """Everything the process wrote so far (stdout and stderr)."""
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", errors="replace")
-        self._log.seek(0, os.SEEK_END)
-        return text
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self) -> SandboxProcess:
+    def start(self, *, wait: bool = True) -> Self:
         """Launch and wait until ready; a port taken meanwhile is retried."""
-        fixed_port = "SANDBOX_PORT" in self.env
         last_error: SandboxStartError | None = None
-        for _ in range(1 if fixed_port else 3):
-            self.port = int(self.env["SANDBOX_PORT"]) if fixed_port else free_port(self.host)
+        for _ in range(1 if self._fixed_port else 3):
+            if not self._fixed_port:
+                self.port = free_port(self.host)
+                self.env["SANDBOX_PORT"] = str(self.port)
             try:
-                self._launch()
-                self._wait_ready()
-                return self
-            except SandboxStartError as exc:
-                last_error = exc
+                return super().start(wait=wait)
+            except AssertionError as exc:
+                last_error = SandboxStartError(str(exc))
                 self.stop()
                 if "address already in use" not in str(exc).lower():
                     break
+                self.close()  # a fresh log for the next attempt
         assert last_error is not None
         raise last_error
-
-    def _launch(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
-        env.update(self.env)
-        env["SANDBOX_HOST"] = self.host
-        env["SANDBOX_PORT"] = str(self.port)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self._log is not None:
-            self._log.close()
-        self._log = tempfile.TemporaryFile(prefix="sandbox-", suffix=".log")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.sandbox"],
-            cwd=_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def _wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise SandboxStartError(
-                        f"sandbox exited with status {code} at start:\n{self.log_text()}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{self.base_url}/healthz").status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    raise SandboxStartError(
-                        f"sandbox not ready after {self.startup_timeout_s} s:\n{self.log_text()}"
-                    )
-                time.sleep(_POLL_S)
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
-        process, self.process = self.process, None
-        if process is None:
-            return self.returncode
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.returncode = process.returncode
-        return self.returncode
-
-    def close(self) -> None:
-        """Stop the process and delete its log."""
-        self.stop()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> SandboxProcess:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        if exc_type is not None:
-            sys.stderr.write(f"--- sandbox log ({self.base_url}) ---\n{self.log_text()}\n")
-        self.close()

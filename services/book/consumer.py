@@ -69,6 +69,8 @@ _TOP_HEARTBEAT: Final = 1.0
 _LAG_INTERVAL: Final = 1.0
 _SCAN_CHUNK: Final = 1000
 _CACHE_MAX: Final = 256
+#: Apply delays observed per batch at most: a bigger batch is sampled systematically.
+_DELAY_SAMPLES: Final = 200
 
 
 class _Seq(msgspec.Struct, gc=False):
@@ -145,7 +147,8 @@ class SymbolConsumer:
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
-        self.sync = Synchronizer(symbol, max_buffer=settings.buffer_max)
+        self.sync = Synchronizer(symbol, max_buffer=settings.buffer_max, collect_ts=True)
+        self._apply_delay = metrics.apply_delay.labels(symbol)
         self._stream = keys.l3_stream(symbol)
         #: Read position: the last stream entry consumed.
         self.read_id = "0-0"
@@ -308,7 +311,8 @@ class SymbolConsumer:
 
     async def _start(self) -> None:
         # A retried start begins from scratch.
-        self.sync = Synchronizer(self.symbol, max_buffer=self._settings.buffer_max)
+        self.sync = Synchronizer(self.symbol, max_buffer=self._settings.buffer_max,
+                                 collect_ts=True)
         self._reported = SyncStats()
         r = self._redis
         settings = self._settings
@@ -441,6 +445,7 @@ class SymbolConsumer:
         is bumped here, before any await, so no body cached for the old version
         is served for the new book.
         """
+        self._observe_delays()
         work: list[NeedSnapshot | FetchSnapshot] = []
         changed = False
         for out in outs:
@@ -466,6 +471,23 @@ class SymbolConsumer:
             self._bump()
         self._report_stats()
         return work
+
+    def _observe_delays(self) -> None:
+        """Exchange ``ts`` to now, for the messages the synchroniser just applied.
+
+        All of them when few; of a big batch (a backlog being read), every
+        k-th, so that at most ``_DELAY_SAMPLES`` are observed: the histogram
+        then under-weights big batches, which is fine for a steady flow.
+        """
+        stamps = self.sync.applied_ts
+        if not stamps:
+            return
+        now = time.time_ns()
+        step = -(-len(stamps) // _DELAY_SAMPLES)
+        observe = self._apply_delay.observe
+        for ts in stamps[::step] if step > 1 else stamps:
+            observe(max(0, now - ts) / 1e9)
+        stamps.clear()
 
     async def _ask(self, min_sequence: int, reason: str, *, force: bool = False) -> list[Output]:
         now = self._clock()

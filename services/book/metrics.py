@@ -10,6 +10,9 @@ from kumex_l3.sync import SyncStats
 __all__ = ["BookMetrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: Fine buckets for the exchange-to-book delay: the market-data path's latency budget.
+_APPLY_DELAY_BUCKETS = (0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005,
+                        0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
 
 class BookMetrics:
@@ -56,6 +59,11 @@ class BookMetrics:
                            sym, registry=r)
         self.sequence = Gauge("kumex_book_sequence", "Sequence of the local book", sym,
                               registry=r)
+        self.apply_delay = Histogram(
+            "kumex_book_apply_delay_seconds",
+            "From the exchange's ts of a message to the end of the batch that applied it "
+            "(every message of a small batch, a systematic sample of at most ~200 of a big one)",
+            sym, buckets=_APPLY_DELAY_BUCKETS, registry=r)
         self.http_latency = Histogram("kumex_book_http_request_duration_seconds",
                                       "HTTP request latency", ["method", "route", "status"],
                                       buckets=_LATENCY_BUCKETS, registry=r)

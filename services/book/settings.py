@@ -11,7 +11,7 @@ import socket
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from kumex_l3.config import CommonSettings
+from kumex_l3.config import CommonSettings, check_http_url
 
 __all__ = ["ROLE", "BookSettings"]
 
@@ -69,9 +69,7 @@ class BookSettings(CommonSettings):
     def _check_public_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return check_http_url(value)
 
     @model_validator(mode="after")
     def _defaults(self) -> BookSettings:

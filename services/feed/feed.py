@@ -42,6 +42,7 @@ from redis.backoff import NoBackoff
 from kumex_l3.backoff import Backoff
 from kumex_l3.config import redact_url
 from kumex_l3.logs import kv
+from kumex_l3.service import start_server
 from kumex_l3.wsclient import (
     Connection,
     FrameKind,
@@ -55,7 +56,7 @@ from services.feed.capture import Capture
 from services.feed.metrics import FeedMetrics
 from services.feed.settings import FeedSettings
 from services.feed.snapshots import Snapshotter
-from services.feed.web import make_app, start_server
+from services.feed.web import make_app
 from services.feed.writer import StreamWriter
 
 __all__ = ["Feed", "make_backoff", "run_feed"]
@@ -238,7 +239,8 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
         capture=str(settings.capture) if capture is not None else "off"))
 
     server, server_task = await start_server(make_app(feed.status, metrics.registry),
-                                             settings.http_host, settings.http_port)
+                                             settings.http_host, settings.http_port,
+                                             name="feed-http")
     _log.info("http listening", extra=kv(host=settings.http_host, port=server.port))
     writer_task = asyncio.create_task(writer.run(), name="feed-writer")
     workers = [

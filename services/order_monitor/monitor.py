@@ -49,7 +49,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -76,6 +76,8 @@ from services.order_monitor.settings import MonitorSettings
 __all__ = ["LeaseLost", "OrderLookup", "SymbolMonitor"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Approximate bound of the DLQ entries this service adds.
 _DLQ_MAXLEN: Final = 10_000
@@ -401,10 +403,7 @@ class SymbolMonitor:
             stale = await self._save(batch)
             if not stale:
                 break
-            self.metrics.conflicts.labels(self.symbol).inc(len(stale))
-            reloaded = await order_store.load_many(self.redis, self.symbol, stale)
-            orders.update(reloaded)
-            todo = {c: todo[c] for c in stale if c in reloaded}
+            todo = await self._reload_stale(orders, todo, stale)
         else:
             raise RuntimeError(f"{self.symbol}: own orders kept changing while being saved")
         # Index: what the orders are now; tentative links that did not take are dropped.
@@ -434,6 +433,17 @@ class SymbolMonitor:
                 assert transition.change is not None
                 self.metrics.changes.labels(self.symbol, transition.change.value).inc()
         return stale
+
+    async def _reload_stale(self, orders: dict[str, OwnOrder], todo: Mapping[str, _T],
+                            stale: list[str]) -> dict[str, _T]:
+        """After a save lost to another writer: reload the ``stale`` orders into ``orders``.
+
+        Returns what is left of ``todo`` to apply again (orders gone meanwhile are dropped).
+        """
+        self.metrics.conflicts.labels(self.symbol).inc(len(stale))
+        reloaded = await order_store.load_many(self.redis, self.symbol, stale)
+        orders.update(reloaded)
+        return {c: todo[c] for c in stale if c in reloaded}
 
     def _track(self, order: OwnOrder) -> None:
         coid = order.client_oid
@@ -543,10 +553,7 @@ class SymbolMonitor:
             corrections += len(batch) - len(stale)
             if not stale:
                 break
-            self.metrics.conflicts.labels(self.symbol).inc(len(stale))
-            reloaded = await order_store.load_many(self.redis, self.symbol, stale)
-            orders.update(reloaded)
-            todo = {c: todo[c] for c in stale if c in reloaded}
+            todo = await self._reload_stale(orders, todo, stale)
         for order in orders.values():
             self._track(order)
         self.metrics.reconciliations.labels(self.symbol).inc(len(orders))

@@ -24,10 +24,11 @@ from kumex_l3.config import redact_url
 from kumex_l3.lease import LeaseManager, LeaseOwner
 from kumex_l3.logs import kv
 from kumex_l3.rest import KumexRestClient
+from kumex_l3.service import start_server
 from services.order_monitor.metrics import MonitorMetrics
 from services.order_monitor.monitor import LeaseLost, OrderLookup, SymbolMonitor
 from services.order_monitor.settings import ROLE, MonitorSettings
-from services.order_monitor.web import make_app, start_server
+from services.order_monitor.web import make_app
 
 __all__ = ["OrderMonitor", "run_monitor"]
 
@@ -156,7 +157,7 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
         try:
             server, server_task = await start_server(
                 make_app(service.status, metrics.registry), settings.http_host,
-                settings.http_port)
+                settings.http_port, name="order-monitor-http")
         except OSError as exc:
             log.error("cannot serve HTTP", extra=kv(error=str(exc)))
             return 1

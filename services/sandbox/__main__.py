@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 
 import uvicorn
 
+from kumex_l3.service import serve_app
 from services.sandbox.app import create_app
 from services.sandbox.settings import SandboxSettings, SettingsError, load_settings
 
 _log = logging.getLogger("services.sandbox")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, but a SIGTERM/SIGINT ends in a normal exit (status 0).
-
-    uvicorn shuts down gracefully on those signals (lifespan shutdown included)
-    and then raises the signal again, so the process dies of it; a service
-    that stopped cleanly should say so with its exit status instead.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
 
 
 def _url(settings: SandboxSettings) -> str:
@@ -73,7 +48,6 @@ def main() -> int:
         ws_ping_interval=None,
         ws_ping_timeout=None,
     )
-    server = _Server(config)
     mode = f"replaying {settings.replay}" if settings.replay else f"flow {settings.flow_rate}/s"
     _log.info(
         "sandbox exchange on %s (ws %s), symbols %s, %s",
@@ -83,8 +57,7 @@ def main() -> int:
         mode,
     )
     # SIGINT/SIGTERM: stop accepting, close the sockets, run the lifespan shutdown.
-    server.run()
-    return 0 if server.started else 1
+    return 0 if serve_app(config) else 1
 
 
 if __name__ == "__main__":

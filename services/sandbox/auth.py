@@ -10,15 +10,27 @@ plain text.
 :class:`AuthError` with the venue's code: 400001 a header missing, 400002
 timestamp more than 5 s off, 400003 unknown key, 400004 wrong passphrase,
 400005 bad signature. The clock comes in as an argument.
+
+The HMACs themselves (:func:`sign`, :func:`sign_passphrase`) and the header
+names are :mod:`kumex_l3.signing`'s, re-exported here; what the venue checks,
+in which order and with which code, is the sandbox's own.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from kumex_l3.signing import (
+    HEADER_KEY,
+    HEADER_KEY_VERSION,
+    HEADER_PASSPHRASE,
+    HEADER_SIGN,
+    HEADER_TIMESTAMP,
+    sign,
+    sign_passphrase,
+)
 
 __all__ = [
     "HEADER_KEY",
@@ -35,12 +47,6 @@ __all__ = [
     "signed_headers",
     "verify",
 ]
-
-HEADER_KEY = "KC-API-KEY"
-HEADER_SIGN = "KC-API-SIGN"
-HEADER_TIMESTAMP = "KC-API-TIMESTAMP"
-HEADER_PASSPHRASE = "KC-API-PASSPHRASE"
-HEADER_KEY_VERSION = "KC-API-KEY-VERSION"
 
 #: The largest accepted distance between the request's timestamp and server time.
 MAX_SKEW_MS = 5_000
@@ -75,26 +81,6 @@ class AuthResult:
     key: str
     user_id: str
     key_version: int
-
-
-def _hmac_b64(secret: str, text: str | bytes) -> str:
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    digest = hmac.new(secret.encode("utf-8"), data, hashlib.sha256).digest()
-    return base64.b64encode(digest).decode("ascii")
-
-
-def sign(
-    secret: str, timestamp: str | int, method: str, request_path: str, body: str | bytes
-) -> str:
-    """``KC-API-SIGN`` of one request; ``body`` is the exact text sent ("" for GET/DELETE)."""
-    prefix = f"{timestamp}{method.upper()}{request_path}".encode()
-    raw = body.encode("utf-8") if isinstance(body, str) else body
-    return _hmac_b64(secret, prefix + raw)
-
-
-def sign_passphrase(secret: str, passphrase: str) -> str:
-    """``KC-API-PASSPHRASE`` of key versions 2 and 3."""
-    return _hmac_b64(secret, passphrase)
 
 
 def signed_headers(

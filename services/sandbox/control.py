@@ -14,7 +14,13 @@ no REST error fault, no signature). Errors are ``{"error": "..."}`` with HTTP
 ``POST /sandbox/step``                 ``{"n": 10}``: run n flow steps now
                                        (deterministic tests: pause first)
 ``POST /sandbox/faults``               partial update of the fault knobs
-                                       (:class:`~services.sandbox.faults.FaultState`)
+                                       (:class:`~services.sandbox.faults.FaultState`),
+                                       e.g. ``{"pong_disabled": true}``
+``POST /sandbox/inject``               ``{"symbol": "XBTUSDM", "frames": ["...", ...]}``:
+                                       send these raw frames, unchanged and unchecked,
+                                       to the symbol's subscribers, in order
+                                       (``"binary": true``: frames are base64, sent as
+                                       binary frames); counted as ``injected``
 ``POST /sandbox/rest-error``           ``{"status": 429|500, "seconds": s}``; status
                                        null ends the window
 ``POST /sandbox/disconnect``           drop every WebSocket client now
@@ -28,6 +34,8 @@ no REST error fault, no signature). Errors are ``{"error": "..."}`` with HTTP
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import time
@@ -40,10 +48,14 @@ from fastapi.responses import JSONResponse
 from services.sandbox.engine import RejectError
 from services.sandbox.exchange import Exchange, UnknownSymbol
 
-__all__ = ["MAX_STEPS", "control_router"]
+__all__ = ["MAX_INJECT_BYTES", "MAX_INJECT_FRAMES", "MAX_STEPS", "control_router"]
 
 #: Most flow steps one ``POST /sandbox/step`` may ask for.
 MAX_STEPS: Final = 100_000
+#: Most frames one ``POST /sandbox/inject`` may send.
+MAX_INJECT_FRAMES: Final = 10_000
+#: Most bytes (all frames together) one ``POST /sandbox/inject`` may send.
+MAX_INJECT_BYTES: Final = 16 * 1024 * 1024
 
 
 _Action = Callable[[Request], Awaitable[JSONResponse]]
@@ -68,7 +80,7 @@ async def _json_object(request: Request, *, optional: bool = False) -> dict[str,
         raise _BadInput("a JSON object body is required")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         raise _BadInput("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _BadInput("the body must be a JSON object")
@@ -84,6 +96,40 @@ def _rate(value: Any) -> float:
     if not math.isfinite(rate):
         raise _BadInput("rate must be finite")
     return rate
+
+
+def _frames(body: dict[str, Any]) -> list[str | bytes]:
+    """The frames of an inject request: text as given, or base64-decoded bytes."""
+    frames = body.get("frames")
+    binary = body.get("binary", False)
+    if not isinstance(binary, bool):
+        raise _BadInput("binary must be true or false")
+    if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
+        raise _BadInput("frames must be a list of strings")
+    if len(frames) > MAX_INJECT_FRAMES:
+        raise _BadInput(f"at most {MAX_INJECT_FRAMES} frames at a time")
+    out: list[str | bytes] = []
+    total = 0
+    for i, frame in enumerate(frames):
+        data: str | bytes
+        if binary:
+            try:
+                data = base64.b64decode(frame, validate=True)
+            except (binascii.Error, ValueError):
+                raise _BadInput(f"frames[{i}] is not base64") from None
+            total += len(data)
+        else:
+            # A text frame is UTF-8 on the wire: a lone surrogate cannot be sent as text.
+            try:
+                total += len(frame.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise _BadInput(f"frames[{i}] is not valid UTF-8 text: send it binary"
+                                ) from None
+            data = frame
+        if total > MAX_INJECT_BYTES:
+            raise _BadInput(f"at most {MAX_INJECT_BYTES} bytes at a time")
+        out.append(data)
+    return out
 
 
 def control_router(exchange: Exchange) -> APIRouter:
@@ -157,6 +203,20 @@ def control_router(exchange: Exchange) -> APIRouter:
             if "snapshot_rate_per_min" in body:
                 exchange.snapshot_limiter.reset()
             return JSONResponse(exchange.faults.to_dict())
+
+        return await guarded(request, act)
+
+    @router.post("/inject")
+    async def inject(request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            body = await _json_object(req)
+            symbol = body.get("symbol")
+            if not isinstance(symbol, str) or not exchange.hub.symbol_known(symbol):
+                raise _BadInput(f"unknown symbol {symbol!r}", 404)
+            frames = _frames(body)
+            exchange.hub.inject(symbol, frames)
+            return JSONResponse({"symbol": symbol, "injected": len(frames),
+                                 "subscribers": exchange.hub.subscriber_count(symbol)})
 
         return await guarded(request, act)
 

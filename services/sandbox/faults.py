@@ -18,8 +18,8 @@ fan-out, so every client of a symbol sees the same faulty stream:
   swapped neighbouring pair. A held message waits for that next message;
   :meth:`WsFaultFilter.flush` releases it.
 
-``delay_ms`` and ``disconnect_every_s`` are applied by the hub (they need the
-clock); the REST knobs by the REST layer.
+``delay_ms``, ``disconnect_every_s`` and ``pong_disabled`` are applied by the
+hub (the first two need the clock); the REST knobs by the REST layer.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = ["REST_ERROR_STATUSES", "FaultState", "WsFaultFilter"]
 REST_ERROR_STATUSES: Final = frozenset({429, 500})
 
 _RATES: Final = frozenset({"drop_rate", "duplicate_rate", "reorder_rate"})
+_BOOLS: Final = frozenset({"refuse_snapshots", "pong_disabled"})
 _NON_NEGATIVE: Final = frozenset(
     {"delay_ms", "disconnect_every_s", "rest_error_until", "rest_latency_ms",
      "snapshot_rate_per_min"}
@@ -52,7 +53,8 @@ class FaultState:
     Change knobs through :meth:`update` (validated, all or nothing); read them
     directly. ``counts`` keys in use: ``dropped``, ``duplicated``,
     ``reordered``, ``disconnects``, ``snapshots_refused``, ``rest_errors``,
-    ``slow_clients_dropped``, ``ping_timeouts``.
+    ``slow_clients_dropped``, ``ping_timeouts``, ``pongs_withheld``, ``injected``
+    (raw frames sent by ``POST /sandbox/inject``).
     """
 
     #: Fraction of L3 messages not sent (clients see a sequence gap), in [0, 1].
@@ -67,6 +69,8 @@ class FaultState:
     disconnect_every_s: float = 0.0
     #: Refuse L3 snapshot requests.
     refuse_snapshots: bool = False
+    #: Do not answer WebSocket pings (the client's pong timeout must notice a dead link).
+    pong_disabled: bool = False
     #: HTTP status (429 or 500) every REST call gets until ``rest_error_until``; None = off.
     rest_error_status: int | None = None
     #: ``time.monotonic()`` until which ``rest_error_status`` applies.
@@ -93,7 +97,8 @@ class FaultState:
         """Set knobs; raise ``ValueError`` naming the first bad one (nothing is changed then).
 
         Rates must be in [0, 1], other numbers finite and non-negative,
-        ``rest_error_status`` 429, 500 or None, ``refuse_snapshots`` a bool.
+        ``rest_error_status`` 429, 500 or None, ``refuse_snapshots`` and
+        ``pong_disabled`` bools.
         """
         known = self.knob_names()
         checked: dict[str, Any] = {}
@@ -114,9 +119,9 @@ class FaultState:
 
 
 def _check(name: str, value: Any) -> Any:
-    if name == "refuse_snapshots":
+    if name in _BOOLS:
         if not isinstance(value, bool):
-            raise ValueError(f"refuse_snapshots must be true or false, not {value!r}")
+            raise ValueError(f"{name} must be true or false, not {value!r}")
         return value
     if name == "rest_error_status":
         if value is None:

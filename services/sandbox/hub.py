@@ -9,8 +9,13 @@ subscribers.
 Flow of a message::
 
     publish(symbol, [dict]) ─ serialise once ─┐
-    publish_raw(symbol, [text]) ──────────────┴─ WsFaultFilter (drop/dup/reorder)
+    publish_raw(symbol, [text]) ──────────────┤
+    inject(symbol, [text or bytes]) ──────────┴─ WsFaultFilter (drop/dup/reorder)
         ─► every subscriber's bounded queue ─► that client's sender task ─► socket
+
+:meth:`Hub.inject` is the chaos tests' way in (``POST /sandbox/inject``):
+frames sent exactly as given, whatever they hold (``bytes`` go out as binary
+frames), counted as ``injected``.
 
 ``publish``/``publish_raw`` are synchronous and never wait: call them from the
 event loop's thread, after every engine action, in order. Each client has one
@@ -32,7 +37,9 @@ an ``error`` message with code 401, then 1008.
 Faults: drop/duplicate/reorder are applied once per published message (every
 client sees the same faulty stream); ``delay_ms`` holds each message until
 ``delay_ms`` after it was published (order is kept); ``disconnect_every_s``
-runs in the background task started by :meth:`Hub.start`.
+runs in the background task started by :meth:`Hub.start`; ``pong_disabled``
+leaves every ``ping`` unanswered (still counted as a sign of life, so the
+server does not drop the client; counted as ``pongs_withheld``).
 """
 
 from __future__ import annotations
@@ -93,8 +100,8 @@ class _Client:
     def __init__(self, connect_id: str, ping_deadline: float) -> None:
         self.connect_id = connect_id
         self.symbols: set[str] = set()
-        #: (due ``time.monotonic()``, text); due 0 = at once.
-        self.queue: deque[tuple[float, str]] = deque()
+        #: (due ``time.monotonic()``, text); due 0 = at once; bytes go as a binary frame.
+        self.queue: deque[tuple[float, str | bytes]] = deque()
         self.wakeup = asyncio.Event()
         self.closing = asyncio.Event()
         self.close_code = 1000
@@ -182,11 +189,21 @@ class Hub:
         """
         self._fan_out(symbol, self._filter.filter(symbol, texts))
 
+    def inject(self, symbol: str, frames: Sequence[str | bytes]) -> None:
+        """Send arbitrary frames to ``symbol``'s subscribers, unchanged and in order.
+
+        Like :meth:`publish_raw` (faults apply, never waits) but for test
+        input that need not be JSON: ``str`` goes out as a text frame,
+        ``bytes`` as a binary frame. Counted as ``injected``.
+        """
+        self.faults.counts["injected"] += len(frames)
+        self._fan_out(symbol, self._filter.filter(symbol, frames))
+
     def flush(self, symbol: str) -> None:
         """Send a message of ``symbol`` held back by the reorder fault, unswapped."""
         self._fan_out(symbol, self._filter.flush(symbol))
 
-    def _fan_out(self, symbol: str, texts: list[str]) -> None:
+    def _fan_out(self, symbol: str, texts: Sequence[str | bytes]) -> None:
         if not texts:
             return
         self.published += len(texts)
@@ -373,7 +390,10 @@ class Hub:
                     await asyncio.sleep(wait)
                     continue  # the queue may have been cleared meanwhile
             queue.popleft()
-            await websocket.send_text(text)
+            if isinstance(text, str):
+                await websocket.send_text(text)
+            else:
+                await websocket.send_bytes(text)
 
     def _reply(self, client: _Client, obj: dict[str, Any]) -> None:
         """Queue a protocol reply; it keeps its place in order with the data."""
@@ -420,9 +440,14 @@ class Hub:
         kind = msg.get("type")
         if kind == "ping":
             client.ping_deadline = now + self.ping_timeout_s
-            self._reply(client, {"id": msg_id, "type": "pong"})
+            if self.faults.pong_disabled:
+                self.faults.counts["pongs_withheld"] += 1
+            else:
+                self._reply(client, {"id": msg_id, "type": "pong"})
         elif kind in ("subscribe", "unsubscribe"):
             self._subscription(client, msg_id, kind, msg)
+        elif kind == "pong":
+            pass  # a client answering a server ping (only an injected frame is one)
         else:
             self._reply(client, _error(msg_id, 400, f"unknown message type {kind!r}"))
 

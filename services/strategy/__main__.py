@@ -9,42 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import sys
 
 import redis.asyncio as aioredis
 
-from kumex_l3.config import load_settings, redact_url
+from kumex_l3.config import redact_url
 from kumex_l3.errors import KumexError
-from kumex_l3.logs import kv, secrets_of, setup_logging
+from kumex_l3.logs import kv
 from kumex_l3.rest import KumexRestClient
+from kumex_l3.service import run_service, start_server
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.runner import GridStrategy
 from services.strategy.settings import StrategySettings
-from services.strategy.web import make_app, start_server
+from services.strategy.web import make_app
 
 _log = logging.getLogger("services.strategy")
 
 
-async def _main(settings: StrategySettings) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if not stop.is_set():
-            _log.info("signal received", extra=kv(signal=sig.name))
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
+async def _run(settings: StrategySettings, stop: asyncio.Event) -> int:
     redis = aioredis.Redis.from_url(settings.redis_url)
     rest = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,
                            settings.api_passphrase, timeout=settings.request_timeout)
     metrics = StrategyMetrics()
     strategy = GridStrategy(settings, redis, rest, metrics=metrics)
     server, server_task = await start_server(make_app(strategy.status, metrics.registry),
-                                             settings.http_host, settings.http_port)
+                                             settings.http_host, settings.http_port,
+                                             name="strategy-http")
     _log.info("strategy starting", extra=kv(
         symbol=strategy.symbol, exchange=settings.base_url, redis=redact_url(settings.redis_url),
         port=server.port, dryRun=settings.dry_run, prefix=settings.client_oid_prefix))
@@ -65,13 +54,7 @@ async def _main(settings: StrategySettings) -> int:
 
 def main() -> None:
     """Entry point of the strategy service."""
-    settings = load_settings(StrategySettings)
-    try:
-        setup_logging(settings.log_level, "strategy", secrets=secrets_of(settings))
-    except ValueError as exc:
-        sys.stderr.write(f"invalid configuration for StrategySettings:\n  LOG_LEVEL: {exc}\n")
-        raise SystemExit(2) from None
-    raise SystemExit(asyncio.run(_main(settings)))
+    run_service(StrategySettings, "strategy", _run, log=_log)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from decimal import Decimal
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from kumex_l3.config import CommonSettings
+from kumex_l3.config import CommonSettings, check_http_url
 
 __all__ = ["ENV_PREFIX", "StrategySettings"]
 
@@ -87,9 +87,7 @@ class StrategySettings(CommonSettings):
     @field_validator("book_url")
     @classmethod
     def _check_book_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return check_http_url(value)
 
     @field_validator("symbol")
     @classmethod

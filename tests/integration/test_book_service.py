@@ -14,15 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -31,10 +25,9 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from kumex_l3 import OrderBook, keys, parse_message
-from kumex_l3.devredis import free_port
 from kumex_l3.synthetic import StreamGenerator
+from tests.procs import ServiceProcess, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 SAFETY_S = 30.0  # a ceiling against a hang, never a measurement
 TAKEOVER_S = 15.0  # the documented bound for another replica to serve a dead one's symbols
 SYM = "XBTUSDM"
@@ -78,76 +71,20 @@ class Feed:
                 "bids": bids, "asks": asks}
 
 
-class BookProcess:
+class BookProcess(ServiceProcess):
     """``python -m services.book`` on a free port; log kept in a temporary file."""
 
     def __init__(self, redis_url: str, replica: str, symbols: tuple[str, ...] = (SYM,),
                  **env: str) -> None:
+        super().__init__("services.book", {
+            "REDIS_URL": redis_url, "KUMEX_SYMBOLS": ",".join(symbols),
+            "BOOK_HOST": "127.0.0.1", "BOOK_REPLICA_ID": replica,
+            "BOOK_LEASE_TTL_SECONDS": "3", "BOOK_CHECKPOINT_SECONDS": "0.3",
+            "BOOK_SNAPSHOT_RETRY_SECONDS": "0.5", "BOOK_READ_BLOCK_SECONDS": "0.1", **env,
+        }, port_var="BOOK_PORT", name=replica, start_timeout=SAFETY_S, stop_timeout=15)
         self.redis_url = redis_url
         self.replica = replica
         self.symbols = symbols
-        self.env = env
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] = tempfile.TemporaryFile(prefix="book-")  # noqa: SIM115
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> BookProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BOOK_")}
-        env.update({
-            "REDIS_URL": self.redis_url, "KUMEX_SYMBOLS": ",".join(self.symbols),
-            "BOOK_HOST": "127.0.0.1", "BOOK_PORT": str(self.port),
-            "BOOK_REPLICA_ID": self.replica, "BOOK_LEASE_TTL_SECONDS": "3",
-            "BOOK_CHECKPOINT_SECONDS": "0.3", "BOOK_SNAPSHOT_RETRY_SECONDS": "0.5",
-            "BOOK_READ_BLOCK_SECONDS": "0.1", "PYTHONUNBUFFERED": "1",
-        })
-        env.update(self.env)
-        self.process = subprocess.Popen([sys.executable, "-m", "services.book"], cwd=ROOT,
-                                        env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        wait_for(lambda: self._healthy(), f"{self.replica} healthz", proc=self)
-        return self
-
-    def _healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.replica} exited:\n{self.log_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
-        return False
-
-    def kill(self) -> None:
-        """SIGKILL: no checkpoint, no lease release."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait."""
-        process, self.process = self.process, None
-        if process is None:
-            return None
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise
-
-    def close(self) -> None:
-        self._log.close()
-
-    def log_text(self) -> str:
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", "replace")
-        self._log.seek(0, os.SEEK_END)
-        return text
 
     def get(self, path: str, **params: Any) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", params=params, timeout=10.0)
@@ -159,19 +96,6 @@ class BookProcess:
             if line.startswith(needle):
                 return float(line[len(needle):])
         return 0.0
-
-
-def wait_for(check: Callable[[], Any], what: str, *, timeout: float = SAFETY_S,
-             proc: BookProcess | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            log = f"\n--- log ---\n{proc.log_text()}" if proc is not None else ""
-            raise AssertionError(f"timed out waiting for {what}{log}")
-        time.sleep(0.05)
 
 
 def book_at(proc: BookProcess, feed: Feed, depth: int = 1000,

@@ -25,14 +25,11 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -47,7 +44,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from kumex_l3 import keys, parse_message, parse_snapshot
 from kumex_l3.backoff import Backoff
-from kumex_l3.devredis import RedisServer, free_port
+from kumex_l3.devredis import RedisServer
 from kumex_l3.logs import kv, setup_logging
 from kumex_l3.wsclient import (
     PingTimeout,
@@ -62,25 +59,11 @@ from services.feed.metrics import FeedMetrics
 from services.feed.snapshots import TokenBucket, parse_request
 from services.feed.writer import StreamWriter
 from services.sandbox.replay import read_capture
+from tests.procs import ServiceProcess, eventually
 from tests.sandbox_proc import SandboxProcess
 
 SAFETY_S = 30.0  # a ceiling against hangs, never a measurement
 _ROOT = Path(__file__).resolve().parents[2]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str,
-                     timeout: float = SAFETY_S) -> None:
-    """Poll ``check`` until it is true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _decode(fields: Any) -> dict[str, str]:
@@ -441,31 +424,19 @@ async def test_wsclient_subscribe_refused_by_the_sandbox(sandbox: SandboxProcess
 # =========================================================================== the process
 
 
-class FeedProcess:
-    """``python -m services.feed`` with its log in a temporary file."""
+class FeedProcess(ServiceProcess):
+    """``python -m services.feed`` with its log in a temporary file, started at once."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.http_port = free_port()
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith(("FEED_", "KUMEX_", "REDIS_URL", "LOG_LEVEL"))}
-        base.update({"FEED_HTTP_HOST": "127.0.0.1", "FEED_HTTP_PORT": str(self.http_port),
-                     "PYTHONUNBUFFERED": "1"})
-        base.update(env)
-        self._log: IO[bytes] = tempfile.TemporaryFile(prefix="feed-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.feed"], cwd=_ROOT,
-                                     env=base, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        super().__init__("services.feed", {"FEED_HTTP_HOST": "127.0.0.1", **env},
+                         port_var="FEED_HTTP_PORT",
+                         prefix=("FEED_", "KUMEX_", "REDIS_URL", "LOG_LEVEL"),
+                         stop_timeout=SAFETY_S, check_stop=False)
+        self.start(wait=False)
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def log_text(self) -> str:
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", errors="replace")
-        self._log.seek(0, os.SEEK_END)
-        return text
+    def http_port(self) -> int:
+        return self.port
 
     async def get(self, path: str) -> httpx.Response | None:
         async with httpx.AsyncClient(timeout=5.0) as client:
@@ -482,23 +453,9 @@ class FeedProcess:
                 for s in family.samples}
 
     async def ready(self) -> bool:
-        assert self.proc.poll() is None, f"feed exited:\n{self.log_text()}"
+        self.check_running()
         reply = await self.get("/readyz")
         return reply is not None and reply.status_code == 200
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(SAFETY_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def close(self) -> None:
-        self.stop()
-        self._log.close()
 
 
 @pytest.fixture

@@ -17,19 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import redis
@@ -37,72 +32,40 @@ import redis.asyncio
 
 from kumex_l3 import keys, order_store
 from kumex_l3.synthetic import StreamGenerator
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess, free_port
+from tests.procs import ServiceProcess, wait_for
+from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess
 
 SYM = "XBTUSDM"
-ROOT = Path(__file__).resolve().parents[2]
-SAFETY_S = 60.0  # a ceiling against a hang, never a measurement
 GROUP = "order_monitor"
 
 
 # ---------------------------------------------------------------------- the process
 
 
-class MonitorProcess:
-    """``python -m services.order_monitor`` with its own environment; log kept in a file."""
+class MonitorProcess(ServiceProcess):
+    """``python -m services.order_monitor`` with its own environment, started at once."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith(("MONITOR_", "KUMEX_", "REDIS_"))}
-        base.update({"KUMEX_SYMBOLS": SYM, "MONITOR_HTTP_HOST": "127.0.0.1",
-                     "MONITOR_HTTP_PORT": str(self.port), "MONITOR_BLOCK_MS": "100",
-                     "MONITOR_REFRESH_S": "0.2", "MONITOR_LEASE_TTL_S": "2",
-                     "MONITOR_REPLICA_ID": "test-replica", "PYTHONUNBUFFERED": "1"})
-        base.update(env)
-        self._log: IO[bytes] = tempfile.TemporaryFile(prefix="monitor-")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.order_monitor"],
-                                     cwd=ROOT, env=base, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log_text(self) -> str:
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", "replace")
-        self._log.seek(0, os.SEEK_END)
-        return text
+        super().__init__("services.order_monitor", {
+            "KUMEX_SYMBOLS": SYM, "MONITOR_HTTP_HOST": "127.0.0.1", "MONITOR_BLOCK_MS": "100",
+            "MONITOR_REFRESH_S": "0.2", "MONITOR_LEASE_TTL_S": "2",
+            "MONITOR_REPLICA_ID": "test-replica", **env,
+        }, port_var="MONITOR_HTTP_PORT", prefix=("MONITOR_", "KUMEX_", "REDIS_"),
+            name="monitor", stop_timeout=15, check_stop=False)
+        self.start(wait=False)
 
     def wait_ready(self, *, holding: bool = True) -> None:
         def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"monitor exited:\n{self.log_text()}")
+            self.check_running()
             with contextlib.suppress(httpx.HTTPError):
-                body = httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).json()
+                body = httpx.get(f"{self.url}/readyz", timeout=2).json()
                 held = body["symbols"].get(SYM, {}).get("ready")
                 return bool(body["ready"] and (held or not holding))
             return False
-        wait_for(ready, "monitor ready", self)
+        wait_for(ready, "monitor ready", proc=self)
 
     def metrics(self) -> str:
-        return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def close(self) -> None:
-        self.stop()
-        self._log.close()
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
 
 
 @contextlib.contextmanager
@@ -115,15 +78,6 @@ def monitor(env: dict[str, str]) -> Iterator[MonitorProcess]:
         raise
     finally:
         proc.close()
-
-
-def wait_for(cond: Callable[[], bool], what: str, proc: MonitorProcess | None = None) -> None:
-    deadline = time.monotonic() + SAFETY_S
-    while not cond():
-        if time.monotonic() > deadline:
-            log = proc.log_text() if proc is not None else ""
-            raise AssertionError(f"timed out waiting for {what}\n{log}")
-        time.sleep(0.05)
 
 
 def caught_up(r: redis.Redis) -> bool:
@@ -338,7 +292,7 @@ def test_own_orders_among_thousands_survive_kill_and_replay(redis_sync: redis.Re
     # Run 2: takes the dead consumers' pending entries over, then reads the rest.
     with monitor(env) as second:
         second.wait_ready()
-        wait_for(lambda: caught_up(redis_sync), "the monitor to catch up", second)
+        wait_for(lambda: caught_up(redis_sync), "the monitor to catch up", proc=second)
         check_final_state(redis_sync, owns)
         metrics = second.metrics()
         assert 'kumex_order_monitor_own_messages_total{symbol="XBTUSDM"}' in metrics
@@ -354,7 +308,7 @@ def test_own_orders_among_thousands_survive_kill_and_replay(redis_sync: redis.Re
     redis_sync.xgroup_setid(keys.l3_stream(SYM), GROUP, "0")
     with monitor(env) as third:
         third.wait_ready()
-        wait_for(lambda: caught_up(redis_sync), "the replay to finish", third)
+        wait_for(lambda: caught_up(redis_sync), "the replay to finish", proc=third)
         assert redis_sync.xlen(keys.order_events(SYM)) == events_before
         assert {o.coid: text_hash(redis_sync, o.coid) for o in owns} == snapshot
         check_final_state(redis_sync, owns)
@@ -377,15 +331,15 @@ def test_one_replica_consumes_a_symbol_and_another_takes_over(redis_sync: redis.
         holder, standby = (a, b) if holder_id == "a" else (b, a)
         holder.wait_ready()
         standby.wait_ready(holding=False)  # a standby holding nothing is ready too
-        wait_for(lambda: caught_up(redis_sync), "the holder to catch up", holder)
+        wait_for(lambda: caught_up(redis_sync), "the holder to catch up", proc=holder)
         consumers = redis_sync.xinfo_consumers(keys.l3_stream(SYM), GROUP)
         assert len(consumers) == 1  # only the holder ever read
         holder.kill()
         xadd_all(redis_sync, raws[1000:])
         wait_for(lambda: json.loads(redis_sync.get(keys.owner(SYM, "order_monitor"))
                                     or "{}").get("id") == ("b" if holder is a else "a"),
-                 "the standby to take the symbol", standby)
-        wait_for(lambda: caught_up(redis_sync), "the standby to catch up", standby)
+                 "the standby to take the symbol", proc=standby)
+        wait_for(lambda: caught_up(redis_sync), "the standby to catch up", proc=standby)
         check_final_state(redis_sync, owns)
 
 
@@ -439,7 +393,7 @@ def test_gap_and_sequence_jump_reconcile_with_the_sandbox(
            "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase, "MONITOR_UNSEEN_GRACE_MS": "60000"}
     with monitor(env) as mon:
         mon.wait_ready()
-        wait_for(lambda: caught_up(redis_sync), "the first entries", mon)
+        wait_for(lambda: caught_up(redis_sync), "the first entries", proc=mon)
         ids = {
             "rest": place(http, user1, redis_url, clientOid=coid["rest"], side="buy", size=3,
                           price=str(best_bid - Decimal("5.0"))),
@@ -460,7 +414,7 @@ def test_gap_and_sequence_jump_reconcile_with_the_sandbox(
                        text_hash(redis_sync, coid[n])["status"] != "received"
                        for n in ids) and \
                 text_hash(redis_sync, coid["lost"])["status"] == "rejected"
-        wait_for(reconciled, "reconciliation after ctl=gap", mon)
+        wait_for(reconciled, "reconciliation after ctl=gap", proc=mon)
         events = order_events(redis_sync)
         for name, order_id in ids.items():
             rec = api(http.get(f"/api/v1/orders/{order_id}", auth=user1))
@@ -487,7 +441,7 @@ def test_gap_and_sequence_jump_reconcile_with_the_sandbox(
             msg["data"]["sequence"] = seq
             redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_MSG: json.dumps(msg)})
         wait_for(lambda: text_hash(redis_sync, coid["late"]).get("orderId") == late_id,
-                 "reconciliation after a sequence jump", mon)
+                 "reconciliation after a sequence jump", proc=mon)
         assert text_hash(redis_sync, coid["late"])["status"] == "open"
         assert "kumex_order_monitor_corrections_total" in mon.metrics()
         assert 'cause="sequence"' in mon.metrics()

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.procs import wait_for
 from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess
 
 SYMBOL = "XBTUSDM"
@@ -528,10 +529,8 @@ def test_flow_pause_resume_and_rate(http: httpx.Client) -> None:
     resumed = http.post("/sandbox/flow/resume").json()
     assert resumed["running"] is True
     start = http.get("/sandbox/state").json()["flow"]["steps"]
-    deadline = time.monotonic() + SAFETY_S
-    while http.get("/sandbox/state").json()["flow"]["steps"] == start:
-        assert time.monotonic() < deadline, "the flow never stepped"
-        time.sleep(0.05)
+    wait_for(lambda: http.get("/sandbox/state").json()["flow"]["steps"] != start,
+             "the flow to step")
     assert http.post("/sandbox/flow/rate", json={"rate": "max"}).json()["max"] is True
     paused = http.post("/sandbox/flow/pause").json()
     assert paused["running"] is False
@@ -590,10 +589,8 @@ def test_replay_mode_serves_the_capture_and_refuses_orders() -> None:
     env = {"SANDBOX_REPLAY": str(CAPTURE), "SANDBOX_REPLAY_SPEED": "0",
            "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0"}  # fmt: skip
     with SandboxProcess(env) as proc, httpx.Client(base_url=proc.base_url) as client:
-        deadline = time.monotonic() + SAFETY_S
-        while not client.get("/sandbox/state").json()["replay"]["done"]:
-            assert time.monotonic() < deadline, "the replay never finished"
-            time.sleep(0.05)
+        wait_for(lambda: client.get("/sandbox/state").json()["replay"]["done"],
+                 "the replay to finish")
         snap = data(client.get("/api/v2/level3/snapshot", params={"symbol": "XBTUSDM"}))
         assert snap["sequence"] == 1639148481406
         assert snap["bids"] == [
@@ -633,10 +630,8 @@ def test_default_settings_flow_runs_and_sigterm_stops_cleanly() -> None:
     with proc, httpx.Client(base_url=proc.base_url, timeout=SAFETY_S) as client:
         first = client.get("/sandbox/state").json()
         assert first["flow"]["running"] is True and first["flow"]["rate"] == 20
-        deadline = time.monotonic() + SAFETY_S
-        while client.get("/sandbox/state").json()["sequences"] == first["sequences"]:
-            assert time.monotonic() < deadline, "the flow never moved"
-            time.sleep(0.05)
+        wait_for(lambda: client.get("/sandbox/state").json()["sequences"] != first["sequences"],
+                 "the flow to move")
         data(client.get("/api/v2/level3/snapshot", params={"symbol": "ETHUSDTM"}))
         assert error(client.get("/api/v2/level3/snapshot", params={"symbol": "ETHUSDTM"}))[0] == 429
         assert "sandbox exchange on http://127.0.0.1:" in proc.log_text()

@@ -10,14 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,10 +26,10 @@ from services.strategy.metrics import StrategyMetrics
 from services.strategy.runner import GridStrategy
 from services.strategy.settings import StrategySettings
 from services.strategy.state import load_state, strategy_state_key
-from tests.sandbox_proc import DEMO_KEY_1, SandboxProcess, free_port
+from tests.procs import ServiceProcess, eventually, wait_for
+from tests.sandbox_proc import DEMO_KEY_1, SandboxProcess
 
 SYMBOL = "XBTUSDTM"
-ROOT = Path(__file__).resolve().parents[2]
 #: Upper bound on waiting for a process or an event; never an assertion on speed.
 SAFETY_S = 30.0
 
@@ -293,7 +287,7 @@ async def test_fill_events_give_counter_orders_once_across_restarts(
             placed[:] = [await rest.get_order_by_client_oid("gf-5", SYMBOL)]
             return placed[0] is not None
 
-        await _wait(at_exchange, "the counter-order at the exchange")
+        await eventually(at_exchange, "the counter-order at the exchange")
         assert (placed[0].side, placed[0].price, placed[0].size) == ("sell", centre, 2)
     finally:
         stop.set()
@@ -319,44 +313,34 @@ def test_sigterm_cancels_every_own_order(sandbox: SandboxProcess, redis_url: str
     with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
         contract = http.get(f"/api/v1/contracts/{SYMBOL}").json()["data"]
     centre = Decimal(str(contract["markPrice"])).quantize(Decimal("0.1"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("STRATEGY_", "KUMEX_", "SANDBOX_"))}
-    env.update({
+    strategy = ServiceProcess("services.strategy", {
         "REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url, "KUMEX_SYMBOLS": SYMBOL,
         "KUMEX_API_KEY": DEMO_KEY_1.key, "KUMEX_API_SECRET": DEMO_KEY_1.secret,
         "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase, "STRATEGY_CENTRE_PRICE": f"{centre:f}",
         "STRATEGY_STEP_TICKS": "40", "STRATEGY_LEVELS": "3", "STRATEGY_CLIENT_OID_PREFIX": "sig",
-        "STRATEGY_HTTP_HOST": "127.0.0.1", "STRATEGY_HTTP_PORT": str(port),
-        "STRATEGY_MAX_POSITION": "10", "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO",
-    })
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.strategy"], cwd=ROOT, env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + SAFETY_S
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=2.0) as http:
-                while True:
-                    assert proc.poll() is None, "strategy exited at start"
-                    with contextlib.suppress(httpx.HTTPError):
-                        if http.get("/readyz").status_code == 200:
-                            state = http.get("/state").json()
-                            metrics = http.get("/metrics").text
-                            break
-                    assert time.monotonic() < deadline, "strategy not ready"
-                    time.sleep(0.05)
-            assert state["openOrders"] == 6 and state["centre"] == f"{centre:f}"
-            assert "kumex_strategy_orders_placed_total 6.0" in metrics
-            own = _sync_own_active(sandbox, "sig")
-            assert len(own) == 6
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(SAFETY_S) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.seek(0)
-            text = log.read().decode("utf-8", "replace")
+        "STRATEGY_HTTP_HOST": "127.0.0.1", "STRATEGY_MAX_POSITION": "10", "LOG_LEVEL": "INFO",
+    }, port_var="STRATEGY_HTTP_PORT", prefix=("STRATEGY_", "KUMEX_", "SANDBOX_"),
+        stop_timeout=SAFETY_S)
+    try:
+        strategy.start(wait=False)
+        with httpx.Client(base_url=strategy.url, timeout=2.0) as http:
+            def ready() -> bool:
+                strategy.check_running()
+                with contextlib.suppress(httpx.HTTPError):
+                    return http.get("/readyz").status_code == 200
+                return False
+
+            wait_for(ready, "the strategy to be ready", proc=strategy)
+            state = http.get("/state").json()
+            metrics = http.get("/metrics").text
+        assert state["openOrders"] == 6 and state["centre"] == f"{centre:f}"
+        assert "kumex_strategy_orders_placed_total 6.0" in metrics
+        own = _sync_own_active(sandbox, "sig")
+        assert len(own) == 6
+        assert strategy.stop() == 0
+    finally:
+        text = strategy.log_text()
+        strategy.close()
         assert _sync_own_active(sandbox, "sig") == [], text
         assert "no own order active at the exchange" in text
         for secret in (DEMO_KEY_1.secret, DEMO_KEY_1.passphrase):
@@ -371,14 +355,6 @@ def _sync_own_active(sandbox: SandboxProcess, prefix: str) -> list[str]:
             return [o.client_oid for o in await _own_active(client, prefix)]
 
     return asyncio.run(go())
-
-
-async def _wait(cond: Any, what: str) -> None:
-    """Poll an async condition, with a safety ceiling (never a measurement)."""
-    deadline = time.monotonic() + SAFETY_S
-    while not await cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_end_to_end_a_real_fill_gives_a_counter_order(
@@ -410,7 +386,7 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
             groups = await redis.xinfo_groups(keys.l3_stream(SYMBOL))
             return bool(groups) and await redis.exists(keys.owner(SYMBOL, "order_monitor")) > 0
 
-        await _wait(monitor_consuming, "feed and order monitor")
+        await eventually(monitor_consuming, "feed and order monitor")
         centre = await _mark(rest)
         step = Decimal("0.1") * 5
         settings = _settings(sandbox, redis_url, centre, client_oid_prefix="ge", levels=1,
@@ -423,7 +399,7 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
             return len(orders) == 2 and all(o.status is OrderStatus.OPEN
                                             for o in orders.values())
 
-        await _wait(grid_open, "the grid open on the stream")
+        await eventually(grid_open, "the grid open on the stream")
         buy = await order_store.load(redis, SYMBOL, "ge-1")
         assert buy is not None and buy.side == "buy" and Decimal(buy.price) == centre - step
 
@@ -449,7 +425,7 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
             order = await order_store.load(redis, SYMBOL, "ge-3")
             return order is not None and order.status is OrderStatus.OPEN
 
-        await _wait(counter_open, "the counter-order open on the stream")
+        await eventually(counter_open, "the counter-order open on the stream")
         counter = await order_store.load(redis, SYMBOL, "ge-3")
         assert counter is not None
         assert (counter.side, Decimal(counter.price), int(counter.size)) == ("sell", centre, 2)
@@ -469,7 +445,7 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
             orders = await order_store.load_many(redis, SYMBOL, ["ge-1", "ge-2", "ge-3"])
             return all(o.status is OrderStatus.CANCELED for o in orders.values())
 
-        await _wait(all_canceled, "cancels on the stream")
+        await eventually(all_canceled, "cancels on the stream")
         assert await order_store.active(redis, SYMBOL) == []
     finally:
         strategy_stop.set()
