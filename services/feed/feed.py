@@ -226,7 +226,7 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     ws = WsClient(settings.base_url, http=http, options=WsOptions(
         token_timeout=settings.http_timeout, open_timeout=settings.http_timeout,
         welcome_timeout=settings.welcome_timeout,
-        subscribe_timeout=settings.subscribe_timeout))
+        subscribe_timeout=settings.subscribe_timeout, compression=settings.ws_compression))
     snapshots = Snapshotter(http, settings.base_url, settings.symbols, writer, metrics,
                             per_min=settings.snapshot_per_min, backoff=new_backoff)
     capture = Capture(settings.capture, metrics) if settings.capture is not None else None

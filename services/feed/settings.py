@@ -63,6 +63,8 @@ class FeedSettings(CommonSettings):
     capture: Path | None = None
     welcome_timeout: float = Field(10.0, gt=0)
     subscribe_timeout: float = Field(10.0, gt=0)
+    #: Ask the exchange for permessage-deflate (worth it over a slow link only).
+    ws_compression: bool = False
     http_timeout: float = Field(10.0, gt=0)
     redis_timeout: float = Field(5.0, gt=0)
     shutdown_timeout: float = Field(10.0, ge=0)

@@ -4,7 +4,8 @@ The socket reader calls :meth:`StreamWriter.append` (synchronous, never waits
 for Redis); :meth:`StreamWriter.run` takes up to ``batch_size`` entries at a
 time and sends them in one non-transactional pipeline::
 
-    XADD kumex:{SYM}:l3 MAXLEN ~ N * msg <raw frame text>          (data)
+    EVAL <XADD each> kumex:{SYM}:l3 N <frame> <frame> ...          (data: one command
+                                                                  for a run of frames)
     XADD kumex:{SYM}:l3 MAXLEN ~ N * ctl connected connectId <id>   (control)
     SET  kumex:{SYM}:snapshot <data JSON>                           (snapshot ...
     XADD kumex:{SYM}:l3 MAXLEN ~ N * ctl snapshot sequence <seq>     ... then its entry)
@@ -45,6 +46,14 @@ DLQ_MAXLEN: Final = 10_000
 # Errors Redis answers for a while and then stops answering (retry the batch).
 _TRANSIENT_PREFIXES: Final = ("OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
                               "LOADING", "BUSY", "NOREPLICAS")
+#: ``EVAL`` body: XADD every argument as a ``msg`` entry of KEYS[1], ``MAXLEN ~ ARGV[1]``.
+_XADD_MANY: Final = """
+local maxlen = ARGV[1]
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'msg', ARGV[i])
+end
+return #ARGV - 1
+"""
 _CONNECTION_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                              OSError)
 
@@ -162,51 +171,64 @@ class StreamWriter:
             raise
 
     async def _write(self, batch: list[Entry]) -> tuple[int, BaseException | None]:
-        """Send ``batch``: how many leading entries are done with, and the error to retry on."""
+        """Send ``batch``: how many leading entries are done with, and the error to retry on.
+
+        Consecutive data frames of one symbol go as ONE command (a Lua loop of
+        ``XADD``): redis-py builds a pipelined ``XADD`` in Python at ~11 us a
+        message, a single ``EVAL`` with the frames as arguments at under 1 us.
+        """
         pipe = self._redis.pipeline(transaction=False)
         maxlen = self.maxlen
-        shape: list[int] = []  # commands per entry
-        for symbol, payload in batch:
+        groups: list[tuple[int, int]] = []  # (entries, commands) in batch order
+        i, n = 0, len(batch)
+        while i < n:
+            symbol, payload = batch[i]
             if isinstance(payload, str):
-                data: dict[FieldT, EncodableT] = {keys.FIELD_MSG: payload}
-                pipe.xadd(self._stream(symbol), data, maxlen=maxlen, approximate=True)
-                shape.append(1)
-            else:
-                if payload.store is not None:
-                    pipe.set(*payload.store)
-                fields: dict[FieldT, EncodableT] = {k: v for k, v in payload.fields.items()}
-                pipe.xadd(payload.key, fields, maxlen=payload.maxlen or maxlen,
-                          approximate=True)
-                shape.append(2 if payload.store is not None else 1)
+                j = i + 1
+                while j < n and batch[j][0] == symbol and isinstance(batch[j][1], str):
+                    j += 1
+                texts = [text for _, text in batch[i:j] if isinstance(text, str)]
+                pipe.eval(_XADD_MANY, 1, self._stream(symbol), maxlen, *texts)
+                groups.append((j - i, 1))
+                i = j
+                continue
+            if payload.store is not None:
+                pipe.set(*payload.store)
+            fields: dict[FieldT, EncodableT] = {k: v for k, v in payload.fields.items()}
+            pipe.xadd(payload.key, fields, maxlen=payload.maxlen or maxlen, approximate=True)
+            groups.append((1, 2 if payload.store is not None else 1))
+            i += 1
         self.pipelines += 1
         try:
             results = await pipe.execute(raise_on_error=False)
         except (redis.exceptions.RedisError, OSError) as exc:
             return 0, exc
-        return self._account(batch, shape, results)
+        return self._account(batch, groups, results)
 
-    def _account(self, batch: list[Entry], shape: list[int],
+    def _account(self, batch: list[Entry], groups: list[tuple[int, int]],
                  results: list[object]) -> tuple[int, BaseException | None]:
         written: Tally[str] = Tally()
         pos = 0
         done = 0
         try:
-            for (symbol, payload), count in zip(batch, shape, strict=True):
+            for entries, count in groups:
                 errors = [r for r in results[pos:pos + count] if isinstance(r, Exception)]
                 pos += count
+                symbol, payload = batch[done]
                 if errors:
                     transient = next((e for e in errors if _transient(e)), None)
                     if transient is not None:
                         return done, transient
-                    self._refused(symbol, payload, errors[0])
+                    for k in range(done, done + entries):
+                        self._refused(batch[k][0], batch[k][1], errors[0])
                 elif isinstance(payload, str):
-                    written[symbol] += 1
+                    written[symbol] += entries
                 elif payload.fields.get(keys.FIELD_CTL) == "gap":
                     self._metrics.gaps.labels(symbol).inc()
                     _log.warning("gap recorded in the stream",
                                  extra=kv(symbol=symbol, dropped=payload.fields.get("dropped"),
                                           reason=payload.fields.get("reason")))
-                done += 1
+                done += entries
         finally:
             for symbol, n in written.items():
                 self._metrics.written.labels(symbol).inc(n)
