@@ -6,7 +6,15 @@ order-by-order book in strict sequence. Errors form one tree rooted at
 :class:`KumexError` (see :mod:`kumex_l3.errors`).
 """
 
-from kumex_l3.book import BookStats, DepthLevel, L3Level, L3Order, OrderBook, QueuePosition
+from kumex_l3.book import (
+    BookStats,
+    DepthLevel,
+    L3Level,
+    L3Order,
+    OrderBook,
+    QueuePosition,
+    Trade,
+)
 from kumex_l3.errors import BookError, IntegrityError, KumexError, MessageError, SequenceGap
 from kumex_l3.messages import (
     Control,
@@ -44,6 +52,7 @@ __all__ = [
     "SequenceGap",
     "Snapshot",
     "SnapshotOrder",
+    "Trade",
     "Update",
     "parse_message",
     "parse_snapshot",

@@ -18,6 +18,7 @@ error the book is no longer known and must be rebuilt from a snapshot.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal
@@ -49,7 +50,11 @@ __all__ = [
     "L3Order",
     "OrderBook",
     "QueuePosition",
+    "Trade",
 ]
+
+#: Trades an :class:`OrderBook` remembers (:attr:`OrderBook.trades`).
+RECENT_TRADES: Final = 50
 
 _STATE_VERSION: Final = 1
 
@@ -60,6 +65,16 @@ class DepthLevel(NamedTuple):
     price: Decimal
     size: Qty
     orders: int
+
+
+class Trade(NamedTuple):
+    """One ``match``: the exchange's price and size texts, the taker's side, ts in ns."""
+
+    price: str
+    size: str
+    side: str
+    ts: int
+    trade_id: str
 
 
 class L3Order(NamedTuple):
@@ -193,7 +208,8 @@ class OrderBook:
     parsed messages with :meth:`apply`.
     """
 
-    __slots__ = ("_asks", "_bids", "_index", "_sides", "sequence", "stats", "symbol", "ts")
+    __slots__ = ("_asks", "_bids", "_index", "_sides", "sequence", "stats", "symbol", "trades",
+                 "ts")
 
     def __init__(self, symbol: str, sequence: int = 0, ts: int = 0) -> None:
         self.symbol = symbol
@@ -206,6 +222,8 @@ class OrderBook:
         self._asks = _Side(is_bid=False)
         self._sides = {"buy": self._bids, "sell": self._asks}
         self._index: dict[str, _Order] = {}
+        #: The last :data:`RECENT_TRADES` matches, oldest first (not part of checkpoints).
+        self.trades: deque[Trade] = deque(maxlen=RECENT_TRADES)
 
     # ------------------------------------------------------------------ building
 
@@ -332,6 +350,7 @@ class OrderBook:
         maker = self._index.get(msg.maker_order_id)
         if maker is None:  # a hidden maker, or one that rested before our snapshot window
             self.stats.unknown_match += 1
+            self.trades.append(Trade(msg.price, msg.size, msg.side, msg.ts, msg.trade_id))
             return
         if maker.side == msg.side:
             raise IntegrityError(self.symbol, msg.sequence,
@@ -347,6 +366,7 @@ class OrderBook:
         if msg.remain_qty is not None and msg.remain_qty != remain:
             raise IntegrityError(self.symbol, msg.sequence,
                                  f"remainSize {msg.remain_size} disagrees with book {remain}")
+        self.trades.append(Trade(msg.price, msg.size, msg.side, msg.ts, msg.trade_id))
         if remain == 0:
             del self._index[maker.order_id]
             self._sides[maker.side].remove(maker)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import pathlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -30,7 +31,7 @@ import httpx
 import redis.asyncio
 import redis.exceptions
 from fastapi import FastAPI, HTTPException, Path, Query, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.websockets import WebSocketState
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import WebSocketException
@@ -94,6 +95,9 @@ class _Timing:
 
 class _SlowClient(Exception):
     """A WebSocket client did not take a message in time."""
+
+
+_STATIC = pathlib.Path(__file__).with_name("static")
 
 
 def _unavailable(detail: str) -> JSONResponse:
@@ -207,6 +211,11 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
         return JSONResponse({"replica": replica, "books": rows},
                             headers={REPLICA_HEADER: replica})
 
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        """The live book page (one self-contained file, no build step)."""
+        return FileResponse(_STATIC / "index.html", media_type="text/html")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is up and its event loop answers."""
@@ -311,7 +320,7 @@ class _WsSession:
         sent_at = float("-inf")
         while consumer.active and self.service.local(self.symbol) is consumer:
             changed = consumer.changed
-            body = consumer.book_body(self.depth) if consumer.serving else consumer.status_body()
+            body = consumer.ws_body(self.depth) if consumer.serving else consumer.status_body()
             if body != self._last:
                 wait = sent_at + throttle - time.monotonic()
                 if wait > 0:

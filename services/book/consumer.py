@@ -67,6 +67,8 @@ REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.Timeou
 _TOP_MIN_INTERVAL: Final = 0.1  # at most 10 writes a second
 _TOP_HEARTBEAT: Final = 1.0
 _LAG_INTERVAL: Final = 1.0
+#: How often the user's own order ids are re-read for the WebSocket body.
+_OWN_INTERVAL: Final = 1.0
 _SCAN_CHUNK: Final = 1000
 _CACHE_MAX: Final = 256
 #: Apply delays observed per batch at most: a bigger batch is sampled systematically.
@@ -176,6 +178,9 @@ class SymbolConsumer:
         self._top_state: tuple[Any, ...] | None = None
         self._last_sequence = 0
         self._lag_at = float("-inf")
+        #: Exchange orderIds of the user's own active orders (from the order monitor's keys).
+        self.own_ids: frozenset[str] = frozenset()
+        self._own_at = float("-inf")
         metrics.synced.labels(symbol).set(0)
 
     # ------------------------------------------------------------------ serving
@@ -206,6 +211,11 @@ class SymbolConsumer:
     def book_body(self, depth: int) -> bytes:
         """``GET /book`` JSON at ``depth`` (call only while :attr:`serving`)."""
         return self._cached("book", depth, self._build_book)
+
+    def ws_body(self, depth: int) -> bytes:
+        """The WebSocket push: the ``GET /book`` body plus ``trades`` (recent matches,
+        oldest first) and ``own`` (the user's resting orders with their queue position)."""
+        return self._cached("ws", depth, self._build_ws)
 
     def l3_body(self, depth: int) -> bytes:
         """``GET /book/{symbol}/l3`` JSON at ``depth`` (call only while :attr:`serving`)."""
@@ -246,6 +256,20 @@ class SymbolConsumer:
         bids, asks = book.depth_rows(depth)
         return _ENCODER.encode({"symbol": self.symbol, "sequence": book.sequence, "ts": book.ts,
                                 "bids": bids, "asks": asks})
+
+    def _build_ws(self, book: OrderBook, depth: int) -> bytes:
+        bids, asks = book.depth_rows(depth)
+        own = []
+        for order_id in sorted(self.own_ids):
+            pos = book.queue_position(order_id)
+            if pos is not None:
+                own.append({"orderId": pos.order_id, "side": pos.side, "price": pos.price_text,
+                            "size": format_qty(pos.size), "position": pos.position,
+                            "sizeAhead": format_qty(pos.size_ahead)})
+        trades = [{"price": t.price, "size": t.size, "side": t.side, "ts": t.ts}
+                  for t in book.trades]
+        return _ENCODER.encode({"symbol": self.symbol, "sequence": book.sequence, "ts": book.ts,
+                                "bids": bids, "asks": asks, "trades": trades, "own": own})
 
     def _build_l3(self, book: OrderBook, depth: int) -> bytes:
         bids, asks = book.l3(depth)
@@ -554,7 +578,24 @@ class SymbolConsumer:
         await self._write_top(now)
         if now - self._lag_at >= _LAG_INTERVAL:
             await self._measure_lag(now)
+        if now - self._own_at >= _OWN_INTERVAL:
+            await self._refresh_own(now)
         self._report_stats()
+
+    async def _refresh_own(self, now: float) -> None:
+        """Which resting orders are the user's: active clientOids -> their orderIds."""
+        self._own_at = now
+        coids = await self._redis.smembers(keys.orders_active(self.symbol))
+        ids: set[str] = set()
+        if coids:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for coid in coids:
+                    pipe.hget(keys.order(self.symbol, _text(coid)), "orderId")
+                ids = {_text(v) for v in await pipe.execute() if v}
+        own = frozenset(ids)
+        if own != self.own_ids:
+            self.own_ids = own
+            self._bump()
 
     def _sequence(self) -> int:
         book = self.sync.book

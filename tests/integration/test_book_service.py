@@ -394,7 +394,8 @@ def test_websocket_pushes_changes(
                 ws_connect(f"{relay_base}/ws/book/{SYM}?depth=5") as relayed:
             for ws in (direct, relayed):
                 first = json.loads(await asyncio.wait_for(ws.recv(), SAFETY_S))
-                assert first == feed.expected(5)
+                assert _book_part(first) == feed.expected(5)
+                assert first["own"] == []
             for _ in range(3):
                 feed.publish(60)
                 for ws in (direct, relayed):
@@ -404,9 +405,38 @@ def test_websocket_pushes_changes(
                             body = json.loads(await ws.recv())
                             if body.get("sequence") == feed.ref.sequence:
                                 break
-                    assert body == feed.expected(5)
+                    assert _book_part(body) == feed.expected(5)
+                    assert body["trades"] == [
+                        {"price": t.price, "size": t.size, "side": t.side, "ts": t.ts}
+                        for t in feed.ref.trades]
+            # Own orders (the order monitor's keys) are marked with their queue place.
+            bids, _ = feed.ref.l3(1)
+            mine = bids[0].orders[-1]
+            redis_sync.sadd(keys.orders_active(SYM), "my-coid")
+            redis_sync.hset(keys.order(SYM, "my-coid"), mapping={"orderId": mine.order_id})
+            want = feed.ref.queue_position(mine.order_id)
+            assert want is not None
+            async with asyncio.timeout(SAFETY_S):
+                while not (body := json.loads(await direct.recv())).get("own"):
+                    pass
+            assert body["own"] == [{"orderId": mine.order_id, "side": "buy",
+                                    "price": want.price_text, "size": str(want.size),
+                                    "position": want.position,
+                                    "sizeAhead": str(want.size_ahead)}]
         with pytest.raises(InvalidStatus):
             async with ws_connect(f"{ws_base}/ws/book/NOPE"):
                 pass
 
     asyncio.run(scenario())
+
+
+def _book_part(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``GET /book`` fields of a WebSocket push (which adds ``trades`` and ``own``)."""
+    return {k: body[k] for k in ("symbol", "sequence", "ts", "bids", "asks")}
+
+
+def test_root_serves_the_live_page(redis_url: str, procs: list[BookProcess]) -> None:
+    book = spawn(procs, redis_url, "page")
+    res = httpx.get(f"{book.url}/", timeout=10)
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/html")
+    assert "/ws/book/" in res.text

@@ -217,3 +217,13 @@ def test_to_snapshot_builds_the_same_book() -> None:
     assert all(len(row) == 4 for row in snap["bids"] + snap["asks"])
     assert OrderBook.from_snapshot(snap).l3() == book.l3()
     assert snap == gen.snapshot() | {"ts": book.ts}
+
+
+def test_recent_trades_are_kept_including_hidden_makers(feed: Feed) -> None:
+    feed.open("o1", "sell", "200", "5")
+    feed.send("match", side="buy", price="200", size="2", makerOrderId="o1", takerOrderId="t",
+              tradeId="x1")
+    feed.send("match", side="sell", price="150", size="1", makerOrderId="hidden",
+              takerOrderId="t2", tradeId="x2")
+    assert [(t.price, t.size, t.side, t.trade_id) for t in feed.book.trades] == [
+        ("200", "2", "buy", "x1"), ("150", "1", "sell", "x2")]
