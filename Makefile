@@ -12,7 +12,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench demo clean distclean
+.PHONY: venv test lint browser bench demo clean distclean
 
 venv: $(STAMP)
 
@@ -38,7 +38,21 @@ lint: venv
 	@echo "==> mypy (strict)"
 	@"$(BIN)/mypy" kumex_l3
 
-test: lint
+# Browser tests drive Debian's chromium (never a downloaded browser): install it when missing.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "==> installing Debian's chromium for the browser tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+		echo "==> could not install chromium: the browser test will be skipped"; \
+	else \
+		echo "==> no chromium and no root apt-get: the browser test will be skipped"; \
+	fi
+
+test: lint browser
 	@echo "==> pytest"
 	@"$(BIN)/pytest" -q
 
