@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -74,6 +75,10 @@ def test_demo_brings_up_the_set_and_stops_cleanly(redis_url: str) -> None:
         wait_for(lambda: own({"open", "partially_filled", "filled"}), "an own order open")
         wait_for(lambda: [h for h in own({"partially_filled", "filled", "canceled"})
                           if int(h.get("filledSize", "0")) > 0], "a fill of an own order")
+        # Every redis-cli command of the README's walkthrough answers something.
+        for line in _readme_redis_commands():
+            reply = r.execute_command(*shlex.split(line)[1:])
+            assert reply, f"README command gave nothing: {line}"
     finally:
         demo.send_signal(signal.SIGINT)
         code = demo.wait(90)
@@ -95,3 +100,10 @@ def _raw(log: object) -> bytes:
 
 def _text(log: object) -> str:
     return _raw(log).decode(errors="replace")[-8000:]
+
+
+def _readme_redis_commands() -> list[str]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    found = [line[2:] for line in lines if line.startswith("$ redis-cli ")]
+    assert len(found) >= 4, "the README's redis-cli walkthrough is missing"
+    return found
