@@ -1,0 +1,570 @@
+"""End to end, the trading path: own orders tracked from the L3 stream, as separate processes.
+
+sandbox (signed REST, L3 over WebSocket) -> feed -> Redis -> order monitor ->
+order hashes and ``kumex:{SYM}:order-events``, with the Trader SDK (and, for
+the crash test, the grid strategy) placing and cancelling through signed REST.
+The sandbox answers REST calls only after ``REST_LATENCY_MS``, well above what
+the L3 path takes, as the real venue does: the stream tells first.
+
+The tests in :class:`TestWithRestLatency` share one stack (the flow paused,
+the book emptied at start, each test on its own prices above the previous
+one's, so a taker never reaches another test's orders); the crash test has
+its own, with the synthetic flow running. Waits poll with a safety ceiling;
+nothing asserts on time: orderings are observed (a hash read while a REST
+call is still in flight), and times are only printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from kumex_l3 import keys, order_store
+from kumex_l3.devredis import RedisServer
+from kumex_l3.orders import OrderStatus, OwnOrder
+from kumex_l3.rest import (
+    DuplicateClientOid,
+    InvalidParameter,
+    KumexRestClient,
+    RateLimited,
+    RequestTimeout,
+    ServerError,
+)
+from kumex_l3.trading import Trader
+from tests.procs import ServiceProcess, metric, wait_for
+from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
+
+SYM = "XBTUSDM"
+TICK = Decimal("0.1")
+#: REST replies come this long after the engine acted (the L3 push overtakes them).
+REST_LATENCY_MS = 200
+#: A ceiling against a hang, never a measurement.
+SAFETY_S = 60.0
+
+
+# ---------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    sandbox: SandboxProcess
+    feed: ServiceProcess
+    monitor: ServiceProcess
+
+
+def _common(redis_url: str, sandbox: SandboxProcess) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "KUMEX_SYMBOLS": SYM, "KUMEX_BASE_URL": sandbox.base_url}
+
+
+def _creds(key: DemoKey) -> dict[str, str]:
+    return {"KUMEX_API_KEY": key.key, "KUMEX_API_SECRET": key.secret,
+            "KUMEX_API_PASSPHRASE": key.passphrase}
+
+
+def _feed(redis_url: str, sandbox: SandboxProcess) -> ServiceProcess:
+    return ServiceProcess("services.feed", {
+        **_common(redis_url, sandbox), "FEED_HTTP_HOST": "127.0.0.1",
+        "FEED_SNAPSHOT_PER_MIN": "0", "FEED_BACKOFF_INITIAL": "0.2", "FEED_BACKOFF_MAX": "1"},
+        port_var="FEED_HTTP_PORT")
+
+
+def _monitor(redis_url: str, sandbox: SandboxProcess, port: int | None = None) -> ServiceProcess:
+    env = {**_common(redis_url, sandbox), **_creds(DEMO_KEY_1),
+           "MONITOR_HTTP_HOST": "127.0.0.1", "MONITOR_REPLICA_ID": "e2e-monitor",
+           "MONITOR_BLOCK_MS": "100", "MONITOR_REFRESH_S": "0.5", "MONITOR_LEASE_TTL_S": "2",
+           "MONITOR_UNSEEN_GRACE_MS": "1500"}
+    if port is not None:
+        env["MONITOR_HTTP_PORT"] = str(port)
+    return ServiceProcess("services.order_monitor", env, port_var="MONITOR_HTTP_PORT")
+
+
+def _consuming(monitor: ServiceProcess) -> bool:
+    """The monitor holds the symbol and its consumer has started."""
+    try:
+        body = httpx.get(f"{monitor.url}/readyz", timeout=2).json()
+    except httpx.HTTPError:
+        return False
+    return bool(body.get("ready") and body.get("symbols", {}).get(SYM, {}).get("ready"))
+
+
+def _empty_the_book(sandbox: SandboxProcess) -> None:
+    """demo-2 takes every resting order the flow primed (hidden ones too)."""
+    with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as http:
+        for side in ("sell", "buy"):
+            http.post("/api/v1/orders", json={
+                "clientOid": f"clear-{side}", "symbol": SYM, "side": side, "type": "market",
+                "size": 5_000_000, "leverage": "5"}).raise_for_status()
+        book = http.get(f"/sandbox/book/{SYM}").json()
+    assert book["bids"] == [] and book["asks"] == []
+
+
+@pytest.fixture(scope="class")
+def stack(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "5",
+           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "0"}
+    failed_before = request.session.testsfailed
+    with SandboxProcess(env) as sandbox:
+        _empty_the_book(sandbox)
+        with httpx.Client(base_url=sandbox.base_url, timeout=10) as http:
+            http.post("/sandbox/faults",
+                      json={"rest_latency_ms": REST_LATENCY_MS}).raise_for_status()
+        with _feed(redis_server.url, sandbox) as feed, \
+                _monitor(redis_server.url, sandbox) as monitor:
+            wait_for(lambda: _consuming(monitor), "the order monitor consuming")
+            yield Stack(redis_server.url, sandbox, feed, monitor)
+            if request.session.testsfailed > failed_before:
+                for proc in (feed, monitor):
+                    print(f"--- {proc.name} log ---\n{proc.log_text()}")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _coid(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def _rest(sandbox: SandboxProcess, key: DemoKey = DEMO_KEY_1, *,
+          timeout: float = 10.0) -> KumexRestClient:
+    return KumexRestClient(sandbox.base_url, key.key, key.secret, key.passphrase,
+                           timeout=timeout)
+
+
+async def _until(cond: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Poll an async condition until truthy (a safety ceiling, never a measurement)."""
+    deadline = time.monotonic() + SAFETY_S
+    while True:
+        value = await cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _events(r: aioredis.Redis, coid: str) -> list[tuple[str, dict[str, str]]]:
+    """The order-events entries of ``coid``, oldest first."""
+    out = []
+    for entry_id, raw in await r.xrange(keys.order_events(SYM)):
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if fields.get("clientOid") == coid:
+            out.append((entry_id.decode(), fields))
+    return out
+
+
+def _ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+def _assert_fills_counted_once(events: list[tuple[str, dict[str, str]]], final: int) -> None:
+    """filledSize moves only by each fill's size (or a reconciliation), never twice a trade."""
+    filled = 0
+    trades = []
+    for _, ev in events:
+        now = int(Decimal(ev["filledSize"]))
+        if ev["change"] == "fill":
+            trades.append(ev["tradeId"])
+            assert now == filled + int(Decimal(ev["fillSize"])), ev
+        else:
+            assert now >= filled, ev
+        filled = now
+    assert len(trades) == len(set(trades)), f"a trade applied twice: {trades}"
+    assert filled == final
+
+
+@pytest.fixture
+async def aredis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def trader(stack: Stack, aredis: aioredis.Redis) -> AsyncIterator[Trader]:
+    async with _rest(stack.sandbox) as rest:
+        yield Trader(aredis, rest)
+        await rest.cancel_all(SYM)
+
+
+@pytest.fixture
+async def taker(stack: Stack) -> AsyncIterator[KumexRestClient]:
+    async with _rest(stack.sandbox, DEMO_KEY_2) as rest:
+        yield rest
+
+
+async def _take(taker: KumexRestClient, side: str, price: Decimal, size: int) -> None:
+    """Another user (demo-2) sends an IOC limit at ``price``: it fills what it crosses."""
+    await taker.place_order(client_oid=_coid("taker"), symbol=SYM, side=side, price=price,
+                            size=size, leverage=5, time_in_force="IOC")
+
+
+def _faults(stack: Stack, **knobs: Any) -> None:
+    with httpx.Client(base_url=stack.sandbox.base_url, timeout=10) as http:
+        http.post("/sandbox/faults", json=knobs).raise_for_status()
+
+
+# ---------------------------------------------------------------------- a to e
+
+
+class TestWithRestLatency:
+    """One stack: sandbox (REST latency 200 ms, flow paused, book emptied), feed, monitor."""
+
+    async def test_received_comes_before_the_rest_reply_and_tracks_the_order(
+            self, aredis: aioredis.Redis, trader: Trader) -> None:
+        price = Decimal("20000.0")
+        coid = _coid("a")
+        sent_ms = time.time_ns() // 1_000_000
+        placing = asyncio.create_task(
+            trader.place_order(SYM, "buy", price, 3, leverage=5, client_oid=coid))
+        tracked: OwnOrder | None = None
+        while not placing.done():
+            order = await order_store.load(aredis, SYM, coid)
+            if tracked is None and order is not None and order.order_id:
+                tracked = order
+            await asyncio.sleep(0.005)
+        placed = placing.result()
+        returned_ms = time.time_ns() // 1_000_000
+        # Seen before the REST reply came back, under the orderId the reply then gave.
+        assert tracked is not None, "the order was not tracked before place_order returned"
+        assert tracked.order_id == placed.order_id
+        assert tracked.status in (OrderStatus.RECEIVED, OrderStatus.OPEN)
+        events = await _events(aredis, coid)
+        first_id, first = events[0]
+        assert (first["change"], first["status"], first["orderId"]) == (
+            "received", "received", placed.order_id)
+        assert first["streamId"], "the change came from the L3 stream"
+        assert _ms(first_id) <= returned_ms
+        print(f"received on order-events {_ms(first_id) - sent_ms} ms after sending, "
+              f"REST reply after {returned_ms - sent_ms} ms (sandbox latency "
+              f"{REST_LATENCY_MS} ms)")
+        # From then on the stream carries it: open, and the exchange agrees.
+        order = await trader.wait_for(SYM, coid, {"open"}, timeout=SAFETY_S)
+        assert order.status is OrderStatus.OPEN and int(order.remaining) == 3
+        record = await trader.rest.get_order(placed.order_id)
+        assert record is not None and record.is_active and record.client_oid == coid
+
+    async def test_timed_out_order_the_exchange_accepted_is_tracked_to_its_fills(
+            self, stack: Stack, aredis: aioredis.Redis, trader: Trader,
+            taker: KumexRestClient) -> None:
+        price = Decimal("21000.0")
+        coid = _coid("b")
+        async with _rest(stack.sandbox, timeout=0.05) as impatient:
+            with pytest.raises(RequestTimeout):
+                await Trader(aredis, impatient).place_order(SYM, "buy", price, 5, leverage=5,
+                                                            client_oid=coid)
+        # No reply, but the engine took it: the stream says so.
+        order = await trader.wait_for(SYM, coid, {"open"}, timeout=SAFETY_S)
+        assert order.status is OrderStatus.OPEN and order.order_id
+        assert (await trader.resolve_after_timeout(SYM, coid)).outcome == "settled"
+        await _take(taker, "sell", price, 3)
+        order = await trader.wait_for(SYM, coid, {"partially_filled"}, timeout=SAFETY_S)
+        record = await trader.rest.get_order(order.order_id)
+        assert record is not None and record.is_active
+        assert int(order.filled_size) == record.filled_size == 3
+        assert order.status is OrderStatus.PARTIALLY_FILLED
+        await _take(taker, "sell", price, 4)  # only 2 left to fill
+        order = await trader.wait_for(SYM, coid, timeout=SAFETY_S)
+        record = await trader.rest.get_order(order.order_id)
+        assert record is not None and not record.is_active and not record.cancel_exist
+        assert int(order.filled_size) == record.filled_size == 5
+        assert order.status is OrderStatus.FILLED and record.status == "done"
+        events = await _events(aredis, coid)
+        assert [ev["change"] for _, ev in events] == ["received", "open", "fill", "fill"]
+        _assert_fills_counted_once(events, 5)
+
+    async def test_orders_the_exchange_refused_end_rejected(
+            self, stack: Stack, aredis: aioredis.Redis, trader: Trader,
+            taker: KumexRestClient) -> None:
+        price = Decimal("22000.0")
+        off_tick, too_much_leverage, limited, failed = (_coid(t) for t in "cdef")
+        with pytest.raises(InvalidParameter):  # 300000: price not a multiple of the tick
+            await trader.place_order(SYM, "buy", price + TICK / 2, 1, leverage=5,
+                                     client_oid=off_tick)
+        with pytest.raises(InvalidParameter):  # 300000: above maxLeverage
+            await trader.place_order(SYM, "buy", price, 1, leverage=100,
+                                     client_oid=too_much_leverage)
+        with httpx.Client(base_url=stack.sandbox.base_url, timeout=10) as http:
+            http.post("/sandbox/rest-error",
+                      json={"status": 429, "seconds": 30}).raise_for_status()
+            try:
+                with pytest.raises(RateLimited):
+                    await trader.place_order(SYM, "buy", price, 1, leverage=5,
+                                             client_oid=limited)
+                http.post("/sandbox/rest-error",
+                          json={"status": 500, "seconds": 30}).raise_for_status()
+                with pytest.raises(ServerError):  # outcome unknown: left pending
+                    await trader.place_order(SYM, "buy", price, 1, leverage=5,
+                                             client_oid=failed)
+            finally:
+                http.post("/sandbox/rest-error", json={"status": None}).raise_for_status()
+        for coid, reason in ((off_tick, "300000"), (too_much_leverage, "300000"),
+                             (limited, "429000")):
+            order = await order_store.load(aredis, SYM, coid)
+            assert order is not None and order.status is OrderStatus.REJECTED
+            assert order.reason.startswith(reason)
+        pending = await order_store.load(aredis, SYM, failed)
+        assert pending is not None and pending.status is OrderStatus.PENDING
+        # The 500 came before the engine: the order never appears on the stream. Once the
+        # stream's clock passes its grace (another user's activity moves it), the monitor
+        # asks the exchange by clientOid, finds nothing, and rejects it as unseen.
+        await asyncio.sleep(1.6)
+        await _take(taker, "buy", Decimal("1.0"), 1)  # nothing to fill: received, done
+        order = await trader.wait_for(SYM, failed, timeout=SAFETY_S)
+        assert order.status is OrderStatus.REJECTED and order.reason == "unseen"
+        for coid in (off_tick, too_much_leverage, limited, failed):
+            assert await trader.rest.get_order_by_client_oid(coid, SYM) is None
+            assert [ev["status"] for _, ev in await _events(aredis, coid)] == ["rejected"]
+            assert not await aredis.sismember(keys.orders_active(SYM), coid)
+        # A clientOid the exchange already has active (sent behind the SDK's back):
+        # refused as a duplicate, and the hash follows the live order, not "rejected".
+        live = _coid("dup")
+        placed = await trader.rest.place_order(client_oid=live, symbol=SYM, side="buy",
+                                               price=price, size=2, leverage=5)
+        with pytest.raises(DuplicateClientOid):
+            await trader.place_order(SYM, "buy", price, 2, leverage=5, client_oid=live)
+        order = await trader.wait_for(SYM, live, {"open"}, timeout=SAFETY_S)
+        assert order.order_id == placed.order_id and order.status is OrderStatus.OPEN
+
+    async def test_a_cancel_is_confirmed_only_by_the_stream(
+            self, stack: Stack, aredis: aioredis.Redis, trader: Trader) -> None:
+        price = Decimal("23000.0")
+        # 1. The done overtakes the DELETE reply (REST latency > L3 path).
+        first = _coid("d")
+        await trader.place_order(SYM, "buy", price, 2, leverage=5, client_oid=first)
+        await trader.wait_for(SYM, first, {"open"}, timeout=SAFETY_S)
+        cancelling = asyncio.create_task(trader.cancel_order(SYM, first))
+        seen_before_reply: list[OrderStatus] = []
+        while not cancelling.done():
+            order = await order_store.load(aredis, SYM, first)
+            assert order is not None
+            seen_before_reply.append(order.status)
+            await asyncio.sleep(0.005)
+        assert cancelling.result() is True
+        assert OrderStatus.CANCELED in seen_before_reply, seen_before_reply
+        done = (await _events(aredis, first))[-1][1]
+        assert (done["change"], done["status"], done["reason"]) == ("done", "canceled",
+                                                                    "canceled")
+        assert done["streamId"]
+
+        # 2. The stream late (the sandbox holds L3 messages 1.5 s): the DELETE reply comes
+        # back first and changes nothing; the order stays open until the done arrives.
+        second = _coid("d")
+        await trader.place_order(SYM, "buy", price + TICK, 2, leverage=5, client_oid=second)
+        before = await trader.wait_for(SYM, second, {"open"}, timeout=SAFETY_S)
+        _faults(stack, delay_ms=1500)
+        try:
+            assert await trader.cancel_order(SYM, second) is True
+            after_reply = await order_store.load(aredis, SYM, second)
+            assert after_reply is not None
+            assert after_reply.status is OrderStatus.OPEN
+            assert after_reply.rev == before.rev, "the DELETE reply must not touch the hash"
+            record = await trader.rest.get_order(after_reply.order_id or "")
+            assert record is not None and not record.is_active  # the exchange has done it
+            order = await trader.wait_for(SYM, second, timeout=SAFETY_S)
+        finally:
+            _faults(stack, delay_ms=0)
+        assert order.status is OrderStatus.CANCELED and int(order.filled_size) == 0
+        events = await _events(aredis, second)
+        assert [ev["change"] for _, ev in events] == ["received", "open", "done"]
+        assert all(ev["streamId"] for _, ev in events), "every change came from the stream"
+
+    async def test_partial_fill_then_cancel_ends_canceled_with_its_filled_size(
+            self, aredis: aioredis.Redis, trader: Trader, taker: KumexRestClient) -> None:
+        price = Decimal("24000.0")
+        coid = _coid("e")
+        placed = await trader.place_order(SYM, "buy", price, 10, leverage=5, client_oid=coid)
+        await trader.wait_for(SYM, coid, {"open"}, timeout=SAFETY_S)
+        await _take(taker, "sell", price, 4)
+        order = await trader.wait_for(SYM, coid, {"partially_filled"}, timeout=SAFETY_S)
+        assert int(order.filled_size) == 4 and int(order.remaining) == 6
+        assert await trader.cancel_order(SYM, coid) is True
+        order = await trader.wait_for(SYM, coid, timeout=SAFETY_S)
+        assert order.status is OrderStatus.CANCELED
+        assert int(order.filled_size) == 4 and int(order.remaining) == 0
+        record = await trader.rest.get_order(placed.order_id)
+        assert record is not None
+        assert (record.status, record.filled_size, record.cancel_exist) == ("done", 4, True)
+        events = await _events(aredis, coid)
+        assert [ev["change"] for _, ev in events] == ["received", "open", "fill", "done"]
+        _assert_fills_counted_once(events, 4)
+        assert not await aredis.sismember(keys.orders_active(SYM), coid)
+
+
+# ---------------------------------------------------------------------- f: kill -9
+
+
+PREFIX = "kf"
+
+
+def _sweep(http: httpx.Client, taker: httpx.Client, r: redis.Redis,
+           rng: random.Random) -> bool:
+    """demo-2 sends an IOC through the grid's order nearest the touch (a random side).
+
+    Sized to take everything ahead of it in the queue and part of it; False when
+    there was nothing to aim at.
+    """
+    side = rng.choice(["buy", "sell"])
+    own: list[tuple[Decimal, str, int]] = []
+    for coid in r.smembers(keys.orders_active(SYM)):
+        h = {k.decode(): v.decode() for k, v in r.hgetall(keys.order(SYM, coid.decode())).items()}
+        if h.get("side") == side and h.get("orderId") and h.get("status") in (
+                "open", "partially_filled"):
+            own.append((Decimal(h["price"]), h["orderId"], int(Decimal(h["remaining"]))))
+    if not own:
+        return False
+    price, oid, remaining = max(own) if side == "buy" else min(own)
+    book = http.get(f"/sandbox/book/{SYM}").json()
+    ahead = 0
+    for level in book["bids" if side == "buy" else "asks"]:
+        level_price = Decimal(level["price"])
+        if (level_price > price) if side == "buy" else (level_price < price):
+            ahead += int(level["size"])
+        elif level_price == price:
+            for resting in level["orders"]:
+                if resting["orderId"] == oid:
+                    break
+                ahead += int(resting["size"])
+    taker.post("/api/v1/orders", json={
+        "clientOid": _coid("sweep"), "symbol": SYM, "side": "sell" if side == "buy" else "buy",
+        "price": f"{price:f}", "size": ahead + rng.randint(1, max(1, remaining)),
+        "leverage": "5", "timeInForce": "IOC"}).raise_for_status()
+    return True
+
+
+def _sweep_until(cond: Callable[[], bool], http: httpx.Client, taker: httpx.Client,
+                 r: redis.Redis, rng: random.Random, *, at_least: int = 0) -> int:
+    """Sweep (at least ``at_least`` times) until ``cond()``; the number of sweeps sent."""
+    deadline = time.monotonic() + SAFETY_S
+    sweeps = 0
+    while sweeps < at_least or not cond():
+        assert time.monotonic() < deadline, "the grid got no fills"
+        if _sweep(http, taker, r, rng):
+            sweeps += 1
+        else:
+            time.sleep(0.05)
+    return sweeps
+
+
+def _all_own(api: httpx.Client) -> dict[str, dict[str, Any]]:
+    """Every grid order of demo-1 the sandbox knows, by clientOid."""
+    out: dict[str, dict[str, Any]] = {}
+    for status in ("active", "done"):
+        data = api.get("/api/v1/orders", params={"status": status, "symbol": SYM,
+                                                 "pageSize": 1000}).json()["data"]
+        assert data["totalPage"] <= 1
+        for item in data["items"]:
+            if item["clientOid"].startswith(PREFIX + "-"):
+                assert item["clientOid"] not in out, "a clientOid sent twice"
+                out[item["clientOid"]] = item
+    return out
+
+
+def _expected_status(rec: dict[str, Any]) -> str:
+    if rec["isActive"]:
+        return "partially_filled" if rec["filledSize"] else "open"
+    return "canceled" if rec["cancelExist"] or rec["filledSize"] < rec["size"] else "filled"
+
+
+def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
+        redis_url: str, redis_sync: redis.Redis) -> None:
+    """kill -9 of the order monitor while the flow and another user fill the grid's orders."""
+    env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "11",
+           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "150"}
+    rng = random.Random(3)
+    with SandboxProcess(env) as sandbox, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10) as http, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as api, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
+            _feed(redis_url, sandbox), _monitor(redis_url, sandbox) as monitor:
+        wait_for(lambda: _consuming(monitor), "the order monitor consuming")
+        book = http.get(f"/sandbox/book/{SYM}").json()
+        mid = (Decimal(book["bids"][0]["price"]) + Decimal(book["asks"][0]["price"])) / 2
+        centre = (mid / TICK).to_integral_value() * TICK
+        strategy = ServiceProcess("services.strategy", {
+            **_common(redis_url, sandbox), **_creds(DEMO_KEY_1),
+            "STRATEGY_HTTP_HOST": "127.0.0.1", "STRATEGY_CENTRE_PRICE": f"{centre:f}",
+            "STRATEGY_CLIENT_OID_PREFIX": PREFIX, "STRATEGY_LEVELS": "3",
+            "STRATEGY_STEP_TICKS": "3", "STRATEGY_SIZE": "3", "STRATEGY_MAX_POSITION": "30",
+            "STRATEGY_MAX_OPEN_ORDERS": "40", "STRATEGY_READ_BLOCK": "0.2"},
+            port_var="STRATEGY_HTTP_PORT")
+        with strategy:
+            wait_for(lambda: httpx.get(f"{strategy.url}/readyz", timeout=2).status_code == 200,
+                     "the grid placed")
+
+            def fills() -> float:
+                return metric(strategy.url, "kumex_strategy_fills_total")
+
+            http.post("/sandbox/flow/resume", json={"rate": 100}).raise_for_status()
+            # Fills seen by the whole chain before the crash.
+            sweeps = _sweep_until(lambda: fills() >= 3, http, taker, redis_sync, rng)
+            # kill -9 mid-run: the flow goes on, demo-2 keeps filling own orders meanwhile.
+            monitor.kill()
+            sweeps += _sweep_until(lambda: True, http, taker, redis_sync, rng, at_least=4)
+            monitor.start()
+            wait_for(lambda: _consuming(monitor), "the restarted monitor consuming")
+            target = fills() + 3
+            sweeps += _sweep_until(lambda: fills() >= target, http, taker, redis_sync, rng)
+            http.post("/sandbox/flow/pause").raise_for_status()
+
+            # Settled: every own order as the exchange has it, the strategy idle.
+            def settled() -> bool:
+                for coid, rec in _all_own(api).items():
+                    h = redis_sync.hgetall(keys.order(SYM, coid))
+                    got = (int(Decimal(h.get(b"filledSize", b"-1").decode())),
+                           h.get(b"status", b"").decode())
+                    if got != (rec["filledSize"], _expected_status(rec)):
+                        return False
+                tail = redis_sync.xrevrange(keys.order_events(SYM), count=1)[0][0].decode()
+                return bool(httpx.get(f"{strategy.url}/state", timeout=5).json()[
+                    "lastEventId"] == tail)
+
+            wait_for(settled, "own orders equal to the exchange's records")
+            position = httpx.get(f"{strategy.url}/state", timeout=5).json()["position"]
+            assert strategy.stop() == 0  # SIGTERM: cancels every grid order
+        own = _all_own(api)
+        assert own and not any(rec["isActive"] for rec in own.values())
+
+        def all_final() -> bool:
+            return all(redis_sync.hget(keys.order(SYM, c), "status") in (b"filled", b"canceled")
+                       for c in own)
+
+        wait_for(all_final, "the cancels on the stream")
+        events = [(i.decode(), {k.decode(): v.decode() for k, v in f.items()})
+                  for i, f in redis_sync.xrange(keys.order_events(SYM))]
+        filled_orders = 0
+        for coid, listed in own.items():
+            rec = api.get(f"/api/v1/orders/{listed['id']}").json()["data"]
+            h = {k.decode(): v.decode() for k, v in
+                 redis_sync.hgetall(keys.order(SYM, coid)).items()}
+            assert (int(Decimal(h["filledSize"])), h["status"]) == (
+                rec["filledSize"], _expected_status(rec)), coid
+            assert h["orderId"] == rec["id"]
+            _assert_fills_counted_once([e for e in events if e[1]["clientOid"] == coid],
+                                       rec["filledSize"])
+            filled_orders += rec["filledSize"] > 0
+        # The strategy reacted to each fill once: its position is the exchange's.
+        net = sum((1 if r["side"] == "buy" else -1) * r["filledSize"] for r in own.values())
+        assert position == net
+        print(f"{len(own)} grid orders, {filled_orders} with fills, position {position}, "
+              f"{sweeps} sweeps by demo-2; the restarted monitor read "
+              f"{metric(monitor.url, 'kumex_order_monitor_messages_read_total'):.0f} entries, "
+              f"reconciled {metric(monitor.url, 'kumex_order_monitor_reconciliations_total'):.0f}"
+              f" orders, corrected "
+              f"{metric(monitor.url, 'kumex_order_monitor_corrections_total'):.0f}")
+        assert filled_orders >= 4
