@@ -37,6 +37,7 @@ restores one and the caller resumes reading the stream after its stream id.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -464,6 +465,16 @@ class Synchronizer:
         self._max_seen = max(self._max_seen, book.sequence)
         buffered = sorted(self._buffer, key=_sequence_of)
         self._buffer.clear()
+        conflict = _conflicting_sequence(buffered)
+        if conflict is not None and conflict > book.sequence:
+            # Two different messages claim one sequence: one of them is forged or
+            # corrupt, and nothing says which. Only a snapshot past it is safe.
+            stats.snapshots_rejected += 1
+            self._floor = max(self._floor, conflict)
+            self._buffer.extend(b for b in buffered if b.msg.sequence > conflict)
+            self.book = None
+            self._request(f"two different messages carry sequence {conflict}")
+            return
         start = 0
         while start < len(buffered) and buffered[start].msg.sequence <= book.sequence:
             start += 1
@@ -514,3 +525,12 @@ def _sequence_of(item: _Buffered) -> int:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _conflicting_sequence(buffered: list[_Buffered]) -> int | None:
+    """The highest sequence that two *different* buffered messages share (sorted input)."""
+    found = None
+    for a, b in itertools.pairwise(buffered):
+        if a.msg.sequence == b.msg.sequence and a.msg != b.msg:
+            found = a.msg.sequence
+    return found

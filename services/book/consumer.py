@@ -92,7 +92,7 @@ def peek_message_sequence(raw: bytes | str) -> int | None:
     """The ``data.sequence`` of a raw level3v2 message, without a full parse (``None``: bad)."""
     try:
         env = _ENVELOPE_DECODER.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     return None if env.data is None else env.data.sequence
 
@@ -101,7 +101,7 @@ def peek_snapshot_sequence(raw: bytes | str) -> int | None:
     """The ``sequence`` of a stored snapshot's JSON, without a full parse (``None``: bad)."""
     try:
         return _SEQ_DECODER.decode(raw).sequence
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
 
 

@@ -227,7 +227,7 @@ class Snapshotter:
             return False
         try:
             envelope = msgspec.json.decode(reply.content, type=_Reply)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             envelope = None
         if reply.status_code != 200 or envelope is None or str(envelope.code) != _OK_CODE:
             detail = (f"code {envelope.code}: {(envelope.msg or '')[:200]}"

@@ -331,7 +331,7 @@ class SymbolMonitor:
                 continue
             try:
                 peek = _PEEK.decode(raw)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 self.metrics.invalid.labels(self.symbol).inc()
                 continue
             data = peek.data

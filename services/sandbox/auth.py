@@ -140,7 +140,8 @@ def verify(
     version = int(version_text)
 
     timestamp = values[HEADER_TIMESTAMP]
-    if not timestamp.isdigit() or abs(now_ms - int(timestamp)) > MAX_SKEW_MS:
+    if not (timestamp.isascii() and timestamp.isdigit()) or \
+            abs(now_ms - int(timestamp)) > MAX_SKEW_MS:
         raise AuthError("400002", f"Invalid {HEADER_TIMESTAMP}")
 
     credential = keys.get(values[HEADER_KEY])

@@ -232,7 +232,7 @@ def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest]:
     """
     try:
         body = json.loads(raw, parse_float=Decimal) if raw.strip() else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _invalid("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
