@@ -465,7 +465,7 @@ class SymbolMonitor:
                                                     reason=reason))
         await self.redis.xadd(
             keys.dlq(self.symbol),
-            {"msg": it.raw, "reason": reason, "streamId": it.entry_id,
+            {"raw": it.raw, "reason": reason, "streamId": it.entry_id,
              "source": "order_monitor"},
             maxlen=_DLQ_MAXLEN, approximate=True)
 
