@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from decimal import Decimal
 
 from bench.baselines import CSortedDictBook, NaiveListBook
+from bench.common import machine
 from kumex_l3 import OrderBook, parse_message
 from kumex_l3.synthetic import StreamGenerator
 
@@ -45,17 +44,6 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -42,7 +42,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -60,6 +59,7 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import machine
 from kumex_l3 import keys
 from kumex_l3.devredis import RedisServer
 from kumex_l3.synthetic import StreamGenerator
@@ -79,14 +79,6 @@ STALL_S = 30.0
 # --------------------------------------------------------------------------- helpers
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def load() -> str:

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -43,6 +41,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench.common import machine
 from kumex_l3 import keys
 from kumex_l3.devredis import RedisServer
 from tests.procs import ServiceProcess, wait_for
@@ -56,17 +55,6 @@ PREFIX = "bench"
 TARGET_P99_MS = 20.0
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _creds(key: DemoKey) -> dict[str, str]:

@@ -22,11 +22,12 @@ import httpx
 import pytest
 import redis
 
-from kumex_l3 import OrderBook, keys, parse_message
+from kumex_l3 import OrderBook, keys
 from kumex_l3.devredis import RedisServer
 from tests.chaos.corpus import Frame
 from tests.procs import ServiceProcess, metric, wait_for
 from tests.sandbox_proc import SandboxProcess
+from tests.truth import assert_answers_were_true, assert_l3_equals_engine
 
 SYM = "XBTUSDM"
 #: A second listed symbol that no feed follows: the sandbox-only tests use it.
@@ -264,38 +265,14 @@ class ChaosStack:
         return body
 
     def assert_equal_to_engine(self, ours: dict[str, Any]) -> None:
-        engine = self.sb.get(f"/sandbox/book/{SYM}").json()
-        assert ours["sequence"] == engine["sequence"]
-        for side in ("bids", "asks"):
-            got = [(lv["price"], [(o["orderId"], int(o["size"])) for o in lv["orders"]])
-                   for lv in ours[side]]
-            want = [(lv["price"], [(o["orderId"], int(o["size"])) for o in lv["orders"]])
-                    for lv in engine[side]]
-            assert got == want, f"{side} differ from the engine's book"
+        assert_l3_equals_engine(ours, self.sb.get(f"/sandbox/book/{SYM}").json())
 
     def assert_answers_were_true(self, answers: list[tuple[int, dict[str, Any]]]) -> int:
         """Every 200 the book gave equals the true book at its sequence; the rest are 503.
 
         Returns how many 200s were checked.
         """
-        truth = OrderBook(SYM, sequence=START)
-        by_seq: dict[int, list[dict[str, Any]]] = {}
-        for status, body in answers:
-            assert status in (200, 503), (status, body)
-            if status == 503:
-                assert body.get("detail"), body
-            else:
-                by_seq.setdefault(body["sequence"], []).append(body)
-        checked = 0
-        for text in self.journal():
-            truth.apply(parse_message(text))
-            for body in by_seq.pop(truth.sequence, []):
-                bids, asks = truth.depth_rows(1000)
-                assert (body["bids"], body["asks"]) == (bids, asks), (
-                    f"the book served a wrong book at sequence {truth.sequence}")
-                checked += 1
-        assert not by_seq, f"answers at sequences the engine never had: {sorted(by_seq)[:5]}"
-        return checked
+        return assert_answers_were_true(OrderBook(SYM, sequence=START), self.journal(), answers)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from kumex_l3 import OrderBook, parse_message
+from kumex_l3 import OrderBook
 from tests.procs import ServiceProcess, metric, wait_for
 from tests.sandbox_proc import SandboxProcess
+from tests.truth import assert_answers_were_true, assert_l3_equals_engine
 
 SYM = "XBTUSDM"
 START = 5_000_000
@@ -104,36 +105,14 @@ def _settle(http: httpx.Client, book_url: str) -> dict[str, Any]:
 
 
 def _assert_equal_to_engine(http: httpx.Client, ours: dict[str, Any]) -> None:
-    engine = http.get(f"/sandbox/book/{SYM}").json()
-    assert ours["sequence"] == engine["sequence"]
-    for side in ("bids", "asks"):
-        got = [(lv["price"], [(o["orderId"], int(o["size"])) for o in lv["orders"]])
-               for lv in ours[side]]
-        want = [(lv["price"], [(o["orderId"], int(o["size"])) for o in lv["orders"]])
-                for lv in engine[side]]
-        assert got == want, f"{side} differ from the engine's book"
+    assert_l3_equals_engine(ours, http.get(f"/sandbox/book/{SYM}").json())
 
 
 def _assert_answers_were_true(http: httpx.Client, answers: list[tuple[int, dict[str, Any]]]
                               ) -> int:
     """Every 200 the book gave equals the true book at its sequence. Returns how many."""
     texts = http.get(f"/sandbox/journal/{SYM}", params={"after": START}).json()["messages"]
-    truth = OrderBook(SYM, sequence=START)
-    by_seq: dict[int, list[dict[str, Any]]] = {}
-    for status, body in answers:
-        assert status in (200, 503), (status, body)
-        if status == 200:
-            by_seq.setdefault(body["sequence"], []).append(body)
-    checked = 0
-    for text in texts:
-        truth.apply(parse_message(text))
-        for body in by_seq.pop(truth.sequence, []):
-            bids, asks = truth.depth_rows(1000)
-            assert (body["bids"], body["asks"]) == (bids, asks), (
-                f"the book served a wrong book at sequence {truth.sequence}")
-            checked += 1
-    assert not by_seq, f"answers at sequences the engine never had: {sorted(by_seq)[:5]}"
-    return checked
+    return assert_answers_were_true(OrderBook(SYM, sequence=START), texts, answers)
 
 
 def test_book_equals_the_exchange_through_drops_duplicates_and_disconnects(
