@@ -12,7 +12,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint browser bench demo clean distclean
+.PHONY: venv test lint browser bench chaos demo clean distclean
 
 venv: $(STAMP)
 
@@ -59,6 +59,12 @@ test: lint browser
 bench: venv
 	@echo "==> benchmarks"
 	@"$(BIN)/python" bench/run_all.py
+
+# The fault and abuse suite at full size (crashes, Redis restarts, network faults,
+# a 10-minute soak, fuzzing with a raised budget); its CI-sized part runs in `make test`.
+chaos: venv browser
+	@echo "==> chaos suite (about 30 minutes; --quick for the CI-sized set)"
+	@"$(BIN)/python" -m chaos.run $(CHAOS_ARGS)
 
 demo: venv
 	@"$(BIN)/python" -m services.demo

@@ -384,6 +384,10 @@ def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transitio
         return _finish_transition(order, before, Change.RECEIVED, now_ms, seq)
 
     if isinstance(msg, Done):
+        if msg.reason == "filled" and order.remaining > 0:
+            # What still rested was filled by a match lost in a gap of the stream: count
+            # it here, since a finished order is never reconciled afterwards.
+            order.filled_size += order.remaining
         order.status = exchange_status(msg.reason)
         order.reason = msg.reason
         order.remaining = 0

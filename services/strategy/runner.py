@@ -18,6 +18,10 @@
 3. **Stop** (SIGTERM / Ctrl-C): cancel all orders on the symbol, confirm at
    the exchange that none of its own is still active (cancelling stragglers
    one by one), and return.
+4. **Keep** its state: should Redis lose it (a restart without persistence),
+   the state is written again from memory and the open orders are adopted
+   from the exchange, so that the order monitor tracks them again
+   (:meth:`GridStrategy._keep_state`, checked every second).
 
 Every decision is logged on one line (``decision`` with its reason). With
 ``dry_run`` nothing is registered, sent or written; decisions are only logged.
@@ -71,6 +75,12 @@ __all__ = ["GridStrategy", "StrategyError"]
 _log = logging.getLogger("services.strategy")
 
 _READ_COUNT: Final = 200
+#: How often the run loop checks that Redis still holds the grid's state.
+_STATE_CHECK_S: Final = 1.0
+#: After restoring lost state, the open orders are adopted once more this much later:
+#: the order monitor learns adopted orderIds at its next index refresh
+#: (``MONITOR_REFRESH_S``, 5 s by default), and a fill in between is not on its hashes.
+_READOPT_AFTER_S: Final = 6.0
 _BOOK_ATTEMPTS: Final = 10
 _CONFIRM_ROUNDS: Final = 3
 
@@ -131,6 +141,8 @@ class GridStrategy:
         self.ready = False
         self.stopped = False
         self._resolvers: set[asyncio.Task[None]] = set()
+        self._state_check_at = 0.0
+        self._readopt_at: float | None = None
 
     # ------------------------------------------------------------------ status
 
@@ -501,6 +513,7 @@ class GridStrategy:
         try:
             while not stop.is_set():
                 try:
+                    await self._keep_state()
                     # Only the wait for entries is interrupted by a stop, never the acting.
                     reply = await self._read_or_stop(block_ms, stop)
                 except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -516,6 +529,62 @@ class GridStrategy:
                 await self._act_on(reply)
         finally:
             await self.shutdown()
+
+    async def _keep_state(self) -> None:
+        """Every :data:`_STATE_CHECK_S`: restore the grid's state if Redis lost it.
+
+        Redis restarted without persistence (or flushed) has lost the state
+        hash and every own-order hash: the order monitor then tracks nothing
+        and no fill would ever reach the grid again. The state is written
+        again from memory, and the open orders are adopted from the exchange
+        (their hashes registered again and brought up to date, each change an
+        event this loop then acts upon); once more :data:`_READOPT_AFTER_S`
+        later for the fills that came before the monitor saw the new hashes.
+        A REST failure is retried at the next check.
+        """
+        now = time.monotonic()
+        if self.dry_run or self.config is None or now < self._state_check_at:
+            return
+        self._state_check_at = now + _STATE_CHECK_S
+        config = self.config
+        try:
+            if self._readopt_at is not None and now >= self._readopt_at:
+                await self._adopt_open_orders()
+                self._readopt_at = None
+            # ``centre`` is written at start and never by an event: absent = state lost.
+            if await self.redis.hexists(self.key, "centre"):
+                return
+            _log.warning("grid state missing from Redis (restarted without persistence?): "
+                         "restoring it and adopting own orders from the exchange",
+                         extra=kv(symbol=self.symbol, key=self.key))
+            adopted = await self._adopt_open_orders()
+        except RestError as exc:
+            _log.warning("cannot read own orders at the exchange; will retry",
+                         extra=kv(symbol=self.symbol, error=str(exc)))
+            return
+        filled = {c: o.filled for c, o in self.state.orders.items() if o.filled}
+        await save_progress(self.redis, self.key, last_event_id=self.last_event_id,
+                            position=self.state.position, next_seq=self.state.next_seq,
+                            centre=config.centre, filled=filled)
+        self._readopt_at = time.monotonic() + _READOPT_AFTER_S
+        _log.info("grid state restored", extra=kv(symbol=self.symbol, adopted=adopted,
+                                                  position=self.state.position))
+
+    async def _adopt_open_orders(self) -> int:
+        """Adopt from the exchange every own order it has active or the grid holds open."""
+        assert self.config is not None
+        config = self.config
+        records = {o.client_oid: o for o in await self.rest.active_orders(self.symbol)
+                   if config.owns(o.client_oid)}
+        for order in self.state.open_orders():
+            if order.client_oid not in records:
+                found = await self.rest.get_order_by_client_oid(order.client_oid, self.symbol)
+                if found is not None:
+                    records[order.client_oid] = found
+        hashes = await order_store.load_many(self.redis, self.symbol, sorted(records))
+        for coid, record in records.items():
+            await self._adopt(coid, record, hashes)
+        return len(records)
 
     async def _cancel_resolvers(self) -> None:
         for task in list(self._resolvers):

@@ -284,7 +284,18 @@ def test_done_twice_and_match_after_done_change_nothing() -> None:
     run(o, received(1), opened(2, 10), done(3, "filled"))
     assert not apply(o, done(4, "canceled"), T0).changed
     assert not apply(o, match(5, 3), T0).changed
-    assert o.status is OrderStatus.FILLED and o.filled_size == 0
+    assert o.status is OrderStatus.FILLED and o.filled_size == 10
+
+
+def test_done_filled_counts_what_rested_when_its_match_was_lost() -> None:
+    # A gap swallowed the last match: "filled" still means all of it filled (the monitor
+    # never reconciles a finished order, so the done itself must say so).
+    o = new(10)
+    run(o, received(1), opened(2, 10), match(3, 4), done(5, "filled"))  # match 4 lost
+    assert (o.status, o.filled_size, o.remaining) == (OrderStatus.FILLED, 10, 0)
+    o2 = new(10)
+    run(o2, received(1), opened(2, 10), update(3, 7), done(5, "filled"))  # reduced to 7
+    assert (o2.status, o2.filled_size) == (OrderStatus.FILLED, 7)
 
 
 def test_control_and_other_symbol_change_nothing() -> None:
