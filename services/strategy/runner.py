@@ -499,9 +499,9 @@ class GridStrategy:
     async def run(self, stop: asyncio.Event) -> None:
         """Start, react to events until ``stop`` is set, then cancel own orders.
 
-        Only waiting for entries is retried on a Redis error; an error while
-        acting on an entry ends the run (own orders cancelled): a restart
-        resumes from the persisted state rather than from a half-applied event.
+        A Redis error while waiting is retried; one while acting on an entry
+        leaves it half-applied, so the grid recovers as a restart would
+        (:meth:`_recover`) rather than going on from a half-applied event.
         """
         try:
             await self.start()
@@ -526,9 +526,37 @@ class GridStrategy:
                 policy.reset()
                 if stop.is_set():
                     break
-                await self._act_on(reply)
+                try:
+                    await self._act_on(reply)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    # Half-applied: recover as a restart would (persisted state, plans,
+                    # the exchange's active orders), in this process, once Redis is back.
+                    _log.warning("redis error while acting on an event; recovering",
+                                 extra=kv(error=type(exc).__name__))
+                    await self._recover(stop, policy)
         finally:
             await self.shutdown()
+
+    async def _recover(self, stop: asyncio.Event, policy: Backoff) -> None:
+        """Wait for Redis, restore lost state if needed, then rebuild as :meth:`start` does."""
+        while not stop.is_set():
+            delay = policy.next_delay()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            try:
+                await self.redis.ping()
+                self._state_check_at = 0.0
+                await self._keep_state()
+                await self.start()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                _log.warning("redis still unavailable; retrying",
+                             extra=kv(error=type(exc).__name__))
+                continue
+            policy.reset()
+            _log.info("recovered after a redis error", extra=kv(symbol=self.symbol))
+            return
 
     async def _keep_state(self) -> None:
         """Every :data:`_STATE_CHECK_S`: restore the grid's state if Redis lost it.
