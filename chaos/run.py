@@ -10,6 +10,9 @@ Runs, in order (``--only`` picks some):
 * ``pytest``: the rest of ``tests/chaos/`` (bad input, fuzzing, HTTP abuse,
   secrets...) through pytest, with ``KUMEX_FUZZ_EXAMPLES`` raised (5000;
   the tests' own defaults with ``--quick``); each failed test is a violation;
+* ``atheris``: the coverage-guided parser fuzzer of ``tests/chaos`` for
+  ``--atheris-seconds`` (60; not with ``--quick``) when atheris is installed
+  (``pip install -e '.[fuzz]'``); a crash it finds is a violation;
 * ``soak``: ~5,000 messages a second through the whole set for
   ``--soak-minutes`` (10; none with ``--quick``), checked against the journal.
 
@@ -24,8 +27,10 @@ their violations; exits 1 on any violation (0 when there is none).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +52,8 @@ __all__ = ["main", "table"]
 ROOT: Final = Path(__file__).resolve().parent.parent
 #: The test files that run the scenarios of this package (not run again through pytest).
 _OWN_TESTS: Final = ("tests/chaos/test_crash_restart.py", "tests/chaos/test_network_faults.py")
-_PARTS: Final = ("crash", "network", "pytest", "soak")
+_PARTS: Final = ("crash", "network", "pytest", "atheris", "soak")
+_ATHERIS_SCRIPT: Final = "tests/chaos/fuzz_parser_atheris.py"
 _FAULT_WIDTH: Final = 58
 _NAME_WIDTH: Final = 34
 
@@ -97,6 +103,38 @@ def _pytest_outcomes(fuzz_examples: int | None, quick: bool) -> list[Outcome]:
     return outcomes
 
 
+def _atheris_outcome(seconds: int) -> Outcome:
+    """``tests/chaos/fuzz_parser_atheris.py`` for ``seconds``: one outcome, one invariant."""
+    check = Check("no crash found by libFuzzer")
+    name = f"atheris parser fuzzing {seconds} s"
+    if not (ROOT / _ATHERIS_SCRIPT).exists():
+        return Outcome(name, {"skipped: no fuzz script": 1}, [check])
+    if importlib.util.find_spec("atheris") is None:
+        return Outcome(name, {"skipped: atheris not installed (pip install -e '.[fuzz]')": 1},
+                       [check])
+    started = time.monotonic()
+    print(f"==> {_ATHERIS_SCRIPT} -max_total_time={seconds}", flush=True)
+    # Kept when libFuzzer writes a crashing input there; removed after a clean run.
+    artifacts = Path(tempfile.mkdtemp(prefix="kumex-atheris-"))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / _ATHERIS_SCRIPT), f"-max_total_time={seconds}",
+         f"-artifact_prefix={artifacts}/"], cwd=ROOT, capture_output=True, text=True,
+        check=False, timeout=seconds + 300)
+    output = done.stdout + done.stderr
+    runs = 0
+    for line in output.splitlines():
+        if line.startswith("Done ") and " runs " in line:
+            runs = int(line.split()[1])
+    if done.returncode == 0:
+        check.ok()
+        shutil.rmtree(artifacts, ignore_errors=True)
+    else:
+        tail = " | ".join(output.strip().splitlines()[-5:])
+        check.fail(f"exit status {done.returncode} (inputs kept in {artifacts}): {tail[:500]}")
+    return Outcome(name, {f"{runs} generated inputs": 1}, [check], {},
+                   time.monotonic() - started)
+
+
 def _faults_text(outcome: Outcome) -> str:
     parts = [name if n == 1 else f"{name} x{n}" for name, n in outcome.faults.items()]
     return ", ".join(parts) or "-"
@@ -144,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fuzz-examples", type=int, default=None,
                         help="KUMEX_FUZZ_EXAMPLES for tests/chaos (default 5000; "
                              "the tests' own with --quick)")
+    parser.add_argument("--atheris-seconds", type=int, default=60,
+                        help="length of the atheris run (not run with --quick)")
     parser.add_argument("--only", default=",".join(_PARTS),
                         help=f"comma-separated parts among {','.join(_PARTS)}")
     parser.add_argument("--json", type=Path, default=None, help="write the outcomes here")
@@ -167,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes += scenarios.network_suite(size, on_outcome=_print)
     if "pytest" in parts:
         outcomes += _pytest_outcomes(fuzz, args.quick)
+    if "atheris" in parts and not args.quick and args.atheris_seconds > 0:
+        outcome = _atheris_outcome(args.atheris_seconds)
+        _print(outcome)
+        outcomes.append(outcome)
     if "soak" in parts and soak_minutes > 0:
         outcome = scenarios.soak(soak_minutes, rate=args.soak_rate)
         _print(outcome)

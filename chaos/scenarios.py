@@ -473,7 +473,7 @@ def redis_outage(stack: Stack, size: Size) -> Outcome:
     errors = stack.metric("feed", "kumex_feed_redis_errors_total") - errors_before
     visible.expect(errors >= 1, "kumex_feed_redis_errors_total did not rise")
     for name, text in (("feed", "Redis write failed"), ("book", "redis error"),
-                       ("order_monitor", "Error"), ("strategy", "redis error")):
+                       ("order_monitor", "consumer failed"), ("strategy", "redis error")):
         visible.expect(text in stack.log(name)[marks[name]:], f"{name}: no log line {text!r}")
     run.outcome.figures["seen during the outage (polls)"] = seen
     run.outcome.figures["feed redis errors"] = errors

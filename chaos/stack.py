@@ -281,7 +281,8 @@ class StackConfig:
     appendonly: bool = True
     #: WebSocket ping interval and pong timeout the sandbox advertises (ms).
     ping_interval_ms: int = 1000
-    ping_timeout_ms: int = 2000
+    #: 3 s: a busy machine does not miss a pong by accident.
+    ping_timeout_ms: int = 3000
     #: Symbol lease TTL of the book and the order monitor (s).
     lease_ttl_s: float = 3.0
     grid_levels: int = 3
@@ -702,18 +703,31 @@ class Stack:
                  hashes: dict[str, dict[str, str]]) -> list[str]:
         """Hashes of orders the exchange does not have (rejected ones aside).
 
-        The sandbox remembers only its last 50,000 done orders (every user's):
-        a finished hash it no longer knows is not a violation (see :meth:`forgotten`).
+        The sandbox remembers only its last 50,000 done orders (every user's),
+        forgetting the oldest first: a finished hash it no longer lists is a
+        violation only if it was written well after the oldest done order the
+        sandbox still lists (else see :meth:`forgotten`).
         """
-        return [c for c, h in hashes.items()
-                if c not in exchange and h.get("status") not in _FINISHED]
+        remembered = [int(r["updatedAt"]) for r in exchange.values() if not r["isActive"]]
+        since = min(remembered) + _FORGET_MARGIN_MS if remembered else None
+        out = []
+        for coid, h in hashes.items():
+            status = h.get("status")
+            if coid in exchange or status == "rejected":
+                continue
+            if status in ("filled", "canceled") and (
+                    since is None or int(h.get("updatedAt") or 0) <= since):
+                continue  # may have been forgotten by the sandbox
+            out.append(coid)
+        return out
 
-    @staticmethod
-    def forgotten(exchange: dict[str, dict[str, Any]],
+    @classmethod
+    def forgotten(cls, exchange: dict[str, dict[str, Any]],
                   hashes: dict[str, dict[str, str]]) -> list[str]:
-        """Finished (filled, canceled) hashes whose order the sandbox no longer lists."""
-        return [c for c, h in hashes.items()
-                if c not in exchange and h.get("status") in ("filled", "canceled")]
+        """Finished (filled, canceled) hashes the sandbox may have forgotten."""
+        unknown = set(cls._unknown(exchange, hashes))
+        return [c for c, h in hashes.items() if c not in exchange and c not in unknown
+                and h.get("status") in ("filled", "canceled")]
 
     def check_orders(self, timeout: float | None = None) -> list[Check]:
         """``orders = exchange``, ``clientOids unique``, ``nothing untracked``."""
@@ -852,7 +866,9 @@ class Stack:
                 "empty 200": empty}
 
 
-_FINISHED: Final = frozenset({"filled", "canceled", "rejected"})
+#: A finished hash written this long after the oldest done order the sandbox still
+#: lists cannot be one it forgot (it forgets done orders oldest first).
+_FORGET_MARGIN_MS: Final = 60_000
 
 
 def _text(value: bytes | str) -> str:
