@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 
 lint: venv
 	@echo "==> ruff"
-	@"$(BIN)/ruff" check kumex_l3 services tests bench scripts
+	@"$(BIN)/ruff" check kumex_l3 services tests bench scripts chaos
 	@echo "==> mypy (strict)"
 	@"$(BIN)/mypy" kumex_l3
 
