@@ -9,10 +9,13 @@ opens a tab and returns a :class:`Page` with ``evaluate(js)`` and
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -70,12 +73,14 @@ class Browser:
         binary = find_chromium()
         if binary is None:
             raise RuntimeError("no chromium on PATH (apt-get install chromium)")
-        self._profile = tempfile.TemporaryDirectory(prefix="kumex-chromium-")
+        self._profile = tempfile.TemporaryDirectory(prefix="kumex-chromium-",
+                                                    ignore_cleanup_errors=True)
         self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen(
             [binary, *FLAGS, "--remote-debugging-port=0",
              f"--user-data-dir={self._profile.name}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
+            start_new_session=True)  # its own process group: close() ends every helper
         port_file = Path(self._profile.name) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -95,12 +100,15 @@ class Browser:
         return re.sub(r"\s+\n", "\n", self._log.read().decode(errors="replace"))[-5000:]
 
     def close(self) -> None:
-        self.proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        time.sleep(0.2)  # let the renderers, zygote and crashpad go before the profile
         self._log.close()
         self._profile.cleanup()
 
