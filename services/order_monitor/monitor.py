@@ -288,23 +288,21 @@ class SymbolMonitor:
     # ------------------------------------------------------------------ one batch
 
     async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]]) -> None:
-        """Reconcile on loss, apply a batch to the own orders, then ``XACK`` it."""
+        """Apply a batch to the own orders, reconcile on loss, then ``XACK`` it."""
         if not self._holds():
             raise LeaseLost(self.symbol)
         started = time.perf_counter()
         items, causes = self._scan(entries)
+        own = await self._own(items)
+        if own:
+            await self._apply(own)
         if causes:
-            # Reconcile BEFORE applying: an order this batch finishes (a done after a
-            # lost match) is still active now, so the exchange's record still corrects it.
             for cause in causes:
                 self.metrics.gaps.labels(self.symbol, cause).inc()
             log.warning("messages may be missing: reconciling",
                         extra=kv(symbol=self.symbol, causes=",".join(sorted(set(causes)))))
             self.reconcile_due = True
             await self.maybe_reconcile()
-        own = await self._own(items)
-        if own:
-            await self._apply(own)
         await self.redis.xack(self.stream, self.group, *(eid for eid, _ in entries))
         self.metrics.read.labels(self.symbol).inc(len(entries))
         self.metrics.batch_seconds.labels(self.symbol).observe(time.perf_counter() - started)
