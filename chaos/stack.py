@@ -553,9 +553,13 @@ class Stack:
         if persist:
             self.redis.restart()
             return
-        self.history_lost_ms = time.time_ns() // 1_000_000
+        def lost_now() -> None:
+            # Taken once the old server has exited: an order that finished until then
+            # may have had its final hash written and lost with it.
+            self.history_lost_ms = time.time_ns() // 1_000_000
+
         self.redis.appendonly = False
-        self.redis.restart()
+        self.redis.restart(stopped=lost_now)
         client = self.redis_client()
         try:
             client.config_set("appendonly", "yes")

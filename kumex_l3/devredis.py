@@ -29,6 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -304,12 +305,16 @@ class RedisServer:
             self._cleanup_rundir()
             _live.discard(self)
 
-    def restart(self) -> None:
+    def restart(self, *, stopped: Callable[[], None] | None = None) -> None:
         """Stop and start again on the same port and data directory.
 
         With ``appendonly=True`` the data survives (what persistence tests need).
+        ``stopped`` is called once the old process has exited and before the
+        new one starts: the one moment when no client can write.
         """
         self._terminate()
+        if stopped is not None:
+            stopped()
         self.start()
 
     def __enter__(self) -> RedisServer:

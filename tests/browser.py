@@ -26,6 +26,8 @@ from typing import Any
 import httpx
 from websockets.sync.client import ClientConnection, connect
 
+from tests.procs import read_shared
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1400,1000"]
@@ -96,8 +98,7 @@ class Browser:
         return page
 
     def log_text(self) -> str:
-        self._log.seek(0)
-        return re.sub(r"\s+\n", "\n", self._log.read().decode(errors="replace"))[-5000:]
+        return re.sub(r"\s+\n", "\n", read_shared(self._log).decode(errors="replace"))[-5000:]
 
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -155,11 +155,7 @@ class ServiceProcess:
         """Everything the process wrote so far (stdout and stderr)."""
         if self._log is None:
             return ""
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", errors="replace")
-        self._log.seek(0, os.SEEK_END)
-        return text
+        return read_shared(self._log).decode("utf-8", errors="replace")
 
     def log_tail(self) -> str:
         """The end of :meth:`log_text`, for a failure message."""
@@ -182,6 +178,16 @@ class ServiceProcess:
             if exc_type is not None:
                 sys.stderr.write(f"--- {self.name} log ({self.url}) ---\n{self.log_tail()}\n")
             self.close()
+
+
+def read_shared(file: IO[bytes]) -> bytes:
+    """All of ``file``, which a child process writes through the same open file.
+
+    ``pread``: parent and child share one file offset, which ``seek`` and
+    ``read`` would move under the child's writes (they would overwrite).
+    """
+    fd = file.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
 def wait_for(check: Callable[[], _T], what: str, *, timeout: float = SAFETY_S,

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import IO
 
 import httpx
 import redis
 
 from kumex_l3 import keys
-from tests.procs import ROOT, wait_for
+from tests.procs import ROOT, read_shared, wait_for
 
 SYM = "XBTUSDM"
 SERVICE_PORTS = (8080, 8081, 8082, 8083, 8090)
@@ -43,27 +44,41 @@ def test_demo_brings_up_the_set_and_stops_cleanly(redis_url: str) -> None:
     env = {**os.environ, "REDIS_URL": redis_url, "DEMO_PORT_OFFSET": str(offset),
            "SANDBOX_FLOW_RATE": "300", "STRATEGY_STEP_TICKS": "1", "KUMEX_SYMBOLS": SYM,
            "SANDBOX_SYMBOLS": SYM, "FEED_SNAPSHOT_PER_MIN": "0", "PYTHONUNBUFFERED": "1"}
-    log = tempfile.TemporaryFile()  # noqa: SIM115
-    demo = subprocess.Popen([sys.executable, "-m", "services.demo"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    with tempfile.TemporaryFile() as log:
+        demo = subprocess.Popen([sys.executable, "-m", "services.demo"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _exercise(demo, log, redis_url, offset)
+        finally:
+            demo.send_signal(signal.SIGINT)
+            code = demo.wait(90)
+        text = _text(log)
+    assert code == 0, text
+    assert "all stopped" in text
+    assert "no own order active at the exchange" in text  # the grid cancelled everything
+    time.sleep(0.2)
+    assert not [p + offset for p in SERVICE_PORTS if _listening(p + offset)], text[-3000:]
+
+
+def _exercise(demo: subprocess.Popen[bytes], log: IO[bytes], redis_url: str,
+              offset: int) -> None:
+    """While the demo runs: a book, an own order, a fill, and the README's redis-cli lines."""
     book = f"http://127.0.0.1:{8080 + offset}"
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        def running() -> bool:
-            assert demo.poll() is None, _text(log)
-            return b"kumex-l3 is running" in _raw(log)
 
-        wait_for(running, "the demo to start every service")
-        started = _text(log)
-        for name in ("sandbox", "feed", "book", "order_monitor", "strategy"):
-            assert f"==> starting {name}: -m services.{name}" in started
+    def running() -> bool:
+        assert demo.poll() is None, _text(log)
+        return b"kumex-l3 is running" in _raw(log)
 
-        def book_served() -> bool:
-            resp = httpx.get(f"{book}/book/{SYM}", params={"depth": 12}, timeout=5)
-            return resp.status_code == 200 and bool(resp.json()["bids"])
+    wait_for(running, "the demo to start every service")
+    started = _text(log)
+    for name in ("sandbox", "feed", "book", "order_monitor", "strategy"):
+        assert f"==> starting {name}: -m services.{name}" in started
 
-        wait_for(book_served, "a synced book")
+    def book_served() -> bool:
+        resp = httpx.get(f"{book}/book/{SYM}", params={"depth": 12}, timeout=5)
+        return resp.status_code == 200 and bool(resp.json()["bids"])
 
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
         def own(status: set[str]) -> list[dict[str, str]]:
             found = []
             for key in r.scan_iter(keys.order(SYM, "*")):
@@ -72,33 +87,27 @@ def test_demo_brings_up_the_set_and_stops_cleanly(redis_url: str) -> None:
                     found.append(h)
             return found
 
-        wait_for(lambda: own({"open", "partially_filled", "filled"}), "an own order open")
-        wait_for(lambda: [h for h in own({"partially_filled", "filled", "canceled"})
-                          if int(h.get("filledSize", "0")) > 0], "a fill of an own order")
-        # Every redis-cli command of the README's walkthrough answers something.
-        for line in _readme_redis_commands():
-            reply = r.execute_command(*shlex.split(line)[1:])
-            assert reply, f"README command gave nothing: {line}"
-    finally:
-        demo.send_signal(signal.SIGINT)
-        code = demo.wait(90)
-        r.close()
-    text = _text(log)
-    log.close()
-    assert code == 0, text
-    assert "all stopped" in text
-    assert "no own order active at the exchange" in text  # the grid cancelled everything
-    time.sleep(0.2)
-    assert not [p + offset for p in SERVICE_PORTS if _listening(p + offset)], text[-3000:]
+        try:
+            wait_for(book_served, "a synced book")
+            wait_for(lambda: own({"open", "partially_filled", "filled"}), "an own order open")
+            wait_for(lambda: [h for h in own({"partially_filled", "filled", "canceled"})
+                              if int(h.get("filledSize", "0")) > 0], "a fill of an own order")
+            # Every redis-cli command of the README's walkthrough answers something. The
+            # set is live (the grid's orders fill and are replaced), so an empty answer
+            # is asked again until one comes: the active set can be empty for a moment.
+            for line in _readme_redis_commands():
+                args = shlex.split(line)[1:]
+                wait_for(lambda args=args: r.execute_command(*args),
+                         f"an answer to the README command: {line}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- demo log ---\n{_text(log)}") from None
 
 
-def _raw(log: object) -> bytes:
-    assert hasattr(log, "seek") and hasattr(log, "read")
-    log.seek(0)
-    return log.read()  # type: ignore[no-any-return]
+def _raw(log: IO[bytes]) -> bytes:
+    return read_shared(log)
 
 
-def _text(log: object) -> str:
+def _text(log: IO[bytes]) -> str:
     return _raw(log).decode(errors="replace")[-8000:]
 
 

@@ -144,7 +144,8 @@ BAD: list[tuple[str, str | bytes, str]] = [
 def test_malformed_messages_raise_message_error(name: str, raw: str | bytes, reason: str) -> None:
     with pytest.raises(MessageError) as info:
         parse_message(raw)
-    assert reason in info.value.reason
+    # Decoder wording varies between msgspec releases ("invalid utf-8", "Invalid UTF-8").
+    assert reason.lower() in info.value.reason.lower()
     assert isinstance(info.value, ValueError)  # one documented type, a ValueError too
 
 
