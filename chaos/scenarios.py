@@ -310,15 +310,23 @@ def pong_silence(stack: Stack, size: Size) -> Outcome:
     time.sleep(size.run_s)
     pids = _pids(stack)
     mark = len(stack.log("feed"))
+    book_mark = len(stack.log("book"))
     before = stack.metric("feed", "kumex_feed_reconnects_total")
+    downs = stack.metric("book", "kumex_book_feed_disconnects_total", symbol=SYM)
     stack.faults(pong_disabled=True)
     run.inject("pong_disabled")
     time.sleep(max(size.fault_s, 3 * stack.config.ping_timeout_ms / 1000))
     stack.faults(pong_disabled=False)
-    visible = run.check("degraded visibly (ping timeout seen, logged, reconnected)")
+    visible = run.check("degraded visibly (ping timeout seen, logged, reconnected, "
+                        "book not served meanwhile)")
     reconnects = stack.metric("feed", "kumex_feed_reconnects_total") - before
     visible.expect(reconnects >= 1, "the feed never gave up on the silent connection")
     visible.expect("PingTimeout" in stack.log("feed")[mark:], "no ping timeout log line")
+    # The feed's ctl=disconnected reached the book: it stopped serving what may be stale.
+    visible.expect(stack.metric("book", "kumex_book_feed_disconnects_total",
+                                symbol=SYM) > downs, "the book never saw the feed go down")
+    visible.expect("the feed lost the exchange" in stack.log("book")[book_mark:],
+                   "no book log line about the feed losing the exchange")
     run.outcome.figures["feed reconnects"] = reconnects
     time.sleep(size.run_s)
     _recovered_alone(run, stack, pids)

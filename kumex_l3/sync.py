@@ -18,6 +18,11 @@ follows the exchange's sync procedure (kumex-api.md, section 5):
   unsynced, ask for a snapshot and start buffering again. ``ctl=connected``
   (the feed reconnected) only says a gap *may* follow: a contiguous next
   message keeps the book synced, a non-contiguous one is a gap as usual;
+* ``ctl=disconnected`` (the feed lost the exchange) keeps the book, which is
+  still right at its sequence, but no longer *fresh*: nothing says the
+  exchange has not moved on. It is fresh again at the next contiguous message,
+  or at a ``ctl=snapshot`` at exactly its sequence once the feed is back
+  (a quiet market); a gap resyncs as usual. Serve only a fresh book;
 * a message that cannot be parsed (or belongs to another symbol) is refused:
   a :class:`DeadLetter` output, counted, the book untouched.
 
@@ -50,9 +55,11 @@ from kumex_l3.messages import Control, DataMessage, Snapshot, parse_message, par
 
 __all__ = [
     "CTL_CONNECTED",
+    "CTL_DISCONNECTED",
     "CTL_GAP",
     "CTL_SNAPSHOT",
     "Applied",
+    "BecameStale",
     "BecameSynced",
     "BecameUnsynced",
     "DeadLetter",
@@ -68,6 +75,7 @@ __all__ = [
 CTL_CONNECTED: Final = "connected"
 CTL_SNAPSHOT: Final = "snapshot"
 CTL_GAP: Final = "gap"
+CTL_DISCONNECTED: Final = "disconnected"
 
 #: Default bound of the buffer kept while not synced.
 DEFAULT_MAX_BUFFER: Final = 100_000
@@ -122,6 +130,16 @@ class BecameSynced:
 
 
 @dataclass(frozen=True, slots=True)
+class BecameStale:
+    """The book is still right at its sequence, but the feed lost the exchange: ``reason``.
+
+    Followed by :class:`BecameSynced` once it is known to be current again.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class BecameUnsynced:
     """The book is no longer known; ``reason`` says why."""
 
@@ -138,7 +156,8 @@ class DeadLetter:
 
 
 Output: TypeAlias = (
-    Applied | NeedSnapshot | FetchSnapshot | BecameSynced | BecameUnsynced | DeadLetter
+    Applied | NeedSnapshot | FetchSnapshot | BecameSynced | BecameStale | BecameUnsynced
+    | DeadLetter
 )
 
 
@@ -155,6 +174,8 @@ class SyncStats:
     refused: int = 0
     #: ``ctl=connected`` entries (the feed reconnected).
     reconnects: int = 0
+    #: ``ctl=disconnected`` entries (the feed lost the exchange).
+    disconnects: int = 0
     #: Sequence gaps detected (in the stream, while replaying, or announced by the feed).
     gaps: int = 0
     integrity_errors: int = 0
@@ -215,6 +236,12 @@ class Synchronizer:
         self._floor = 0
         # Highest sequence seen in the stream (for the floor after ctl=gap).
         self._max_seen = 0
+        #: While synced: why the book may be stale (the feed is or was disconnected and
+        #: nothing has shown the book current since); ``None`` when fresh.
+        self.stale_reason: str | None = None
+        # Between a ctl=disconnected and the next ctl=connected.
+        self._feed_down = False
+        self._down_reason = ""
         self._out: list[Output] = []
 
     # ------------------------------------------------------------------ properties
@@ -223,6 +250,11 @@ class Synchronizer:
     def synced(self) -> bool:
         """``True`` when the book is known to be right."""
         return self.state is SyncState.SYNCED
+
+    @property
+    def fresh(self) -> bool:
+        """``True`` when the book is synced and nothing says the exchange has moved on."""
+        return self.state is SyncState.SYNCED and self.stale_reason is None
 
     @property
     def needed_sequence(self) -> int | None:
@@ -392,8 +424,16 @@ class Synchronizer:
             return
         if applied:
             self._applied(msg.sequence, msg.ts, stream_id)
+            if self.stale_reason is not None:  # contiguous with the book: current again
+                self._refresh()
         else:
             self.stats.stale += 1
+
+    def _refresh(self) -> None:
+        assert self.book is not None
+        self.stale_reason = None
+        self._feed_down = False  # a message came: the feed is connected
+        self._out.append(BecameSynced(self.book.sequence))
 
     def _applied(self, sequence: int, ts: int, stream_id: str) -> None:
         self.stats.applied += 1
@@ -414,6 +454,13 @@ class Synchronizer:
             # The stream may have a gap across a reconnection; the sequence check
             # on the next message decides (contiguous: nothing lost).
             self.stats.reconnects += 1
+            self._feed_down = False
+        elif ctl == CTL_DISCONNECTED:
+            self.stats.disconnects += 1
+            self._feed_down = True
+            self._down_reason = (fields.get("reason") or "no reason given")[:200]
+            if self.state is SyncState.SYNCED and self.stale_reason is None:
+                self._go_stale()
         elif ctl == CTL_GAP:
             self.stats.gaps += 1
             if self.state is SyncState.SYNCED:
@@ -426,14 +473,19 @@ class Synchronizer:
                 # Whatever we buffer before this point cannot bridge the loss.
                 self._floor = max(self._floor, self._max_seen + 1)
                 self._buffer.clear()
-        elif ctl == CTL_SNAPSHOT and self.state is not SyncState.SYNCED:
+        elif ctl == CTL_SNAPSHOT:
             seq: int | None
             try:
                 seq = int(fields["sequence"])
             except (KeyError, ValueError):
                 seq = None
-            if seq is None or seq >= self._needed():
-                self._out.append(FetchSnapshot(seq))
+            if self.state is not SyncState.SYNCED:
+                if seq is None or seq >= self._needed():
+                    self._out.append(FetchSnapshot(seq))
+            elif (self.stale_reason is not None and not self._feed_down
+                  and self.book is not None and seq == self.book.sequence):
+                # The exchange, asked after the reconnection, is where the book is.
+                self._refresh()
         # Other control kinds are informational for this consumer.
 
     def _snapshot(self, data: Mapping[str, Any] | Snapshot | bytes | str) -> None:
@@ -508,11 +560,21 @@ class Synchronizer:
     def _become_synced(self) -> None:
         assert self.book is not None
         self.state = SyncState.SYNCED
+        self.stale_reason = None
         self._floor = 0
         self._out.append(BecameSynced(self.book.sequence))
+        if self._feed_down:  # right at its sequence, but the exchange may be past it
+            self._go_stale()
+
+    def _go_stale(self) -> None:
+        assert self.book is not None
+        self.stale_reason = (f"the feed lost the exchange ({self._down_reason}); "
+                             f"last sequence {self.book.sequence}")
+        self._out.append(BecameStale(self.stale_reason))
 
     def _lose(self, reason: str) -> None:
         self.state = SyncState.SYNCING
+        self.stale_reason = None
         self.stats.resyncs += 1
         self.book = None
         self._buffer.clear()

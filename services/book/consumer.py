@@ -45,6 +45,7 @@ from kumex_l3.logs import kv
 from kumex_l3.messages import format_qty
 from kumex_l3.sync import (
     Applied,
+    BecameStale,
     BecameSynced,
     BecameUnsynced,
     DeadLetter,
@@ -187,8 +188,9 @@ class SymbolConsumer:
 
     @property
     def serving(self) -> bool:
-        """``True`` when the book is synced and has caught up with the stream once."""
-        return self.active and self.sync.synced and self.caught_up
+        """``True`` when the book is synced, fresh (the feed has the exchange) and has
+        caught up with the stream once."""
+        return self.active and self.sync.fresh and self.caught_up
 
     @property
     def book(self) -> OrderBook | None:
@@ -204,6 +206,8 @@ class SymbolConsumer:
         """Why the book is not served, for a 503."""
         if not self.active:
             return f"{self.symbol} book is not running on this replica"
+        if self.sync.synced and self.sync.stale_reason is not None:
+            return f"{self.symbol} book may be stale: {self.sync.stale_reason}"
         if self.sync.synced and not self.caught_up:
             return f"{self.symbol} book is catching up with the stream"
         return f"{self.symbol} book is not synced ({self.reason or self.sync.state.value})"
@@ -483,6 +487,10 @@ class SymbolConsumer:
                 changed = True
                 self.reason = None
                 log.info("book synced", extra=kv(symbol=self.symbol, sequence=out.sequence))
+            elif isinstance(out, BecameStale):
+                changed = True
+                self.reason = out.reason
+                log.warning("book not served: %s", out.reason, extra=kv(symbol=self.symbol))
             elif isinstance(out, BecameUnsynced):
                 changed = True
                 self.reason = out.reason
@@ -605,14 +613,15 @@ class SymbolConsumer:
 
     def _checkpoint_due(self, now: float) -> bool:
         book = self.sync.book
-        if book is None or (book.sequence, self.read_id) == self._cp_mark:
+        # Not while stale: a restart must read the ctl=disconnected entry again.
+        if book is None or not self.sync.fresh or (book.sequence, self.read_id) == self._cp_mark:
             return False
         return (self.sync.stats.applied - self._cp_applied >= self._settings.checkpoint_messages
                 or now - self._cp_at >= self._settings.checkpoint_seconds)
 
     async def _write_checkpoint(self) -> None:
         book = self.sync.book
-        if book is None or not self.sync.synced:
+        if book is None or not self.sync.fresh:
             return
         mark = (book.sequence, self.read_id)
         state = _ENCODER.encode(book.to_state())

@@ -38,6 +38,10 @@ class BookMetrics:
         self.gaps = Counter("kumex_book_gaps", "Sequence gaps seen", sym, registry=r)
         self.resyncs = Counter("kumex_book_resyncs", "Times a synced book was lost", sym,
                                registry=r)
+        self.feed_disconnects = Counter(
+            "kumex_book_feed_disconnects",
+            "ctl=disconnected entries read (the feed lost the exchange: book not served "
+            "until shown current)", sym, registry=r)
         self.snapshot_requests = Counter("kumex_book_snapshot_requests",
                                          "Snapshot requests published to the feed", sym,
                                          registry=r)
@@ -87,6 +91,7 @@ class BookMetrics:
             (self.overflow, "overflow"),
             (self.gaps, "gaps"),
             (self.resyncs, "resyncs"),
+            (self.feed_disconnects, "disconnects"),
             (self.snapshots_used, "snapshots_used"),
         ):
             delta = getattr(now, field) - getattr(before, field)

@@ -14,7 +14,8 @@ few, then one in :data:`_LOG_EVERY`): there is no per-symbol place to put them.
 
 On each connection, once subscribed, a ``ctl=connected`` entry (``connectId``)
 goes to every symbol's stream ahead of that connection's data, and a snapshot
-of every symbol is requested. Any failure (no welcome, no pong, closed socket,
+of every symbol is requested; when it ends, a ``ctl=disconnected`` entry
+(``reason``, ``connectId``) follows its data. Any failure (no welcome, no pong, closed socket,
 refused subscribe, token refused) ends the connection; the next one comes
 after a jittered exponential backoff, with a fresh token. A connection that
 stayed up for at least ``backoff_max`` counts as a success and resets the
@@ -135,12 +136,16 @@ class Feed:
                     up_since = self._clock()
                     self._on_subscribed(conn)
                     await self._read(conn)
+            except asyncio.CancelledError:
+                reason = "the feed is stopping"
+                raise
             except Exception as exc:
                 if not is_retryable(exc):
+                    reason = f"{type(exc).__name__}: {exc}"
                     raise
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
-                self._disconnected()
+                self._disconnected(reason)
             if up_since is not None and self._clock() - up_since >= self._backoff.max_delay:
                 self._backoff.reset()
             delay = self._backoff.next_delay()
@@ -163,9 +168,17 @@ class Feed:
         for symbol in self.symbols:
             self._snapshots.request(symbol, 0, reason="connected")
 
-    def _disconnected(self) -> None:
+    def _disconnected(self, reason: str) -> None:
+        """After a subscribed connection: ``ctl=disconnected`` to every stream, after its data.
+
+        Consumers then know the exchange may have moved on without them (the
+        book stops serving until it is shown current again).
+        """
         if self.subscribed:
             self._metrics.connected.set(0)
+            for symbol in self.symbols:
+                self._writer.control(symbol, "disconnected", reason=reason[:300],
+                                     connectId=self.connect_id or "")
         self.subscribed = False
 
     async def _read(self, conn: Connection) -> None:
@@ -268,7 +281,7 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, stop_task, return_exceptions=True)
-        feed._disconnected()
+        feed._disconnected("the feed is stopping")
         writer.close()
         try:
             await asyncio.wait_for(asyncio.shield(writer_task), settings.shutdown_timeout)

@@ -6,7 +6,8 @@ time and sends them in one non-transactional pipeline::
 
     EVAL <XADD each> kumex:{SYM}:l3 N <frame> <frame> ...          (data: one command
                                                                   for a run of frames)
-    XADD kumex:{SYM}:l3 MAXLEN ~ N * ctl connected connectId <id>   (control)
+    XADD kumex:{SYM}:l3 MAXLEN ~ N * ctl connected connectId <id>   (control; also
+    XADD kumex:{SYM}:l3 MAXLEN ~ N * ctl disconnected reason <why>   ... when it ends)
     SET  kumex:{SYM}:snapshot <data JSON>                           (snapshot ...
     XADD kumex:{SYM}:l3 MAXLEN ~ N * ctl snapshot sequence <seq>     ... then its entry)
     XADD kumex:{SYM}:l3 MAXLEN ~ N * ctl gap reason buffer_overflow dropped <n>

@@ -235,6 +235,35 @@ def test_gap_makes_503_then_resyncs_on_a_new_snapshot(
     assert book.metric("kumex_book_snapshots_used_total") == 2
 
 
+def test_feed_disconnected_makes_503_until_the_book_is_shown_current(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    feed = Feed(redis_sync, seed=9)
+    feed.publish(200)
+    feed.store_snapshot()
+    feed.publish(100)
+    book = spawn(procs, redis_url, "solo")
+    assert book_at(book, feed) == feed.expected()
+    # The feed lost the exchange: the book is right at its sequence, but may be stale.
+    redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_CTL: "disconnected",
+                                          "reason": "PingTimeout: no pong"})
+    wait_for(lambda: book.get(f"/book/{SYM}").status_code == 503, "503 after disconnected",
+             proc=book)
+    detail = book.get(f"/book/{SYM}").json()["detail"]
+    assert "stale" in detail and "PingTimeout" in detail and str(feed.ref.sequence) in detail
+    assert book.get(f"/book/{SYM}/l3").status_code == 503
+    assert book.get("/books").json()["books"][0]["synced"] is False
+    assert redis_sync.hget(keys.top(SYM), "synced") in ("0", b"0")
+    assert book.metric("kumex_book_synced") == 0.0
+    # Back: ctl=connected, then the next contiguous message shows the book current.
+    redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_CTL: "connected", "connectId": "x"})
+    feed.publish(50)
+    assert book_at(book, feed) == feed.expected()
+    assert book.metric("kumex_book_feed_disconnects_total") == 1.0
+    assert book.metric("kumex_book_resyncs_total") == 0.0  # no snapshot was needed
+    assert book.metric("kumex_book_snapshots_used_total") == 1.0
+
+
 def test_malformed_entry_goes_to_the_dlq(
     redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
 ) -> None:

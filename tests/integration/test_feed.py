@@ -584,8 +584,14 @@ async def test_feed_process_against_the_sandbox(
     await eventually(lambda: snapshots_announced(2), "the snapshots after the reconnect")
     await eventually(feed.ready, "the feed to be ready again")
     for symbol in symbols:
-        first, second = _ctl(await _entries(redis_client, symbol), "connected")
+        entries = await _entries(redis_client, symbol)
+        first, second = _ctl(entries, "connected")
         assert first["connectId"] != second["connectId"]
+        # The end of the first connection is marked after its data, before the second.
+        (down,) = _ctl(entries, "disconnected")
+        assert down["connectId"] == first["connectId"] and down["reason"]
+        order = [e.get("ctl") for e in entries if e.get("ctl") in ("connected", "disconnected")]
+        assert order == ["connected", "disconnected", "connected"]
     samples = await feed.metrics()
     assert _metric(samples, "kumex_feed_reconnects_total") >= 1
     assert _metric(samples, "kumex_feed_connections_total") >= 2
@@ -625,8 +631,11 @@ async def test_feed_process_against_the_sandbox(
                    symbol="XBTUSDM") == fetched + 1
     assert _ctl(await _entries(redis_client, "XBTUSDM"), "snapshot")[-1]["sequence"] == latest
 
-    # SIGTERM: a clean stop (buffer flushed, capture closed).
+    # SIGTERM: a clean stop (buffer flushed, capture closed), the end marked in every stream.
     assert feed.stop() == 0
+    for symbol in symbols:
+        last = (await _entries(redis_client, symbol))[-1]
+        assert last.get("ctl") == "disconnected" and last["reason"] == "the feed is stopping"
     log = feed.log_text()
     assert "never-log-this-s3cret" not in log
     assert " INFO feed connected and subscribed " in log

@@ -16,6 +16,7 @@ from kumex_l3 import Control, OrderBook, parse_message
 from kumex_l3.keys import FIELD_CTL, FIELD_MSG
 from kumex_l3.sync import (
     Applied,
+    BecameStale,
     BecameSynced,
     BecameUnsynced,
     DeadLetter,
@@ -285,6 +286,86 @@ def test_connected_with_loss_resyncs() -> None:
     del lost
 
 
+def test_disconnected_makes_the_book_stale_until_a_contiguous_message() -> None:
+    f = Feed()
+    _, snap0 = f.take(10)
+    a, _ = f.take(100)
+    b, snap_b = f.take(100)
+    sync = Synchronizer(SYM)
+    sync.on_snapshot(snap0)
+    feed_msgs(sync, a)
+    out = sync.on_entry("200-0", {b"ctl": b"disconnected", b"reason": b"PingTimeout"})
+    assert kinds(out) == [BecameStale]
+    assert sync.synced and not sync.fresh
+    assert sync.stale_reason is not None and "PingTimeout" in sync.stale_reason
+    assert str(seq(a[-1])) in sync.stale_reason
+    # Repeated (a retried write): still one transition.
+    assert sync.on_control("disconnected", "200-1", {"reason": "again"}) == []
+    assert sync.on_control("connected", "201-0") == []
+    assert not sync.fresh
+    # A replayed message is no news; the next contiguous one shows the book current.
+    assert feed_msgs(sync, a[-1:], first_id=202) == []
+    assert not sync.fresh
+    out = feed_msgs(sync, b, first_id=300)
+    # The first message shows the book current; the rest are applied as usual.
+    assert kinds(out) == [Applied, BecameSynced, Applied]
+    assert sync.fresh and sync.stale_reason is None
+    assert sync.stats.disconnects == 2 and sync.stats.resyncs == 0
+    assert_same(sync, snap_b)
+
+
+def test_disconnected_then_a_gap_resyncs() -> None:
+    f = Feed()
+    _, snap0 = f.take(10)
+    a, _ = f.take(100)
+    f.take(20)  # lost while disconnected
+    b, snap_b = f.take(100)
+    sync = Synchronizer(SYM)
+    sync.on_snapshot(snap0)
+    feed_msgs(sync, a)
+    sync.on_control("disconnected", "200-0", {"reason": "closed"})
+    sync.on_control("connected", "201-0")
+    out = feed_msgs(sync, b, first_id=202)
+    assert kinds(out) == [BecameUnsynced, NeedSnapshot]
+    assert not sync.synced and sync.stale_reason is None
+    assert kinds(sync.on_snapshot(snap_b)) == [BecameSynced]
+    assert sync.fresh
+    assert_same(sync, snap_b)
+
+
+def test_quiet_market_a_snapshot_at_the_books_sequence_after_reconnect_confirms() -> None:
+    f = Feed()
+    _, snap0 = f.take(10)
+    a, snap_a = f.take(100)
+    sync = Synchronizer(SYM)
+    sync.on_snapshot(snap0)
+    feed_msgs(sync, a)
+    sync.on_control("disconnected", "200-0", {"reason": "closed"})
+    at = {"sequence": str(snap_a["sequence"])}
+    # While the feed is down a snapshot proves nothing about what comes next.
+    assert sync.on_control("snapshot", "201-0", at) == []
+    assert not sync.fresh
+    sync.on_control("connected", "202-0")
+    # One at another sequence does not confirm either.
+    assert sync.on_control("snapshot", "203-0",
+                           {"sequence": str(snap_a["sequence"] + 5)}) == []
+    assert not sync.fresh
+    assert kinds(sync.on_control("snapshot", "204-0", at)) == [BecameSynced]
+    assert sync.fresh
+
+
+def test_a_book_synced_while_the_feed_is_down_is_stale() -> None:
+    f = Feed()
+    a, snap_a = f.take(100)
+    sync = Synchronizer(SYM)
+    sync.start()
+    sync.on_control("disconnected", "1-0", {"reason": "closed"})
+    out = sync.on_snapshot(snap_a)
+    assert kinds(out) == [BecameSynced, BecameStale]
+    assert sync.synced and not sync.fresh
+    del a
+
+
 def test_ctl_gap_resyncs_at_once() -> None:
     f = Feed()
     _, snap0 = f.take(10)
@@ -443,6 +524,7 @@ def test_random_faults_always_end_right(seed: int) -> None:
         elif r < 0.3:
             msgs = msgs + msgs[: rng.randint(0, len(msgs))]  # duplicates
         if rng.random() < 0.1:
+            stream.append(("ctl", "disconnected", len(snaps)))
             stream.append(("ctl", "connected", len(snaps)))
         stream += [("msg", m, len(snaps)) for m in msgs]
         snaps.append(snap)
@@ -459,3 +541,4 @@ def test_random_faults_always_end_right(seed: int) -> None:
     if not sync.synced:
         sync.on_snapshot(final)
     assert_same(sync, final)
+    assert sync.fresh
