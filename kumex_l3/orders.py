@@ -385,8 +385,8 @@ def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transitio
 
     if isinstance(msg, Done):
         if msg.reason == "filled" and order.remaining > 0:
-            # What still rested was filled by a match lost in a gap of the stream: count
-            # it here, since a finished order is never reconciled afterwards.
+            # What still rested was filled by a match lost in a gap of the stream: the
+            # done itself says so (no need to wait for a reconciliation).
             order.filled_size += order.remaining
         order.status = exchange_status(msg.reason)
         order.reason = msg.reason
@@ -483,11 +483,12 @@ def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transi
     only move forward (a record can lag the stream, never the reverse); a
     ``done`` record is ``canceled`` when ``cancelExist`` (or not fully filled),
     else ``filled``. When anything differed, ``corrected`` is incremented and
-    the transition's change is ``reconciled``. A finished order, or a record
-    of another order (another ``id`` or ``clientOid``), changes nothing.
+    the transition's change is ``reconciled``. A record of another order
+    (another ``id`` or ``clientOid``) changes nothing. A finished order changes
+    only when the record is finished the same way and filled more: a ``match``
+    lost in a gap before the ``done canceled`` (the exchange's final record is
+    the truth; nothing on the stream can follow it).
     """
-    if order.finished:
-        return _unchanged(order)
     record_id = record.get("id")
     if not isinstance(record_id, str) or not record_id:
         return _unchanged(order)
@@ -511,6 +512,8 @@ def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transi
         target = exchange_status("canceled" if canceled else "filled")
     else:
         target = exchange_status("match" if filled > 0 else "open")
+    if order.finished:
+        return _reconcile_finished(order, record, target, filled, now_ms)
 
     before = _snap(order)
     order.order_id = record_id
@@ -526,4 +529,18 @@ def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transi
         order.exchange_updated_at = max(order.exchange_updated_at, updated)
     if _snap(order) != before:
         order.corrected += 1
+    return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)
+
+
+def _reconcile_finished(order: OwnOrder, record: Mapping[str, Any], target: OrderStatus,
+                        filled: Qty, now_ms: int) -> Transition:
+    """A finished order: only its ``filled_size`` can move, up to a final record's."""
+    if target is not order.status or filled <= order.filled_size:
+        return _unchanged(order)
+    before = _snap(order)
+    order.filled_size = filled
+    updated = record.get("updatedAt")
+    if isinstance(updated, int) and not isinstance(updated, bool):
+        order.exchange_updated_at = max(order.exchange_updated_at, updated)
+    order.corrected += 1
     return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)

@@ -29,7 +29,9 @@ orders are parsed in full. Own orders are recognised by clientOid on
 **Loss.** A ``ctl=gap`` or ``ctl=connected`` entry, or a jump in sequence
 between consecutive messages, means messages may be missing: every active
 order of the symbol is reconciled with the exchange (``GET
-/api/v1/orders/{orderId}``, or ``byClientOid`` while the orderId is unknown)
+/api/v1/orders/{orderId}``, or ``byClientOid`` while the orderId is unknown),
+and so is every order that was unfinished before that batch (one the batch
+finished may have lost a fill: its final record corrects ``filledSize``),
 before the batch is acknowledged (at most one reconciliation a second: one owed
 meanwhile runs right after); a failure is retried with backoff. Since the
 exchange's record is read *now*, while the monitor may still be behind in the
@@ -206,6 +208,8 @@ class SymbolMonitor:
         self._retry = Backoff(initial=1.0, factor=2.0, max_delay=30.0)
         self._next_refresh = 0.0
         self._labels = {"symbol": symbol}
+        #: clientOids to reconcile besides the active ones: unfinished when a loss showed.
+        self._recheck: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -293,6 +297,11 @@ class SymbolMonitor:
             raise LeaseLost(self.symbol)
         started = time.perf_counter()
         items, causes = self._scan(entries)
+        if causes:
+            # Unfinished before the batch: one the batch finishes (a done canceled after a
+            # lost match) is reconciled too, against the exchange's final record.
+            self._recheck.update(self.by_oid.values())
+            self._recheck.update(self.pending)
         own = await self._own(items)
         if own:
             await self._apply(own)
@@ -537,7 +546,8 @@ class SymbolMonitor:
         lookup = self.lookup
         if lookup is None:
             return 0
-        coids = await order_store.active(self.redis, self.symbol)
+        recheck = set(self._recheck)
+        coids = sorted(set(await order_store.active(self.redis, self.symbol)) | recheck)
         orders = await order_store.load_many(self.redis, self.symbol, coids)
         records = await self._fetch(lookup, list(orders.values()))
         now = self._clock_ms()
@@ -556,6 +566,7 @@ class SymbolMonitor:
             todo = await self._reload_stale(orders, todo, stale)
         for order in orders.values():
             self._track(order)
+        self._recheck -= recheck
         self.metrics.reconciliations.labels(self.symbol).inc(len(orders))
         self.metrics.corrections.labels(self.symbol).inc(corrections)
         log.info("reconciled", extra=kv(symbol=self.symbol, orders=len(orders),

@@ -447,3 +447,62 @@ def test_gap_and_sequence_jump_reconcile_with_the_sandbox(
         assert 'cause="sequence"' in mon.metrics()
     api(http.delete("/api/v1/orders", auth=user1))
     http.close()
+
+
+def test_a_fill_lost_just_before_the_cancel_is_corrected_from_the_final_record(
+    redis_sync: redis.Redis, redis_url: str, sandbox: SandboxProcess,
+) -> None:
+    """A gap swallows an own order's partial fill; the batch that shows the gap also
+    carries its ``done canceled``. The order is finished when the loss is noticed: its
+    filledSize still ends as the exchange's final record says."""
+    user1, user2 = KcAuth(DEMO_KEY_1), KcAuth(DEMO_KEY_2)
+    http = httpx.Client(base_url=sandbox.base_url, timeout=10)
+    api(http.delete("/api/v1/orders", auth=user1))
+    api(http.delete("/api/v1/orders", auth=user2))
+    snap = http.get(f"/sandbox/snapshot/{SYM}").json()
+    price = max(Decimal(row[1]) for row in snap["bids"]) - Decimal("9.0")
+    coid = f"cut-{uuid.uuid4().hex[:10]}"
+    redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_CTL: "connected", "connectId": "y"})
+    env = {"REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url,
+           "KUMEX_API_KEY": DEMO_KEY_1.key, "KUMEX_API_SECRET": DEMO_KEY_1.secret,
+           "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase}
+    with monitor(env) as mon:
+        mon.wait_ready()
+        oid = place(http, user1, redis_url, clientOid=coid, side="buy", size=5,
+                    price=str(price))
+        # What the stream carried of it: received and open (sequences of our own).
+        seq = 1_000_000
+        for subject, data in (("received", {"orderId": oid, "clientOid": coid}),
+                              ("open", {"orderId": oid, "side": "buy", "price": str(price),
+                                        "size": "5", "orderTime": time.time_ns()})):
+            seq += 1
+            msg = envelope(subject, ts=time.time_ns(), **data)
+            msg["data"]["sequence"] = seq
+            redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_MSG: json.dumps(msg)})
+        wait_for(lambda: text_hash(redis_sync, coid).get("status") == "open", "open", proc=mon)
+        # Another user sells through everything ahead of it and 2 of it; then it is canceled.
+        ahead = sum(int(row[2]) for row in http.get(f"/sandbox/snapshot/{SYM}").json()["bids"]
+                    if Decimal(row[1]) >= price and row[0] != oid)
+        api(http.post("/api/v1/orders", auth=user2, headers={"Content-Type": "application/json"},
+                      content=json.dumps({"symbol": SYM, "clientOid": uuid.uuid4().hex,
+                                          "side": "sell", "type": "limit", "leverage": "5",
+                                          "price": str(price), "size": ahead + 2,
+                                          "timeInForce": "IOC"}).encode()))
+        api(http.delete(f"/api/v1/orders/{oid}", auth=user1))
+        rec = api(http.get(f"/api/v1/orders/{oid}", auth=user1))
+        assert (rec["filledSize"], rec["cancelExist"]) == (2, True)
+        # The match (seq + 1) never reaches the stream; the done does, in one batch.
+        done = envelope("done", orderId=oid, reason="canceled", ts=time.time_ns())
+        done["data"]["sequence"] = seq + 2
+        redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_MSG: json.dumps(done)})
+
+        def corrected() -> bool:
+            h = text_hash(redis_sync, coid)
+            return h.get("status") == "canceled" and h.get("filledSize") == "2"
+        wait_for(corrected, "filledSize corrected after the cancel", proc=mon)
+        h = text_hash(redis_sync, coid)
+        assert int(h["corrected"]) == 1 and h["remaining"] == "0"
+        changes = [e["change"] for e in order_events(redis_sync)[coid]]
+        assert changes[-2:] == ["done", "reconciled"]
+        assert 'cause="sequence"' in mon.metrics()
+    http.close()

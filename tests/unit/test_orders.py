@@ -288,8 +288,7 @@ def test_done_twice_and_match_after_done_change_nothing() -> None:
 
 
 def test_done_filled_counts_what_rested_when_its_match_was_lost() -> None:
-    # A gap swallowed the last match: "filled" still means all of it filled (the monitor
-    # never reconciles a finished order, so the done itself must say so).
+    # A gap swallowed the last match: "filled" still means all of it filled.
     o = new(10)
     run(o, received(1), opened(2, 10), match(3, 4), done(5, "filled"))  # match 4 lost
     assert (o.status, o.filled_size, o.remaining) == (OrderStatus.FILLED, 10, 0)
@@ -404,6 +403,26 @@ def test_reconcile_ignores_finished_orders_and_foreign_records() -> None:
     assert not reconcile(new(10), record(clientOid="someone", filledSize=3), T0).changed
     assert not reconcile(o2, record(filledSize="x"), T0).changed
     assert o2.filled_size == 0
+
+
+def test_reconcile_raises_the_fill_of_an_order_canceled_after_a_lost_match() -> None:
+    # match(3, 2) seen, match(4, 3) lost in a gap, then done canceled: the hash says 2.
+    o = new(10)
+    run(o, received(1), opened(2, 10), match(3, 2), done(5, "canceled"))
+    assert (o.status, o.filled_size) == (OrderStatus.CANCELED, 2)
+    final = record(status="done", isActive=False, cancelExist=True, filledSize=5)
+    t = reconcile(o, final, T0 + 9)
+    assert t.changed and t.change is Change.RECONCILED and not t.finished  # finished before
+    assert (o.status, o.filled_size, o.remaining, o.corrected) == (
+        OrderStatus.CANCELED, 5, 0, 1)
+    assert "filledSize" in t.fields
+    # The same record again, or one with less, changes nothing.
+    assert not reconcile(o, final, T0 + 10).changed
+    assert not reconcile(o, record(status="done", isActive=False, cancelExist=True,
+                                   filledSize=3), T0 + 11).changed
+    # A finished order never changes status, even on a contradicting record.
+    assert not reconcile(o, record(status="open", isActive=True, filledSize=7), T0).changed
+    assert o.status is OrderStatus.CANCELED and o.filled_size == 5
 
 
 def test_after_reconcile_messages_already_in_the_record_are_not_applied_twice() -> None:
