@@ -32,6 +32,7 @@ from tests.procs import ServiceProcess
 __all__ = [
     "DEMO_KEY_1",
     "DEMO_KEY_2",
+    "SANDBOX_TEST_ENV",
     "DemoKey",
     "KcAuth",
     "SandboxProcess",
@@ -105,6 +106,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+#: Start-up settings of the integration tests' sandboxes: no background flow (tests
+#: step it), no snapshot limit (tests that need one turn it on), a short REST latency.
+SANDBOX_TEST_ENV = {
+    "SANDBOX_FLOW_RATE": "0",
+    "SANDBOX_SEED": "7",
+    "SANDBOX_START_SEQUENCE": "1000000",
+    "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0",
+    "SANDBOX_REST_LATENCY_MS": "5",
+}
 
 
 class SandboxProcess(ServiceProcess):

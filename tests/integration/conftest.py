@@ -15,17 +15,7 @@ from collections.abc import Generator, Iterator
 import httpx
 import pytest
 
-from tests.sandbox_proc import SandboxProcess
-
-#: Start-up settings of the shared sandbox: no background flow (tests step it),
-#: no snapshot limit (tests that need one turn it on), a short REST latency.
-SANDBOX_TEST_ENV = {
-    "SANDBOX_FLOW_RATE": "0",
-    "SANDBOX_SEED": "7",
-    "SANDBOX_START_SEQUENCE": "1000000",
-    "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0",
-    "SANDBOX_REST_LATENCY_MS": "5",
-}
+from tests.sandbox_proc import SANDBOX_TEST_ENV, SandboxProcess
 
 #: Fault knobs as the shared sandbox started; restored before each test.
 _DEFAULT_FAULTS = {

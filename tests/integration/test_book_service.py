@@ -253,7 +253,8 @@ def test_feed_disconnected_makes_503_until_the_book_is_shown_current(
     assert "stale" in detail and "PingTimeout" in detail and str(feed.ref.sequence) in detail
     assert book.get(f"/book/{SYM}/l3").status_code == 503
     assert book.get("/books").json()["books"][0]["synced"] is False
-    assert redis_sync.hget(keys.top(SYM), "synced") in ("0", b"0")
+    wait_for(lambda: redis_sync.hget(keys.top(SYM), "synced") in ("0", b"0"),
+             "top synced=0 (refreshed at most 10 times a second)", proc=book)
     assert book.metric("kumex_book_synced") == 0.0
     # Back: ctl=connected, then the next contiguous message shows the book current.
     redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_CTL: "connected", "connectId": "x"})

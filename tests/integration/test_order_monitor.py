@@ -33,7 +33,13 @@ import redis.asyncio
 from kumex_l3 import keys, order_store
 from kumex_l3.synthetic import StreamGenerator
 from tests.procs import ServiceProcess, wait_for
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess
+from tests.sandbox_proc import (
+    DEMO_KEY_1,
+    DEMO_KEY_2,
+    SANDBOX_TEST_ENV,
+    KcAuth,
+    SandboxProcess,
+)
 
 SYM = "XBTUSDM"
 GROUP = "order_monitor"
@@ -450,11 +456,20 @@ def test_gap_and_sequence_jump_reconcile_with_the_sandbox(
 
 
 def test_a_fill_lost_just_before_the_cancel_is_corrected_from_the_final_record(
-    redis_sync: redis.Redis, redis_url: str, sandbox: SandboxProcess,
+    redis_sync: redis.Redis, redis_url: str,
 ) -> None:
     """A gap swallows an own order's partial fill; the batch that shows the gap also
     carries its ``done canceled``. The order is finished when the loss is noticed: its
-    filledSize still ends as the exchange's final record says."""
+    filledSize still ends as the exchange's final record says.
+
+    A sandbox of its own: the sell that reaches the order sweeps the bids above it.
+    """
+    with SandboxProcess(SANDBOX_TEST_ENV) as sandbox:
+        _lost_fill_then_cancel(redis_sync, redis_url, sandbox)
+
+
+def _lost_fill_then_cancel(redis_sync: redis.Redis, redis_url: str,
+                           sandbox: SandboxProcess) -> None:
     user1, user2 = KcAuth(DEMO_KEY_1), KcAuth(DEMO_KEY_2)
     http = httpx.Client(base_url=sandbox.base_url, timeout=10)
     api(http.delete("/api/v1/orders", auth=user1))
