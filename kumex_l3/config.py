@@ -12,7 +12,7 @@ A bad value stops the service with a message naming the variable
 from __future__ import annotations
 
 import sys
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -54,6 +54,9 @@ class CommonSettings(BaseSettings):
     api_passphrase: SecretStr | None = Field(
         None, validation_alias=_shared("KUMEX_API_PASSPHRASE"))
     log_level: str = Field("INFO", validation_alias=_shared("LOG_LEVEL"))
+    #: ``auto``: uvloop when installed, else asyncio's loop (kumex_l3.service).
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", validation_alias=_shared("KUMEX_EVENT_LOOP"))
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -97,13 +100,19 @@ def load_settings(cls: type[_S]) -> _S:
         return cls()
     except ValidationError as exc:
         prefix = str(cls.model_config.get("env_prefix") or "")
+        # A shared variable (REDIS_URL...) is reported under its own name, not prefixed;
+        # pydantic gives either the field's name or the alias it was read from.
+        shared: dict[str, str] = {}
+        for field_name, info in cls.model_fields.items():
+            alias = info.validation_alias
+            if isinstance(alias, AliasChoices):
+                for choice in (field_name, *alias.choices):
+                    if isinstance(choice, str):
+                        shared[choice] = str(alias.choices[0])
         lines = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            info = cls.model_fields.get(field)
-            alias = info.validation_alias if info is not None else None
-            name = (alias.choices[0] if isinstance(alias, AliasChoices)
-                    else (prefix + field).upper())
+            name = shared.get(field) or (prefix + field).upper()
             lines.append(f"  {name}: {err['msg']}")
         sys.stderr.write(f"invalid configuration for {cls.__name__}:\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None

@@ -14,18 +14,23 @@ Two ways to run a service, both ending with exit status 0 on SIGTERM/SIGINT:
   work). :func:`serve_app` runs :class:`ProcessServer`, which stops gracefully
   on those signals and lets the process exit normally instead of dying of the
   signal, as uvicorn itself would have it.
+
+Both run on uvloop's event loop when it is installed (a dependency on Linux
+and macOS: it cuts the CPU each message costs in every service, see
+docs/BENCHMARKS.md), else on asyncio's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
@@ -43,6 +48,8 @@ __all__ = [
     "Status",
     "configure",
     "health_router",
+    "loop_factory",
+    "loop_name",
     "run_service",
     "run_until_stopped",
     "serve_app",
@@ -180,8 +187,33 @@ def configure(settings_type: type[_S], service: str) -> _S:
     return settings
 
 
+def loop_name(choice: str = "auto") -> Literal["uvloop", "asyncio"]:
+    """The event loop to run on (``KUMEX_EVENT_LOOP``): ``auto`` is uvloop when installed.
+
+    Also what uvicorn's ``Config(loop=...)`` takes. Raises ``ValueError`` when
+    ``uvloop`` is asked for and not installed, or for an unknown name.
+    """
+    if choice == "asyncio":
+        return "asyncio"
+    if choice not in ("auto", "uvloop"):
+        raise ValueError(f"unknown event loop {choice!r} (auto, uvloop or asyncio)")
+    if importlib.util.find_spec("uvloop") is not None:
+        return "uvloop"
+    if choice == "uvloop":
+        raise ValueError("uvloop is not installed")
+    return "asyncio"  # Windows, or installed without it
+
+
+def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """A new-loop function for :func:`loop_name` ``(choice)``."""
+    if loop_name(choice) == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[int]], *,
-                      log: logging.Logger) -> int:
+                      log: logging.Logger, event_loop: str = "auto") -> int:
     """``main(stop)`` in a fresh event loop where SIGTERM/SIGINT set ``stop``; its result.
 
     The first signal is logged (``signal received signal=SIGTERM``); ``main``
@@ -201,7 +233,8 @@ def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[int]], *,
             loop.add_signal_handler(sig, on_signal, sig)
         return await main(stop)
 
-    return asyncio.run(run())
+    with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
+        return runner.run(run())
 
 
 def run_service(settings_type: type[_S], service: str,
@@ -213,4 +246,5 @@ def run_service(settings_type: type[_S], service: str,
     stop on SIGTERM/SIGINT), 2 for a bad setting.
     """
     settings = configure(settings_type, service)
-    raise SystemExit(run_until_stopped(lambda stop: main(settings, stop), log=log))
+    raise SystemExit(run_until_stopped(lambda stop: main(settings, stop), log=log,
+                                       event_loop=settings.event_loop))

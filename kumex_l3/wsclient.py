@@ -340,6 +340,10 @@ def classify(text: str | bytes) -> Frame:
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         # RecursionError: msgspec's answer to JSON nested deeper than the recursion limit.
         return Frame(FrameKind.INVALID)
+    return _frame_of(head)
+
+
+def _frame_of(head: _Head) -> Frame:
     kind = _KINDS.get(head.type, FrameKind.UNKNOWN) if isinstance(head.type, str) \
         else FrameKind.UNKNOWN
     msg_id = None if head.id is None else str(head.id)
@@ -468,10 +472,15 @@ class Session:
         Raises :class:`SubscribeError` for an ``error`` answering a pending
         subscribe, :class:`ServerError` for any other ``error``.
         """
-        frame = classify(text)
+        try:
+            head = _HEAD.decode(text)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            head = None
+        if head is not None and head.type == "message":  # data: the hot path
+            topic = head.topic
+            return DataFrame(text, topic if isinstance(topic, str) else None)
+        frame = classify(text) if head is None else _frame_of(head)
         kind = frame.kind
-        if kind is FrameKind.DATA:
-            return DataFrame(text, frame.topic)
         if kind is FrameKind.PONG:
             self._pong(frame.id)
             return None

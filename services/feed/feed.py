@@ -51,7 +51,6 @@ from kumex_l3.wsclient import (
     WsOptions,
     is_retryable,
     level3_topic,
-    topic_symbol,
 )
 from services.feed.capture import Capture
 from services.feed.metrics import FeedMetrics
@@ -106,9 +105,9 @@ class Feed:
         self.subscribed = False
         self.connections = 0
         self._unrouted = 0
-        # Per-symbol counter children, looked up once (the hot path).
-        self._received: dict[str, _Counter] = {
-            s: metrics.received.labels(s) for s in self.symbols}
+        # Per-topic (symbol, counter child), looked up once: one dict lookup a frame.
+        self._routes: dict[str, tuple[str, _Counter]] = {
+            level3_topic(s): (s, metrics.received.labels(s)) for s in self.symbols}
 
     @property
     def ready(self) -> bool:
@@ -182,13 +181,16 @@ class Feed:
         self.subscribed = False
 
     async def _read(self, conn: Connection) -> None:
-        writer, capture, received = self._writer, self._capture, self._received
+        writer, capture, routes = self._writer, self._capture, self._routes
+        data = FrameKind.DATA
         while True:
             frame = await conn.recv_frame()
-            symbol = topic_symbol(frame.topic) if frame.kind is FrameKind.DATA else None
-            if symbol is None or (counter := received.get(symbol)) is None:
+            topic = frame.topic
+            route = routes.get(topic) if topic is not None and frame.kind is data else None
+            if route is None:
                 self._unroutable(frame.kind, frame.topic, frame.text)
                 continue
+            symbol, counter = route
             counter.inc()
             if capture is not None:
                 capture.write(frame.text)

@@ -13,9 +13,16 @@ sandbox; they mean nothing anywhere else.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -113,6 +120,10 @@ class SandboxSettings(BaseSettings):
     replay_speed: float = Field(default=1.0, ge=0)
     log_level: str = "info"
     access_log: bool = False
+    #: The event loop, shared with the other services: ``KUMEX_EVENT_LOOP`` (see
+    #: :func:`kumex_l3.service.loop_name`).
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", validation_alias=AliasChoices("KUMEX_EVENT_LOOP", "event_loop"))
 
     @field_validator("symbols")
     @classmethod
@@ -199,7 +210,9 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = err.get("loc") or ("?",)
-        name = f"{ENV_PREFIX}{str(loc[0]).upper()}"
+        first = str(loc[0])
+        # A variable shared with the other services keeps its own name.
+        name = first if first.startswith("KUMEX_") else f"{ENV_PREFIX}{first.upper()}"
         detail = ".".join(str(p) for p in loc[1:])
         where = f"{name}[{detail}]" if detail else name
         lines.append(f"{where}: {err.get('msg', 'invalid value')}")

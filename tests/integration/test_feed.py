@@ -686,6 +686,14 @@ def test_feed_refuses_a_bad_setting_naming_the_variable() -> None:
                           capture_output=True, text=True, timeout=SAFETY_S, check=False)
     assert done.returncode == 2
     assert "FEED_BATCH_SIZE" in done.stderr
+    # A variable every service shares is named as it is, not with the feed's prefix.
+    for name, value in (("REDIS_URL", "http://nope"), ("KUMEX_EVENT_LOOP", "twisted"),
+                        ("KUMEX_SYMBOLS", "bad-1")):
+        bad = {**env, name: value}
+        done = subprocess.run([sys.executable, "-m", "services.feed"], cwd=_ROOT, env=bad,
+                              capture_output=True, text=True, timeout=SAFETY_S, check=False)
+        assert done.returncode == 2
+        assert f"  {name}: " in done.stderr and f"FEED_{name}" not in done.stderr
 
 
 def test_capture_is_replayable_text(tmp_path: Path) -> None:
