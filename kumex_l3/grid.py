@@ -44,6 +44,7 @@ __all__ = [
     "initial_orders",
     "make_client_oid",
     "on_fill",
+    "retry_refused",
 ]
 
 Side = Literal["buy", "sell"]
@@ -325,3 +326,24 @@ def on_fill(config: GridConfig, state: GridState, fill: Fill) -> GridPlan:
     state, decision = _place(config, state, counter_side, price, delta, why)
     decisions.append(decision)
     return GridPlan(state, tuple(decisions))
+
+
+def retry_refused(config: GridConfig, state: GridState, client_oid: str, why: str) -> GridPlan:
+    """The same order again, under a new clientOid, for one the exchange refused for now.
+
+    For a refusal that means "later" (a rate limit): the refused order was
+    never accepted, so sending its like again cannot double it. Only an order
+    that ended ``rejected`` without any fill is retried; limits apply as to
+    any placement.
+    """
+    order = state.orders.get(client_oid)
+    if order is None:
+        return GridPlan(state, (Decision("skip", f"{client_oid}: not a grid order"),))
+    if order.status != "rejected" or order.filled:
+        return GridPlan(state, (Decision(
+            "skip", f"{client_oid}: not retried, it is {order.status} "
+                    f"(filled {order.filled})"),))
+    state, decision = _place(config, state, order.side, order.price, order.size,
+                             f"again for {client_oid}, refused: {why}")
+    return GridPlan(state, (decision,))
+

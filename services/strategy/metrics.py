@@ -5,6 +5,8 @@ metric                                          what
 ==============================================  ==========================================
 ``kumex_strategy_orders_placed_total``          orders the exchange accepted (REST 200)
 ``kumex_strategy_orders_refused_total{code}``   orders the exchange refused (marked rejected)
+``kumex_strategy_orders_retried_total``         refused for now (rate limited): the same
+                                                order sent again under a new clientOid
 ``kumex_strategy_order_timeouts_total``         orders whose outcome was unknown (timeout,
                                                 broken connection, server error)
 ``kumex_strategy_fills_total``                  own-order events with new filled size
@@ -36,6 +38,9 @@ class StrategyMetrics:
                               registry=reg)
         self.refused = Counter("kumex_strategy_orders_refused", "Orders the exchange refused",
                                ["code"], registry=reg)
+        self.retried = Counter("kumex_strategy_orders_retried", "Orders refused for now (rate "
+                               "limited) and decided again under a new clientOid",
+                               registry=reg)
         self.timeouts = Counter("kumex_strategy_order_timeouts", "Orders whose outcome was "
                                 "unknown (timeout, broken connection, server error)",
                                 registry=reg)

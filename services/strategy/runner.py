@@ -54,10 +54,11 @@ from kumex_l3.grid import (
     GridState,
     initial_orders,
     on_fill,
+    retry_refused,
 )
 from kumex_l3.logs import kv
 from kumex_l3.orders import OrderStatus, OwnOrder
-from kumex_l3.rest import CannotCancel, ExchangeOrder, KumexRestClient, RestError
+from kumex_l3.rest import CannotCancel, ExchangeOrder, KumexRestClient, RateLimited, RestError
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.settings import StrategySettings
@@ -82,6 +83,10 @@ _STATE_CHECK_S: Final = 1.0
 #: (``MONITOR_REFRESH_S``, 5 s by default), and a fill in between is not on its hashes.
 _READOPT_AFTER_S: Final = 6.0
 _BOOK_ATTEMPTS: Final = 10
+#: A rate-limited order is decided again after the venue's Retry-After, or this long,
+#: capped at :data:`_RETRY_MAX_S`.
+_RETRY_AFTER_S: Final = 1.0
+_RETRY_MAX_S: Final = 30.0
 _CONFIRM_ROUNDS: Final = 3
 
 
@@ -143,6 +148,8 @@ class GridStrategy:
         self._resolvers: set[asyncio.Task[None]] = set()
         self._state_check_at = 0.0
         self._readopt_at: float | None = None
+        #: (due ``time.monotonic()``, clientOid, why) of rate-limited orders to decide again.
+        self._retries: list[tuple[float, str, str]] = []
 
     # ------------------------------------------------------------------ status
 
@@ -419,6 +426,11 @@ class GridStrategy:
             self.metrics.refused.labels(code=code).inc()
             _log.warning("order refused", extra=kv(clientOid=coid, error=str(exc)))
             self._set_status(coid, OrderStatus.REJECTED.value)
+            if isinstance(exc, RateLimited):
+                # Refused for now, never accepted: decided again after the wait, on the
+                # run loop (the one place the grid's state changes).
+                wait = min(max(exc.retry_after or 0.0, _RETRY_AFTER_S), _RETRY_MAX_S)
+                self._retries.append((time.monotonic() + wait, coid, str(exc)[:200]))
         else:
             self.metrics.timeouts.inc()
             _log.warning("order outcome unknown; left pending", extra=kv(
@@ -514,6 +526,7 @@ class GridStrategy:
             while not stop.is_set():
                 try:
                     await self._keep_state()
+                    await self._retry_due()
                     # Only the wait for entries is interrupted by a stop, never the acting.
                     reply = await self._read_or_stop(block_ms, stop)
                 except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -536,6 +549,20 @@ class GridStrategy:
                     await self._recover(stop, policy)
         finally:
             await self.shutdown()
+
+    async def _retry_due(self) -> None:
+        """Decide again the rate-limited orders whose wait is over (new clientOids)."""
+        if not self._retries or self.config is None:
+            return
+        now = time.monotonic()
+        due = [r for r in self._retries if r[0] <= now]
+        if not due:
+            return
+        self._retries = [r for r in self._retries if r[0] > now]
+        for _, coid, why in due:
+            plan = retry_refused(self.config, self.state, coid, why)
+            self.metrics.retried.inc(len(plan.places))
+            await self._apply(plan, event_id=None)
 
     async def _recover(self, stop: asyncio.Event, policy: Backoff) -> None:
         """Wait for Redis, restore lost state if needed, then rebuild as :meth:`start` does."""

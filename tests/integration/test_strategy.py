@@ -309,6 +309,52 @@ async def test_fill_events_give_counter_orders_once_across_restarts(
     await again.shutdown()
 
 
+async def test_a_rate_limited_counter_order_is_sent_again_under_a_new_client_oid(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
+        asks = http.get(f"/sandbox/book/{SYMBOL}").json()["asks"]
+    centre = Decimal(asks[0]["price"]) if asks else await _mark(rest) + 100
+    settings = _settings(sandbox, redis_url, centre, client_oid_prefix="gr")
+    metrics = StrategyMetrics()
+    strategy = GridStrategy(settings, redis, rest, metrics=metrics)
+    stop = asyncio.Event()
+    task = asyncio.create_task(strategy.run(stop))
+    try:
+        async with asyncio.timeout(SAFETY_S):
+            while not strategy.ready:
+                await asyncio.sleep(0.02)
+        # Every REST call answers 429 for a moment: the counter-order to this fill is
+        # refused (never accepted), so the grid decides it again once the wait is over.
+        _control(sandbox, "/sandbox/rest-error", {"status": 429, "seconds": 1.0})
+        await _event(redis, "gr-1", "filled", 3)
+        async with asyncio.timeout(SAFETY_S):
+            while "gr-6" not in strategy.state.orders:
+                await asyncio.sleep(0.02)
+        first, again = strategy.state.orders["gr-5"], strategy.state.orders["gr-6"]
+        assert first.status == "rejected"
+        assert (again.side, again.price, again.size) == (first.side, first.price, first.size)
+        assert (again.side, again.price, again.size) == ("sell", centre, 3)
+        refused = await order_store.load(redis, SYMBOL, "gr-5")
+        assert refused is not None and refused.status is OrderStatus.REJECTED
+        placed: list[Any] = []
+
+        async def at_exchange() -> bool:
+            placed[:] = [await rest.get_order_by_client_oid("gr-6", SYMBOL)]
+            return placed[0] is not None
+
+        await eventually(at_exchange, "the counter-order sent again")
+        assert (placed[0].side, placed[0].price, placed[0].size) == ("sell", centre, 3)
+        assert await rest.get_order_by_client_oid("gr-5", SYMBOL) is None
+    finally:
+        _control(sandbox, "/sandbox/rest-error", {"status": None})
+        stop.set()
+        await task
+    assert metrics.registry.get_sample_value("kumex_strategy_orders_retried_total") == 1
+    assert metrics.registry.get_sample_value("kumex_strategy_orders_refused_total",
+                                             {"code": "429000"}) == 1
+
+
 def test_sigterm_cancels_every_own_order(sandbox: SandboxProcess, redis_url: str) -> None:
     with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
         contract = http.get(f"/api/v1/contracts/{SYMBOL}").json()["data"]

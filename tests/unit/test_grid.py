@@ -18,6 +18,7 @@ from kumex_l3.grid import (
     initial_orders,
     make_client_oid,
     on_fill,
+    retry_refused,
 )
 
 
@@ -119,6 +120,35 @@ def test_counter_order_is_skipped_when_open_orders_are_at_the_limit() -> None:
     # A full fill frees its slot: the counter fits.
     full = on_fill(config, partial.state, Fill(buy.client_oid, 2))
     assert len(full.places) == 1 and full.places[0].size == 1
+
+
+def test_a_rate_limited_counter_order_is_placed_again_under_a_new_client_oid() -> None:
+    config = _config()
+    plan = initial_orders(config, GridState())
+    buy = plan.places[0]
+    assert buy.client_oid is not None and buy.price is not None
+    filled = on_fill(config, plan.state, Fill(buy.client_oid, 2, "filled"))
+    (counter,) = filled.places
+    assert counter.client_oid is not None
+    # The exchange refused it (429): the event marks it rejected, then the retry.
+    refused = on_fill(config, filled.state, Fill(counter.client_oid, 0, "rejected"))
+    assert refused.state.open_count == filled.state.open_count - 1
+    again = retry_refused(config, refused.state, counter.client_oid, "rate limited")
+    (retry,) = again.places
+    assert (retry.side, retry.price, retry.size) == (counter.side, counter.price, counter.size)
+    assert retry.client_oid not in (None, counter.client_oid)
+    assert "again for " + counter.client_oid in retry.reason
+    assert again.state.open_count == filled.state.open_count
+    assert again.state.position == filled.state.position == 2
+    # Not twice, and never an order that is not rejected or that filled at all.
+    twice = retry_refused(config, again.state, retry.client_oid or "", "rate limited")
+    assert twice.places == () and "not retried" in twice.decisions[0].reason
+    assert retry_refused(config, again.state, "other-1", "x").places == ()
+    # Limits hold: with no room left, the retry is skipped with its reason.
+    tight = _config(max_open_orders=len(refused.state.open_orders()))
+    full = initial_orders(tight, refused.state)
+    blocked = retry_refused(tight, full.state, counter.client_oid, "rate limited")
+    assert blocked.places == () and "max open orders" in blocked.decisions[0].reason
 
 
 def test_status_only_events_and_unknown_orders() -> None:
