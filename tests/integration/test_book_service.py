@@ -208,21 +208,31 @@ def test_snapshot_request_then_book_equals_reference(
     assert "kumex_book_http_request_duration_seconds_bucket" in book.get("/metrics").text
 
 
+def serving(procs: list[BookProcess], redis_url: str, feed: Feed, after: int) -> BookProcess:
+    """A book started on a stored snapshot plus ``after`` messages, equal to the reference."""
+    feed.publish(200)
+    feed.store_snapshot()
+    feed.publish(after)
+    book = spawn(procs, redis_url, "solo")
+    assert book_at(book, feed) == feed.expected()
+    return book
+
+
+def unavailable(book: BookProcess, why: str) -> str:
+    """Wait for ``GET /book`` to answer 503; its ``detail``."""
+    wait_for(lambda: book.get(f"/book/{SYM}").status_code == 503, why, proc=book)
+    detail: str = book.get(f"/book/{SYM}").json()["detail"]
+    return detail
+
+
 def test_gap_makes_503_then_resyncs_on_a_new_snapshot(
     redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
 ) -> None:
     feed = Feed(redis_sync, seed=8)
-    feed.publish(200)
-    feed.store_snapshot()
-    feed.publish(200)
-    book = spawn(procs, redis_url, "solo")
-    assert book_at(book, feed) == feed.expected()
+    book = serving(procs, redis_url, feed, 200)
     # The feed loses 10 messages: the book must stop serving, never show a wrong book.
     feed.publish(100, lose=10)
-    wait_for(lambda: book.get(f"/book/{SYM}").status_code == 503, "503 after the gap",
-             proc=book)
-    detail = book.get(f"/book/{SYM}").json()["detail"]
-    assert "not synced" in detail
+    assert "not synced" in unavailable(book, "503 after the gap")
     assert book.get("/books").json()["books"][0]["synced"] is False
     feed.publish(50)
     # Still no usable snapshot: still 503.
@@ -239,17 +249,11 @@ def test_feed_disconnected_makes_503_until_the_book_is_shown_current(
     redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
 ) -> None:
     feed = Feed(redis_sync, seed=9)
-    feed.publish(200)
-    feed.store_snapshot()
-    feed.publish(100)
-    book = spawn(procs, redis_url, "solo")
-    assert book_at(book, feed) == feed.expected()
+    book = serving(procs, redis_url, feed, 100)
     # The feed lost the exchange: the book is right at its sequence, but may be stale.
     redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_CTL: "disconnected",
                                           "reason": "PingTimeout: no pong"})
-    wait_for(lambda: book.get(f"/book/{SYM}").status_code == 503, "503 after disconnected",
-             proc=book)
-    detail = book.get(f"/book/{SYM}").json()["detail"]
+    detail = unavailable(book, "503 after disconnected")
     assert "stale" in detail and "PingTimeout" in detail and str(feed.ref.sequence) in detail
     assert book.get(f"/book/{SYM}/l3").status_code == 503
     assert book.get("/books").json()["books"][0]["synced"] is False

@@ -20,7 +20,13 @@ import redis.asyncio as aioredis
 
 from kumex_l3 import keys, order_store
 from kumex_l3.orders import OrderStatus
-from kumex_l3.rest import DuplicateClientOid, InvalidParameter, KumexRestClient, RequestTimeout
+from kumex_l3.rest import (
+    DuplicateClientOid,
+    ExchangeOrder,
+    InvalidParameter,
+    KumexRestClient,
+    RequestTimeout,
+)
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.runner import GridStrategy
@@ -253,23 +259,50 @@ async def _event(redis: aioredis.Redis, coid: str, status: str, filled: int) -> 
     return entry.decode() if isinstance(entry, bytes) else str(entry)
 
 
-async def test_fill_events_give_counter_orders_once_across_restarts(
-        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
-        rest: KumexRestClient) -> None:
-    # The centre at the best ask: the counter sell placed there rests (never takes).
+async def _centre_at_best_ask(sandbox: SandboxProcess, rest: KumexRestClient) -> Decimal:
+    """The best ask: a counter sell placed there rests (never takes)."""
     with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
         asks = http.get(f"/sandbox/book/{SYMBOL}").json()["asks"]
-    centre = Decimal(asks[0]["price"]) if asks else await _mark(rest) + 100
-    step = Decimal("0.1") * 50
-    settings = _settings(sandbox, redis_url, centre, client_oid_prefix="gf")
-    metrics = StrategyMetrics()
-    strategy = GridStrategy(settings, redis, rest, metrics=metrics)
+    return Decimal(asks[0]["price"]) if asks else await _mark(rest) + 100
+
+
+async def _at_exchange(rest: KumexRestClient, coid: str) -> ExchangeOrder:
+    """The exchange's record of ``coid``, once it has one."""
+    found: list[ExchangeOrder] = []
+
+    async def known() -> bool:
+        record = await rest.get_order_by_client_oid(coid, SYMBOL)
+        found[:] = [] if record is None else [record]
+        return bool(found)
+
+    await eventually(known, f"{coid} at the exchange")
+    return found[0]
+
+
+@contextlib.asynccontextmanager
+async def _running(strategy: GridStrategy) -> AsyncIterator[None]:
+    """``strategy.run`` as a task, ready on entry; stopped (own orders cancelled) on exit."""
     stop = asyncio.Event()
     task = asyncio.create_task(strategy.run(stop))
     try:
         async with asyncio.timeout(SAFETY_S):
             while not strategy.ready:
                 await asyncio.sleep(0.02)
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def test_fill_events_give_counter_orders_once_across_restarts(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    centre = await _centre_at_best_ask(sandbox, rest)
+    step = Decimal("0.1") * 50
+    settings = _settings(sandbox, redis_url, centre, client_oid_prefix="gf")
+    metrics = StrategyMetrics()
+    strategy = GridStrategy(settings, redis, rest, metrics=metrics)
+    async with _running(strategy):
         buy = strategy.state.orders["gf-1"]
         assert buy.side == "buy" and buy.price == centre - step
         # The buy fills 2 of 3 (as the monitor would report it).
@@ -281,17 +314,8 @@ async def test_fill_events_give_counter_orders_once_across_restarts(
         assert (counter.side, counter.price, counter.size) == ("sell", centre, 2)
         assert strategy.state.position == 2
         # Decided first, then registered and sent: wait for the exchange to know it.
-        placed: list[Any] = []
-
-        async def at_exchange() -> bool:
-            placed[:] = [await rest.get_order_by_client_oid("gf-5", SYMBOL)]
-            return placed[0] is not None
-
-        await eventually(at_exchange, "the counter-order at the exchange")
-        assert (placed[0].side, placed[0].price, placed[0].size) == ("sell", centre, 2)
-    finally:
-        stop.set()
-        await task
+        placed = await _at_exchange(rest, "gf-5")
+        assert (placed.side, placed.price, placed.size) == ("sell", centre, 2)
     # Shutdown cancelled every own order.
     assert await _own_active(rest, "gf") == []
     assert metrics.registry.get_sample_value("kumex_strategy_fills_total") == 1
@@ -312,18 +336,11 @@ async def test_fill_events_give_counter_orders_once_across_restarts(
 async def test_a_rate_limited_counter_order_is_sent_again_under_a_new_client_oid(
         sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
         rest: KumexRestClient) -> None:
-    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
-        asks = http.get(f"/sandbox/book/{SYMBOL}").json()["asks"]
-    centre = Decimal(asks[0]["price"]) if asks else await _mark(rest) + 100
+    centre = await _centre_at_best_ask(sandbox, rest)
     settings = _settings(sandbox, redis_url, centre, client_oid_prefix="gr")
     metrics = StrategyMetrics()
     strategy = GridStrategy(settings, redis, rest, metrics=metrics)
-    stop = asyncio.Event()
-    task = asyncio.create_task(strategy.run(stop))
-    try:
-        async with asyncio.timeout(SAFETY_S):
-            while not strategy.ready:
-                await asyncio.sleep(0.02)
+    async with _running(strategy):
         # Every REST call answers 429 for a moment: the counter-order to this fill is
         # refused (never accepted), so the grid decides it again once the wait is over.
         _control(sandbox, "/sandbox/rest-error", {"status": 429, "seconds": 1.0})
@@ -337,19 +354,9 @@ async def test_a_rate_limited_counter_order_is_sent_again_under_a_new_client_oid
         assert (again.side, again.price, again.size) == ("sell", centre, 3)
         refused = await order_store.load(redis, SYMBOL, "gr-5")
         assert refused is not None and refused.status is OrderStatus.REJECTED
-        placed: list[Any] = []
-
-        async def at_exchange() -> bool:
-            placed[:] = [await rest.get_order_by_client_oid("gr-6", SYMBOL)]
-            return placed[0] is not None
-
-        await eventually(at_exchange, "the counter-order sent again")
-        assert (placed[0].side, placed[0].price, placed[0].size) == ("sell", centre, 3)
+        placed = await _at_exchange(rest, "gr-6")
+        assert (placed.side, placed.price, placed.size) == ("sell", centre, 3)
         assert await rest.get_order_by_client_oid("gr-5", SYMBOL) is None
-    finally:
-        _control(sandbox, "/sandbox/rest-error", {"status": None})
-        stop.set()
-        await task
     assert metrics.registry.get_sample_value("kumex_strategy_orders_retried_total") == 1
     assert metrics.registry.get_sample_value("kumex_strategy_orders_refused_total",
                                              {"code": "429000"}) == 1

@@ -286,14 +286,21 @@ def test_connected_with_loss_resyncs() -> None:
     del lost
 
 
-def test_disconnected_makes_the_book_stale_until_a_contiguous_message() -> None:
-    f = Feed()
+def synced_with(f: Feed, n: int = 100) -> tuple[Synchronizer, list[str], dict[str, Any]]:
+    """A synchroniser synced from a snapshot, then fed about ``n`` messages: (it, them, the
+    snapshot after them)."""
     _, snap0 = f.take(10)
-    a, _ = f.take(100)
-    b, snap_b = f.take(100)
+    msgs, snap = f.take(n)
     sync = Synchronizer(SYM)
     sync.on_snapshot(snap0)
-    feed_msgs(sync, a)
+    feed_msgs(sync, msgs)
+    return sync, msgs, snap
+
+
+def test_disconnected_makes_the_book_stale_until_a_contiguous_message() -> None:
+    f = Feed()
+    sync, a, _ = synced_with(f)
+    b, snap_b = f.take(100)
     out = sync.on_entry("200-0", {b"ctl": b"disconnected", b"reason": b"PingTimeout"})
     assert kinds(out) == [BecameStale]
     assert sync.synced and not sync.fresh
@@ -316,13 +323,9 @@ def test_disconnected_makes_the_book_stale_until_a_contiguous_message() -> None:
 
 def test_disconnected_then_a_gap_resyncs() -> None:
     f = Feed()
-    _, snap0 = f.take(10)
-    a, _ = f.take(100)
+    sync, _, _ = synced_with(f)
     f.take(20)  # lost while disconnected
     b, snap_b = f.take(100)
-    sync = Synchronizer(SYM)
-    sync.on_snapshot(snap0)
-    feed_msgs(sync, a)
     sync.on_control("disconnected", "200-0", {"reason": "closed"})
     sync.on_control("connected", "201-0")
     out = feed_msgs(sync, b, first_id=202)
@@ -334,12 +337,7 @@ def test_disconnected_then_a_gap_resyncs() -> None:
 
 
 def test_quiet_market_a_snapshot_at_the_books_sequence_after_reconnect_confirms() -> None:
-    f = Feed()
-    _, snap0 = f.take(10)
-    a, snap_a = f.take(100)
-    sync = Synchronizer(SYM)
-    sync.on_snapshot(snap0)
-    feed_msgs(sync, a)
+    sync, _, snap_a = synced_with(Feed())
     sync.on_control("disconnected", "200-0", {"reason": "closed"})
     at = {"sequence": str(snap_a["sequence"])}
     # While the feed is down a snapshot proves nothing about what comes next.
