@@ -63,6 +63,10 @@ bench: venv
 # The fault and abuse suite at full size (crashes, Redis restarts, network faults,
 # a 10-minute soak, fuzzing with a raised budget); its CI-sized part runs in `make test`.
 chaos: venv browser
+	@"$(BIN)/python" -c "import atheris" 2>/dev/null || { \
+		echo "==> installing the fuzz extra (atheris) for the coverage-guided parser fuzzing"; \
+		"$(BIN)/python" -m pip install -q --disable-pip-version-check -e '.[fuzz]' || \
+		echo "==> atheris could not be installed: that part will be reported as skipped"; }
 	@echo "==> chaos suite (about 30 minutes; --quick for the CI-sized set)"
 	@"$(BIN)/python" -m chaos.run $(CHAOS_ARGS)
 

@@ -294,10 +294,14 @@ def write_capture(path: Path, n: int, seed: int) -> str:
     return sample
 
 
+#: ``--sandbox-loop``: the sandbox's event loop (None: its own default, asyncio's).
+SANDBOX_LOOP: dict[str, str] = {}
+
+
 def replay_env(capture: Path) -> dict[str, str]:
     return {"SANDBOX_SYMBOLS": SYM, "SANDBOX_REPLAY": str(capture), "SANDBOX_REPLAY_SPEED": "0",
             "SANDBOX_FLOW_RATE": "0", "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0",
-            "SANDBOX_REST_LATENCY_MS": "0"}
+            "SANDBOX_REST_LATENCY_MS": "0", **SANDBOX_LOOP}
 
 
 def replay_alone(capture: Path, n: int) -> float:
@@ -592,7 +596,7 @@ def phase_lag_http(args: argparse.Namespace, server: RedisServer,
     lag, web = Lag(), HttpLoad()
     r.flushall()
     env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": str(args.seed),
-           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "0"}
+           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "0", **SANDBOX_LOOP}
     with contextlib.ExitStack() as stack:
         sandbox = stack.enter_context(SandboxProcess(env))
         feed = stack.enter_context(feed_process(server.url, sandbox,
@@ -792,8 +796,13 @@ def main() -> int:
     parser.add_argument("--http-seconds", type=float, default=10.0)
     parser.add_argument("--http-max-requests", type=int, default=200_000)
     parser.add_argument("--only", choices=["throughput", "lag"], default=None)
+    parser.add_argument("--sandbox-loop", choices=["asyncio", "uvloop"], default=None,
+                        help="the sandbox's event loop (default: its own, asyncio's); the "
+                             "services use KUMEX_EVENT_LOOP")
     parser.add_argument("--load-worker", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sandbox_loop:
+        SANDBOX_LOOP["SANDBOX_EVENT_LOOP"] = args.sandbox_loop
 
     if args.load_worker:
         print(json.dumps(asyncio.run(_load_worker(args.load_worker, args.connections,
