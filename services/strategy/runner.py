@@ -57,7 +57,7 @@ from kumex_l3.grid import (
     retry_refused,
 )
 from kumex_l3.logs import kv
-from kumex_l3.orders import OrderStatus, OwnOrder
+from kumex_l3.orders import REASON_UNSEEN, OrderStatus, OwnOrder
 from kumex_l3.rest import CannotCancel, ExchangeOrder, KumexRestClient, RateLimited, RestError
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
 from services.strategy.metrics import StrategyMetrics
@@ -83,8 +83,8 @@ _STATE_CHECK_S: Final = 1.0
 #: (``MONITOR_REFRESH_S``, 5 s by default), and a fill in between is not on its hashes.
 _READOPT_AFTER_S: Final = 6.0
 _BOOK_ATTEMPTS: Final = 10
-#: A rate-limited order is decided again after the venue's Retry-After, or this long,
-#: capped at :data:`_RETRY_MAX_S`.
+#: An order refused for now (rate limited) or never seen by the exchange is decided again
+#: after the venue's Retry-After or a backoff from this long, up to :data:`_RETRY_MAX_S`.
 _RETRY_AFTER_S: Final = 1.0
 _RETRY_MAX_S: Final = 30.0
 _CONFIRM_ROUNDS: Final = 3
@@ -148,8 +148,10 @@ class GridStrategy:
         self._resolvers: set[asyncio.Task[None]] = set()
         self._state_check_at = 0.0
         self._readopt_at: float | None = None
-        #: (due ``time.monotonic()``, clientOid, why) of rate-limited orders to decide again.
-        self._retries: list[tuple[float, str, str]] = []
+        #: (due ``time.monotonic()``, clientOid, why) of orders to decide again (refused for
+        #: now, or never seen by the exchange); the backoff grows until one is accepted.
+        self._retries: list[tuple[float, str, str, bool]] = []
+        self._retry_backoff = Backoff(initial=_RETRY_AFTER_S, max_delay=_RETRY_MAX_S)
 
     # ------------------------------------------------------------------ status
 
@@ -418,6 +420,7 @@ class GridStrategy:
             self._refused_or_unknown(coid, exc)
         else:
             self.metrics.placed.inc()
+            self._retry_backoff.reset()
         await clear_plans(self.redis, self.key, [coid])
 
     def _refused_or_unknown(self, coid: str, exc: RestError) -> None:
@@ -427,10 +430,8 @@ class GridStrategy:
             _log.warning("order refused", extra=kv(clientOid=coid, error=str(exc)))
             self._set_status(coid, OrderStatus.REJECTED.value)
             if isinstance(exc, RateLimited):
-                # Refused for now, never accepted: decided again after the wait, on the
-                # run loop (the one place the grid's state changes).
-                wait = min(max(exc.retry_after or 0.0, _RETRY_AFTER_S), _RETRY_MAX_S)
-                self._retries.append((time.monotonic() + wait, coid, str(exc)[:200]))
+                # Refused for now, never accepted: decided again after the wait.
+                self._retry_later(coid, str(exc)[:200], exc.retry_after)
         else:
             self.metrics.timeouts.inc()
             _log.warning("order outcome unknown; left pending", extra=kv(
@@ -438,6 +439,13 @@ class GridStrategy:
             task = asyncio.create_task(self._resolve_later(coid), name=f"resolve-{coid}")
             self._resolvers.add(task)
             task.add_done_callback(self._resolvers.discard)
+
+    def _retry_later(self, coid: str, why: str, at_least: float | None = None, *,
+                     check_first: bool = False) -> None:
+        """Decide ``coid`` again after a backoff, on the run loop (where the state changes);
+        with ``check_first``, only once the exchange confirms it has no such order."""
+        wait = min(max(at_least or 0.0, self._retry_backoff.next_delay()), _RETRY_MAX_S)
+        self._retries.append((time.monotonic() + wait, coid, why, check_first))
 
     async def _resolve_later(self, coid: str) -> None:
         """After a timeout: ask the exchange by clientOid (the answer updates the hash)."""
@@ -486,7 +494,14 @@ class GridStrategy:
                          extra=kv(clientOid=coid, eventId=entry_id))
             return
         fill = Fill(coid, _qty(fields.get("filledSize")), fields.get("status") or None)
+        unseen = (fill.status == OrderStatus.REJECTED.value
+                  and fields.get("reason") == REASON_UNSEEN
+                  and self.state.orders[coid].is_open and not fill.filled_size)
         await self._on_fill(fill, event_id=entry_id)
+        if unseen:
+            # Never reached the exchange (the monitor asked it by clientOid, and the stream
+            # went past it): the same order again, under a new clientOid.
+            self._retry_later(coid, "never seen by the exchange", check_first=True)
 
     async def _on_fill(self, fill: Fill, *, event_id: str | None) -> None:
         assert self.config is not None
@@ -559,10 +574,28 @@ class GridStrategy:
         if not due:
             return
         self._retries = [r for r in self._retries if r[0] > now]
-        for _, coid, why in due:
+        for _, coid, why, check_first in due:
+            if check_first and not await self._absent(coid, why):
+                continue
             plan = retry_refused(self.config, self.state, coid, why)
             self.metrics.retried.inc(len(plan.places))
             await self._apply(plan, event_id=None)
+
+    async def _absent(self, coid: str, why: str) -> bool:
+        """Whether the exchange confirms it has no order ``coid`` (asked again later if it
+        cannot answer now)."""
+        try:
+            found = await self.rest.get_order_by_client_oid(coid, self.symbol)
+        except RestError as exc:
+            _log.warning("cannot confirm an order is absent; asking again later",
+                         extra=kv(clientOid=coid, error=str(exc)))
+            self._retry_later(coid, why, check_first=True)
+            return False
+        if found is not None:
+            _log.error("an order rejected as unseen exists at the exchange: not sent again",
+                       extra=kv(clientOid=coid, orderId=found.id, status=found.status))
+            return False
+        return True
 
     async def _recover(self, stop: asyncio.Event, policy: Backoff) -> None:
         """Wait for Redis, restore lost state if needed, then rebuild as :meth:`start` does."""

@@ -25,6 +25,7 @@ from kumex_l3.rest import (
     ExchangeOrder,
     InvalidParameter,
     KumexRestClient,
+    RateLimited,
     RequestTimeout,
 )
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
@@ -345,21 +346,59 @@ async def test_a_rate_limited_counter_order_is_sent_again_under_a_new_client_oid
         # refused (never accepted), so the grid decides it again once the wait is over.
         _control(sandbox, "/sandbox/rest-error", {"status": 429, "seconds": 1.0})
         await _event(redis, "gr-1", "filled", 3)
-        async with asyncio.timeout(SAFETY_S):
-            while "gr-6" not in strategy.state.orders:
-                await asyncio.sleep(0.02)
-        first, again = strategy.state.orders["gr-5"], strategy.state.orders["gr-6"]
-        assert first.status == "rejected"
-        assert (again.side, again.price, again.size) == (first.side, first.price, first.size)
+
+        async def answered() -> list[Any]:
+            try:
+                active = await _own_active(rest, "gr")
+            except RateLimited:  # the test's own reads fall in the window too
+                return []
+            return [o for o in active if (o.side, o.price, o.size) == ("sell", centre, 3)]
+
+        (placed,) = await eventually(answered, "the counter-order accepted at last")
+        # gr-5 and any retry that still fell in the window were refused: never at the
+        # exchange, each marked rejected; the one accepted is a later clientOid.
+        refused = [c for c, o in strategy.state.orders.items() if o.status == "rejected"]
+        assert "gr-5" in refused and placed.client_oid not in refused
+        for coid in refused:
+            assert await rest.get_order_by_client_oid(coid, SYMBOL) is None
+            stored = await order_store.load(redis, SYMBOL, coid)
+            assert stored is not None and stored.status is OrderStatus.REJECTED
+        again = strategy.state.orders[placed.client_oid]
         assert (again.side, again.price, again.size) == ("sell", centre, 3)
-        refused = await order_store.load(redis, SYMBOL, "gr-5")
-        assert refused is not None and refused.status is OrderStatus.REJECTED
-        placed = await _at_exchange(rest, "gr-6")
-        assert (placed.side, placed.price, placed.size) == ("sell", centre, 3)
-        assert await rest.get_order_by_client_oid("gr-5", SYMBOL) is None
-    assert metrics.registry.get_sample_value("kumex_strategy_orders_retried_total") == 1
+    assert metrics.registry.get_sample_value("kumex_strategy_orders_retried_total") == \
+        len(refused)
     assert metrics.registry.get_sample_value("kumex_strategy_orders_refused_total",
-                                             {"code": "429000"}) == 1
+                                             {"code": "429000"}) == len(refused)
+
+
+async def test_a_counter_order_the_exchange_never_saw_is_sent_again(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    centre = await _centre_at_best_ask(sandbox, rest)
+    settings = _settings(sandbox, redis_url, centre, client_oid_prefix="gu",
+                         resolve_after=30.0)
+    metrics = StrategyMetrics()
+    strategy = GridStrategy(settings, redis, rest, metrics=metrics)
+    async with _running(strategy):
+        # A 500 window: the counter-order's outcome is unknown, so it is left pending...
+        _control(sandbox, "/sandbox/rest-error", {"status": 500, "seconds": 0.5})
+        await _event(redis, "gu-1", "filled", 3)
+        async with asyncio.timeout(SAFETY_S):
+            while "gu-5" not in strategy.state.orders:
+                await asyncio.sleep(0.02)
+        await eventually(lambda: metrics.registry.get_sample_value(
+            "kumex_strategy_order_timeouts_total") == 1, "the unknown outcome")
+        assert await rest.get_order_by_client_oid("gu-5", SYMBOL) is None
+        # ...until the order monitor rejects it as never seen on the stream: the grid
+        # asks the exchange, which has no such order, and decides it again.
+        await redis.xadd(keys.order_events(SYMBOL), {
+            "clientOid": "gu-5", "orderId": "", "status": "rejected", "filledSize": "0",
+            "sequence": "1", "reason": "unseen", "change": "unseen"})
+        placed = await _at_exchange(rest, "gu-6")
+        assert (placed.side, placed.price, placed.size) == ("sell", centre, 3)
+        again = strategy.state.orders["gu-6"]
+        assert (again.side, again.price, again.size) == ("sell", centre, 3)
+    assert metrics.registry.get_sample_value("kumex_strategy_orders_retried_total") == 1
 
 
 def test_sigterm_cancels_every_own_order(sandbox: SandboxProcess, redis_url: str) -> None:
