@@ -70,6 +70,7 @@ from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketExcepti
 
 from kumex_l3.errors import KumexError
 from kumex_l3.messages import TOPIC_PREFIX
+from kumex_l3.tasks import cancel_and_wait
 
 __all__ = [
     "BULLET_PATH",
@@ -692,10 +693,7 @@ class Connection:
         """Close the socket and stop the keepalive (idempotent)."""
         self._closed = True
         task, self._keepalive_task = self._keepalive_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._ws.close()
 
 

@@ -26,7 +26,6 @@ batch is being applied.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -55,6 +54,7 @@ from kumex_l3.sync import (
     Synchronizer,
     SyncStats,
 )
+from kumex_l3.tasks import cancel_and_wait
 from services.book.metrics import BookMetrics
 from services.book.settings import BookSettings
 
@@ -299,10 +299,7 @@ class SymbolConsumer:
     async def stop(self, *, checkpoint: bool = False) -> None:
         """Stop reading; with ``checkpoint``, save a last one if the book is synced."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self.active = False
         self._notify()
         if checkpoint:

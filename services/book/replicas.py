@@ -12,7 +12,6 @@ lease (:meth:`BookService.owner_of`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -23,6 +22,7 @@ from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
 from kumex_l3.lease import LeaseManager, LeaseOwner, read_owner
 from kumex_l3.logs import kv
+from kumex_l3.tasks import cancel_and_wait
 from services.book.consumer import SymbolConsumer
 from services.book.metrics import BookMetrics
 from services.book.settings import ROLE, BookSettings
@@ -60,10 +60,7 @@ class BookService:
     async def stop(self) -> None:
         """Checkpoint every owned book, then give the leases back for a quick takeover."""
         task, self._lease_task = self._lease_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for symbol in list(self._supervisors):
             await self._stop_symbol(symbol, checkpoint=True)
         await self.leases.close()
@@ -147,11 +144,7 @@ class BookService:
         await self._stop_symbol(symbol, checkpoint=False)
 
     async def _stop_symbol(self, symbol: str, *, checkpoint: bool) -> None:
-        task = self._supervisors.pop(symbol, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._supervisors.pop(symbol, None))
         consumer = self._consumers.pop(symbol, None)
         if consumer is not None:
             await consumer.stop(checkpoint=checkpoint)

@@ -44,6 +44,7 @@ from kumex_l3.backoff import Backoff
 from kumex_l3.config import redact_url
 from kumex_l3.logs import kv
 from kumex_l3.service import start_server
+from kumex_l3.tasks import cancel_and_wait
 from kumex_l3.wsclient import (
     Connection,
     FrameKind,
@@ -279,10 +280,7 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
                            exc_info=exc)
         _log.info("stopping")
     finally:
-        stop_task.cancel()
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, stop_task, return_exceptions=True)
+        await cancel_and_wait(stop_task, *workers)
         feed._disconnected("the feed is stopping")
         writer.close()
         try:

@@ -25,6 +25,7 @@ from kumex_l3.lease import LeaseManager, LeaseOwner
 from kumex_l3.logs import kv
 from kumex_l3.rest import KumexRestClient
 from kumex_l3.service import start_server
+from kumex_l3.tasks import cancel_and_wait
 from services.order_monitor.metrics import MonitorMetrics
 from services.order_monitor.monitor import LeaseLost, OrderLookup, SymbolMonitor
 from services.order_monitor.settings import ROLE, MonitorSettings
@@ -73,10 +74,7 @@ class OrderMonitor:
         log.info("symbol lost", extra=kv(symbol=symbol))
         self.metrics.owned.labels(symbol).set(0)
         self.monitors.pop(symbol, None)
-        task = self._workers.pop(symbol, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task], timeout=_STOP_TIMEOUT_S)
+        await self._stop_workers(self._workers.pop(symbol, None))
 
     async def _supervise(self, symbol: str) -> None:
         """Run the symbol's consumer while the lease is held; restart it after an error."""
@@ -113,10 +111,13 @@ class OrderMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await leases
             await self.leases.close()  # reports each symbol lost: consumers stopped
-            for task in list(self._workers.values()):
-                task.cancel()
-            if self._workers:
-                await asyncio.wait(list(self._workers.values()), timeout=_STOP_TIMEOUT_S)
+            await self._stop_workers(*self._workers.values())
+
+    @staticmethod
+    async def _stop_workers(*tasks: asyncio.Task[None] | None) -> None:
+        still = await cancel_and_wait(*tasks, timeout=_STOP_TIMEOUT_S)
+        for task in still:
+            log.error("consumer did not stop", extra=kv(task=task.get_name()))
 
     def status(self) -> dict[str, Any]:
         """What ``/readyz`` shows: ``ready`` and each held symbol's consumer state."""

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
+from kumex_l3.tasks import cancel_and_wait
 from services.sandbox.auth import ApiCredential
 from services.sandbox.contracts import CONTRACTS, Contract
 from services.sandbox.engine import (
@@ -459,11 +460,7 @@ class Exchange:
     async def stop(self) -> None:
         """Stop the background tasks and disconnect every client."""
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         await self.hub.stop()
 
     async def _run_replay(self) -> None:

@@ -45,7 +45,6 @@ server does not drop the client; counted as ``pongs_withheld``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -58,6 +57,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from kumex_l3.messages import TOPIC_PREFIX
+from kumex_l3.tasks import cancel_and_wait
 from services.sandbox.faults import FaultState, WsFaultFilter
 
 __all__ = [
@@ -270,10 +270,7 @@ class Hub:
     async def stop(self) -> None:
         """Stop the background task, disconnect every client and wait (bounded) for them."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for client in list(self._clients):
             self._drop(client, CLOSE_GOING_AWAY, "server stopping")
         handlers = [h for h in self._handlers if h is not asyncio.current_task()]

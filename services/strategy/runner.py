@@ -59,6 +59,7 @@ from kumex_l3.grid import (
 from kumex_l3.logs import kv
 from kumex_l3.orders import REASON_UNSEEN, OrderStatus, OwnOrder
 from kumex_l3.rest import CannotCancel, ExchangeOrder, KumexRestClient, RateLimited, RestError
+from kumex_l3.tasks import cancel_and_wait
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.settings import StrategySettings
@@ -675,11 +676,7 @@ class GridStrategy:
         return len(records)
 
     async def _cancel_resolvers(self) -> None:
-        for task in list(self._resolvers):
-            task.cancel()
-        for task in list(self._resolvers):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._resolvers)
 
     async def _read_or_stop(self, block_ms: int, stop: asyncio.Event) -> Any:
         """One blocking XREAD, abandoned as soon as ``stop`` is set."""
@@ -688,11 +685,7 @@ class GridStrategy:
         try:
             await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (read, stopped):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            await cancel_and_wait(read, stopped)
         return read.result() if read.done() and not read.cancelled() else None
 
     async def shutdown(self) -> None:

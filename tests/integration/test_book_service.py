@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import json
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -326,6 +328,52 @@ def test_kill_and_restart_resumes_from_the_checkpoint(
     assert book.stop() == 0
     assert redis_sync.hget(keys.checkpoint(SYM), "sequence") == str(feed.ref.sequence).encode()
     assert redis_sync.get(keys.owner(SYM, "book")) is None
+
+
+def test_sigterm_while_the_stream_flows_stops_cleanly(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    # Every XREAD goes through asyncio.wait_for (the client has a socket
+    # timeout), which on Python 3.11 can swallow the one cancellation sent at
+    # shutdown while a read completes: the consumer then read on and the
+    # process never exited. Stop several times while three streams flow.
+    feeds = [Feed(redis_sync, symbol, seed=30 + i) for i, symbol in enumerate(SYMBOLS)]
+    for feed in feeds:
+        feed.store_snapshot()
+    flowing = threading.Event()
+    flowing.set()
+    published: list[BaseException] = []
+
+    def flow() -> None:
+        try:
+            while flowing.is_set():
+                for feed in feeds:
+                    feed.publish(10)
+                time.sleep(0.002)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            published.append(exc)
+
+    writer = threading.Thread(target=flow, name="flow", daemon=True)
+    writer.start()
+    book = spawn(procs, redis_url, "solo", symbols=SYMBOLS)
+    try:
+        for _ in range(4):
+            for symbol in SYMBOLS:
+                wait_for(lambda s=symbol: book.get(f"/book/{s}").status_code == 200,
+                         f"{symbol} served", timeout=SAFETY_S, proc=book)
+            assert book.stop() == 0  # raises "ignored SIGTERM" if it hangs
+            for symbol in SYMBOLS:
+                assert redis_sync.get(keys.owner(symbol, "book")) is None
+                assert redis_sync.hget(keys.checkpoint(symbol), "sequence") is not None
+            book.start()
+    finally:
+        flowing.clear()
+        writer.join()
+    assert not published
+    # Still right after all that: the book equals the reference once the flow stops.
+    for feed in feeds:
+        assert book_at(book, feed)["sequence"] == feed.ref.sequence
+    assert book_at(book, feeds[0]) == feeds[0].expected()
 
 
 def test_checkpoint_behind_a_trimmed_stream_is_not_used(
