@@ -241,9 +241,9 @@ def feed_process(redis_url: str, sandbox: SandboxProcess, **extra: str) -> Servi
     return ServiceProcess("services.feed", env, port_var="FEED_HTTP_PORT")
 
 
-def book_process(redis_url: str) -> ServiceProcess:
+def book_process(redis_url: str, **extra: str) -> ServiceProcess:
     env = {"REDIS_URL": redis_url, "KUMEX_SYMBOLS": SYM, "BOOK_HOST": "127.0.0.1",
-           "BOOK_REPLICA_ID": "bench-book"}
+           "BOOK_REPLICA_ID": "bench-book", **extra}
     return ServiceProcess("services.book", env, port_var="BOOK_PORT")
 
 
@@ -408,7 +408,8 @@ def book_alone(server: RedisServer, r: redis.Redis, n: int) -> tuple[float, str]
     r.delete(keys.checkpoint(SYM), keys.top(SYM), keys.owner(SYM, "book"))
     r.set(keys.snapshot(SYM), json.dumps({"symbol": SYM, "sequence": 0, "ts": 0,
                                           "bids": [], "asks": []}))
-    with book_process(server.url) as book:
+    # No feed any more: its heartbeat is not watched.
+    with book_process(server.url, BOOK_FEED_CHECK_SECONDS="0") as book:
         # GET /books says nothing until the book has caught up, and scraping its metrics
         # every 20 ms costs it: read the top hash it writes (at most 10 times a second,
         # with its own ms clock) and time from its first write to its last before the end.

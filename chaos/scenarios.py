@@ -200,15 +200,28 @@ _READY_TEXT: Final = {
 }
 
 
+#: How long, at most, a killed feed's silence may take to reach the book: the chaos
+#: stack's heartbeat TTL (2 s) plus the book's check interval (1 s), with margin.
+_SILENCE_WAIT_S: Final = 10.0
+
+
 def kill_and_restart(stack: Stack, size: Size, name: str) -> Outcome:
     """kill -9 of ``name`` mid-traffic; traffic goes on while it is down; started again."""
     run = _Run(stack, f"kill -9 {name}")
     _traffic(stack)
     time.sleep(size.run_s)
     mark = len(stack.log(name))
+    silent = stack.metric("book", "kumex_book_feed_silent_total", symbol=SYM)
     stack.kill(name)
     run.inject(f"kill -9 {name}")
     time.sleep(size.dead_s)
+    if name == "feed":
+        # It said nothing as it died: its heartbeat lapses and the book stops serving
+        # what may be stale (waiting on, feed still down, if that takes longer).
+        seen = any(stack.metric("book", "kumex_book_feed_silent_total", symbol=SYM) > silent
+                   for _ in _watch(_SILENCE_WAIT_S))
+        run.check("book stopped serving once the dead feed's heartbeat lapsed").expect(
+            seen, "kumex_book_feed_silent_total did not rise")
     stack.restart(name)
     check = run.check(f"{name} back after kill -9")
     check.expect(stack.wait_ready(name), f"{name} not ready after its restart")

@@ -394,7 +394,8 @@ class Stack:
         self.procs["feed"] = ServiceProcess("services.feed", {
             **common, "FEED_HTTP_HOST": "127.0.0.1", "FEED_SNAPSHOT_PER_MIN": "0",
             "FEED_BACKOFF_INITIAL": "0.2", "FEED_BACKOFF_MAX": "1",
-            "FEED_REDIS_TIMEOUT": "2", "FEED_HTTP_TIMEOUT": "5"},
+            "FEED_REDIS_TIMEOUT": "2", "FEED_HTTP_TIMEOUT": "5",
+            "FEED_HEARTBEAT_TTL_SECONDS": "2"},
             port_var="FEED_HTTP_PORT", name="feed")
         self.procs["book"] = ServiceProcess("services.book", {
             **common, "BOOK_HOST": "127.0.0.1", "BOOK_REPLICA_ID": "chaos-book",

@@ -11,6 +11,7 @@ __all__ = [
     "FIELD_MSG",
     "checkpoint",
     "dlq",
+    "feed_alive",
     "l3_stream",
     "order",
     "order_events",
@@ -53,6 +54,18 @@ def snapshot_requests(symbol: str) -> str:
     appending a ``ctl=snapshot`` entry to the stream.
     """
     return f"kumex:{{{symbol}}}:snapshot:requests"
+
+
+def feed_alive(symbol: str) -> str:
+    """String with a TTL: the feed's heartbeat while it is connected to the exchange.
+
+    The feed sets it (``{"connectId": ..., "at": ms}``, expiring after
+    ``FEED_HEARTBEAT_TTL_SECONDS``) again and again while it is subscribed; its
+    absence means the feed is gone, cut off from the exchange or from Redis,
+    even when it died without a word (``kill -9``), and the book stops serving
+    the symbol as fresh.
+    """
+    return f"kumex:{{{symbol}}}:feed"
 
 
 def checkpoint(symbol: str) -> str:

@@ -22,7 +22,9 @@ follows the exchange's sync procedure (kumex-api.md, section 5):
   still right at its sequence, but no longer *fresh*: nothing says the
   exchange has not moved on. It is fresh again at the next contiguous message,
   or at a ``ctl=snapshot`` at exactly its sequence once the feed is back
-  (a quiet market); a gap resyncs as usual. Serve only a fresh book;
+  (a quiet market); a gap resyncs as usual. Serve only a fresh book.
+  :meth:`Synchronizer.on_feed_silent` does the same for a feed that died
+  without a word (the service watches the feed's heartbeat key);
 * a message that cannot be parsed (or belongs to another symbol) is refused:
   a :class:`DeadLetter` output, counted, the book untouched.
 
@@ -176,6 +178,8 @@ class SyncStats:
     reconnects: int = 0
     #: ``ctl=disconnected`` entries (the feed lost the exchange).
     disconnects: int = 0
+    #: Times the feed was reported silent (:meth:`Synchronizer.on_feed_silent`).
+    silences: int = 0
     #: Sequence gaps detected (in the stream, while replaying, or announced by the feed).
     gaps: int = 0
     integrity_errors: int = 0
@@ -302,6 +306,22 @@ class Synchronizer:
                    fields: Mapping[str, str] | None = None) -> list[Output]:
         """One feed control entry (``connected``, ``snapshot``, ``gap``); ``fields`` its others."""
         self._control(ctl, stream_id, fields or {})
+        return self._drain()
+
+    def on_feed_silent(self, reason: str) -> list[Output]:
+        """The feed is not known to be alive (its heartbeat lapsed): as ``ctl=disconnected``.
+
+        For a feed that died without writing ``ctl=disconnected``. The book, if
+        fresh, becomes stale with ``reason``; it is fresh again as after a
+        disconnection (``ctl=connected`` from the restarted feed, then a
+        contiguous message or a snapshot at its sequence). A contiguous message
+        also shows the feed alive after all.
+        """
+        self.stats.silences += 1
+        self._feed_down = True
+        self._down_reason = reason[:300]
+        if self.state is SyncState.SYNCED and self.stale_reason is None:
+            self._go_stale()
         return self._drain()
 
     def on_snapshot(self, data: Mapping[str, Any] | Snapshot | bytes | str) -> list[Output]:
@@ -458,7 +478,8 @@ class Synchronizer:
         elif ctl == CTL_DISCONNECTED:
             self.stats.disconnects += 1
             self._feed_down = True
-            self._down_reason = (fields.get("reason") or "no reason given")[:200]
+            self._down_reason = ("the feed lost the exchange ("
+                                 + (fields.get("reason") or "no reason given")[:200] + ")")
             if self.state is SyncState.SYNCED and self.stale_reason is None:
                 self._go_stale()
         elif ctl == CTL_GAP:
@@ -568,7 +589,7 @@ class Synchronizer:
 
     def _go_stale(self) -> None:
         assert self.book is not None
-        self.stale_reason = (f"the feed lost the exchange ({self._down_reason}); "
+        self.stale_reason = (f"{self._down_reason}; "
                              f"last sequence {self.book.sequence}")
         self._out.append(BecameStale(self.stale_reason))
 

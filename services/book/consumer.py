@@ -170,6 +170,7 @@ class SymbolConsumer:
         self._reported = SyncStats()
         self._pending_dlq: deque[tuple[bytes | str, str, str]] = deque(maxlen=10_000)
         self._request_at = float("-inf")
+        self._feed_checked_at = float("-inf")
         self._request_min = -1
         self._tried_sequence = -1
         self._cp_at = clock()
@@ -556,6 +557,15 @@ class SymbolConsumer:
             self._tried_sequence = seq
         return outs
 
+    async def _check_feed(self) -> None:
+        """Stop serving as fresh when the feed's heartbeat has lapsed (a feed gone silently)."""
+        key = keys.feed_alive(self.symbol)
+        if await self._redis.exists(key):
+            return
+        await self._handle(self.sync.on_feed_silent(
+            f"no heartbeat from the feed ({key} lapsed): it is stopped, or cut off from the "
+            "exchange or from Redis"))
+
     async def _flush_dlq(self) -> None:
         key = keys.dlq(self.symbol)
         maxlen = self._settings.dlq_maxlen
@@ -578,6 +588,10 @@ class SymbolConsumer:
             if needed is not None:
                 await self._handle(await self._ask(needed, "still waiting for a snapshot",
                                                    force=True))
+        check = self._settings.feed_check_seconds
+        if check > 0 and sync.fresh and now - self._feed_checked_at >= check:
+            self._feed_checked_at = now
+            await self._check_feed()
         if sync.synced and self._checkpoint_due(now):
             await self._write_checkpoint()
         await self._write_top(now)

@@ -42,6 +42,10 @@ class BookMetrics:
             "kumex_book_feed_disconnects",
             "ctl=disconnected entries read (the feed lost the exchange: book not served "
             "until shown current)", sym, registry=r)
+        self.feed_silences = Counter(
+            "kumex_book_feed_silent",
+            "Times the feed's heartbeat (kumex:{SYM}:feed) was found lapsed while the book was "
+            "served (book not served until shown current)", sym, registry=r)
         self.snapshot_requests = Counter("kumex_book_snapshot_requests",
                                          "Snapshot requests published to the feed", sym,
                                          registry=r)
@@ -92,6 +96,7 @@ class BookMetrics:
             (self.gaps, "gaps"),
             (self.resyncs, "resyncs"),
             (self.feed_disconnects, "disconnects"),
+            (self.feed_silences, "silences"),
             (self.snapshots_used, "snapshots_used"),
         ):
             delta = getattr(now, field) - getattr(before, field)

@@ -61,6 +61,10 @@ class BookSettings(CommonSettings):
     scan_max_entries: int = Field(1_000_000, ge=0)
     #: Approximate bound of the DLQ stream.
     dlq_maxlen: int = Field(10_000, ge=1)
+    #: While a book is served, check the feed's heartbeat key ``kumex:{SYM}:feed`` this
+    #: often; once it has lapsed the book is not served until shown current. 0 turns the
+    #: check off (a stream written by something other than the feed).
+    feed_check_seconds: float = Field(1.0, ge=0)
     #: Timeout of a request proxied to the owning replica.
     proxy_timeout_seconds: float = Field(5.0, gt=0)
 

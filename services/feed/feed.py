@@ -15,7 +15,9 @@ few, then one in :data:`_LOG_EVERY`): there is no per-symbol place to put them.
 On each connection, once subscribed, a ``ctl=connected`` entry (``connectId``)
 goes to every symbol's stream ahead of that connection's data, and a snapshot
 of every symbol is requested; when it ends, a ``ctl=disconnected`` entry
-(``reason``, ``connectId``) follows its data. Any failure (no welcome, no pong, closed socket,
+(``reason``, ``connectId``) follows its data. While subscribed, the key
+``kumex:{SYM}:feed`` is set again and again with a short TTL (a heartbeat: it
+lapses when the feed dies without a word). Any failure (no welcome, no pong, closed socket,
 refused subscribe, token refused) ends the connection; the next one comes
 after a jittered exponential backoff, with a fresh token. A connection that
 stayed up for at least ``backoff_max`` counts as a success and resets the
@@ -35,11 +37,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import httpx
+import msgspec
 import redis.asyncio
+import redis.exceptions
 from prometheus_client.metrics import Counter as _Counter
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
 from kumex_l3.config import redact_url
 from kumex_l3.logs import kv
@@ -154,6 +159,33 @@ class Feed:
                 error=reason[:300], retry_in=f"{delay:.2f}s", attempt=self._backoff.attempts))
             await asyncio.sleep(delay)
 
+    async def heartbeat(self, client: redis.asyncio.Redis, ttl: float) -> None:
+        """Keep ``kumex:{SYM}:feed`` alive while subscribed (cancel to stop).
+
+        Set every ``ttl / 5`` seconds with that ``ttl``, on a client of its own
+        so that a backlog of writes does not delay it. Not refreshed while
+        disconnected: it lapses, and so it does when this process dies.
+        """
+        interval, ttl_ms = ttl / 5, max(1, int(ttl * 1000))
+        failing = False
+        while True:
+            if self.subscribed:
+                value = msgspec.json.encode({"connectId": self.connect_id,
+                                             "at": time.time_ns() // 1_000_000})
+                try:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for symbol in self.symbols:
+                            pipe.set(keys.feed_alive(symbol), value, px=ttl_ms)
+                        await pipe.execute()
+                    failing = False
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    self._metrics.redis_errors.labels("heartbeat").inc()
+                    if not failing:
+                        _log.warning("heartbeat not written", extra=kv(
+                            error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                    failing = True
+            await asyncio.sleep(interval)
+
     def _on_subscribed(self, conn: Connection) -> None:
         self.connect_id = conn.connect_id
         self.subscribed = True
@@ -235,6 +267,7 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     metrics = FeedMetrics()
     new_backoff = make_backoff(settings)
     writer_redis = _redis_factory(settings, "kumex-feed-writer")()
+    heartbeat_redis = _redis_factory(settings, "kumex-feed-heartbeat")()
     writer = StreamWriter(writer_redis, metrics, buffer_max=settings.buffer_max,
                           batch_size=settings.batch_size, maxlen=settings.stream_maxlen,
                           backoff=new_backoff())
@@ -261,6 +294,8 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     writer_task = asyncio.create_task(writer.run(), name="feed-writer")
     workers = [
         asyncio.create_task(feed.run(), name="feed-ws"),
+        asyncio.create_task(feed.heartbeat(heartbeat_redis, settings.heartbeat_ttl_seconds),
+                            name="feed-heartbeat"),
         asyncio.create_task(snapshots.run(), name="feed-snapshots"),
         asyncio.create_task(snapshots.listen(_redis_factory(settings, "kumex-feed-requests")),
                             name="feed-snapshot-requests"),
@@ -299,5 +334,6 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
         await asyncio.gather(server_task, return_exceptions=True)
         await http.aclose()
         await writer_redis.aclose()
+        await heartbeat_redis.aclose()
     _log.info("feed stopped", extra=kv(status=status))
     return status

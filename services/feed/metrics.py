@@ -19,7 +19,7 @@ metric                                             what
                                                    ``http_error``, ``error_reply``
 ``kumex_feed_snapshot_requests_total{symbol}``     requests read from the pub/sub channel
 ``kumex_feed_buffer_depth``                        entries waiting for Redis
-``kumex_feed_redis_errors_total{op}``              ``write``, ``pubsub``
+``kumex_feed_redis_errors_total{op}``              ``write``, ``pubsub``, ``heartbeat``
 ``kumex_feed_capture_errors_total``                failed writes to ``FEED_CAPTURE``
 =================================================  =======================================
 """

@@ -68,6 +68,9 @@ class FeedSettings(CommonSettings):
     http_timeout: float = Field(10.0, gt=0)
     redis_timeout: float = Field(5.0, gt=0)
     shutdown_timeout: float = Field(10.0, ge=0)
+    #: Lifetime of the heartbeat key ``kumex:{SYM}:feed``, set again every fifth of it
+    #: while subscribed: a feed silent this long is taken as gone by the book.
+    heartbeat_ttl_seconds: float = Field(5.0, ge=0.5)
 
     @field_validator("backoff_max")
     @classmethod

@@ -82,7 +82,10 @@ class BookProcess(ServiceProcess):
             "REDIS_URL": redis_url, "KUMEX_SYMBOLS": ",".join(symbols),
             "BOOK_HOST": "127.0.0.1", "BOOK_REPLICA_ID": replica,
             "BOOK_LEASE_TTL_SECONDS": "3", "BOOK_CHECKPOINT_SECONDS": "0.3",
-            "BOOK_SNAPSHOT_RETRY_SECONDS": "0.5", "BOOK_READ_BLOCK_SECONDS": "0.1", **env,
+            "BOOK_SNAPSHOT_RETRY_SECONDS": "0.5", "BOOK_READ_BLOCK_SECONDS": "0.1",
+            # The Feed above writes the stream without the real feed's heartbeat; one
+            # test below writes the heartbeat itself and turns the check on.
+            "BOOK_FEED_CHECK_SECONDS": "0", **env,
         }, port_var="BOOK_PORT", name=replica, start_timeout=SAFETY_S, stop_timeout=15)
         self.redis_url = redis_url
         self.replica = replica
@@ -210,12 +213,13 @@ def test_snapshot_request_then_book_equals_reference(
     assert "kumex_book_http_request_duration_seconds_bucket" in book.get("/metrics").text
 
 
-def serving(procs: list[BookProcess], redis_url: str, feed: Feed, after: int) -> BookProcess:
+def serving(procs: list[BookProcess], redis_url: str, feed: Feed, after: int,
+            **env: str) -> BookProcess:
     """A book started on a stored snapshot plus ``after`` messages, equal to the reference."""
     feed.publish(200)
     feed.store_snapshot()
     feed.publish(after)
-    book = spawn(procs, redis_url, "solo")
+    book = spawn(procs, redis_url, "solo", **env)
     assert book_at(book, feed) == feed.expected()
     return book
 
@@ -269,6 +273,31 @@ def test_feed_disconnected_makes_503_until_the_book_is_shown_current(
     assert book.metric("kumex_book_feed_disconnects_total") == 1.0
     assert book.metric("kumex_book_resyncs_total") == 0.0  # no snapshot was needed
     assert book.metric("kumex_book_snapshots_used_total") == 1.0
+
+
+def test_feed_silent_makes_503_until_the_book_is_shown_current(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    # A feed killed outright writes no ctl=disconnected: its heartbeat key lapses.
+    feed = Feed(redis_sync, seed=10)
+    alive = keys.feed_alive(SYM)
+    redis_sync.set(alive, '{"connectId":"first"}')
+    book = serving(procs, redis_url, feed, 100, BOOK_FEED_CHECK_SECONDS="0.2")
+    feed.publish(30)
+    assert book_at(book, feed) == feed.expected()  # heartbeat there: served
+    assert book.metric("kumex_book_feed_silent_total") == 0.0
+    redis_sync.delete(alive)
+    detail = unavailable(book, "503 once the heartbeat lapsed")
+    assert "no heartbeat from the feed" in detail and str(feed.ref.sequence) in detail
+    assert book.get("/books").json()["books"][0]["synced"] is False
+    assert book.metric("kumex_book_feed_silent_total") == 1.0
+    # A feed again: heartbeat, ctl=connected, and a contiguous message shows the book current.
+    redis_sync.set(alive, '{"connectId":"second"}')
+    redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_CTL: "connected", "connectId": "second"})
+    feed.publish(50)
+    assert book_at(book, feed) == feed.expected()
+    assert book.metric("kumex_book_feed_silent_total") == 1.0
+    assert book.metric("kumex_book_resyncs_total") == 0.0
 
 
 def test_malformed_entry_goes_to_the_dlq(

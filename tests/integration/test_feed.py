@@ -515,8 +515,13 @@ async def test_feed_process_against_the_sandbox(
         "KUMEX_SYMBOLS": ",".join(symbols), "KUMEX_API_SECRET": "never-log-this-s3cret",
         "FEED_SNAPSHOT_PER_MIN": "60", "FEED_BACKOFF_INITIAL": "0.1",
         "FEED_BACKOFF_MAX": "0.5", "FEED_CAPTURE": str(capture), "LOG_LEVEL": "info",
+        "FEED_HEARTBEAT_TTL_SECONDS": "1",
     })
     await eventually(feed.ready, "the feed to be ready")
+
+    async def heartbeat_of(symbol: str) -> str | None:
+        raw = await redis_client.get(keys.feed_alive(symbol))
+        return None if raw is None else str(json.loads(raw)["connectId"])
 
     # Start: ctl=connected, then a snapshot stored and announced, for every symbol.
     async def snapshots_announced(count: int) -> bool:
@@ -587,6 +592,10 @@ async def test_feed_process_against_the_sandbox(
         entries = await _entries(redis_client, symbol)
         first, second = _ctl(entries, "connected")
         assert first["connectId"] != second["connectId"]
+        # The heartbeat, kept alive with a short TTL, names the connection of now.
+        await eventually(lambda s=symbol, c=second["connectId"]: _equals(heartbeat_of(s), c),
+                         "the heartbeat of the second connection")
+        assert 0 < await redis_client.pttl(keys.feed_alive(symbol)) <= 1000
         # The end of the first connection is marked after its data, before the second.
         (down,) = _ctl(entries, "disconnected")
         assert down["connectId"] == first["connectId"] and down["reason"]
@@ -636,6 +645,8 @@ async def test_feed_process_against_the_sandbox(
     for symbol in symbols:
         last = (await _entries(redis_client, symbol))[-1]
         assert last.get("ctl") == "disconnected" and last["reason"] == "the feed is stopping"
+        # No feed, no heartbeat: it lapses (after at most its 1 s TTL).
+        await eventually(lambda s=symbol: _equals(heartbeat_of(s), None), "the heartbeat lapsed")
     log = feed.log_text()
     assert "never-log-this-s3cret" not in log
     assert " INFO feed connected and subscribed " in log
@@ -644,6 +655,10 @@ async def test_feed_process_against_the_sandbox(
     for symbol in symbols:
         stream = [e["msg"] for e in await _entries(redis_client, symbol) if "msg" in e]
         assert [t for t in captured if f'level3v2:{symbol}"' in t] == stream
+
+
+async def _equals(value: Awaitable[object], expected: object) -> bool:
+    return await value == expected
 
 
 async def _snapshot_count(client: redis.asyncio.Redis, symbol: str, count: int) -> bool:

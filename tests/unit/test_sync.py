@@ -352,6 +352,37 @@ def test_quiet_market_a_snapshot_at_the_books_sequence_after_reconnect_confirms(
     assert sync.fresh
 
 
+def test_feed_silent_is_a_disconnection_without_a_stream_entry() -> None:
+    f = Feed()
+    sync, a, snap_a = synced_with(f)
+    out = sync.on_feed_silent("no heartbeat from the feed")
+    assert kinds(out) == [BecameStale]
+    assert sync.synced and not sync.fresh
+    assert sync.stale_reason == f"no heartbeat from the feed; last sequence {seq(a[-1])}"
+    assert sync.on_feed_silent("still none") == []  # already stale: no new transition
+    assert sync.stats.silences == 2 and sync.stats.disconnects == 0
+    # Until the feed is back, a snapshot at the book's sequence proves nothing.
+    assert sync.on_control("snapshot", "200-0", {"sequence": str(snap_a["sequence"])}) == []
+    assert not sync.fresh
+    # The restarted feed: ctl=connected, then a contiguous message.
+    sync.on_control("connected", "201-0")
+    b, snap_b = f.take(50)
+    assert kinds(feed_msgs(sync, b, first_id=300)) == [Applied, BecameSynced, Applied]
+    assert sync.fresh
+    assert_same(sync, snap_b)
+
+
+def test_feed_silent_while_not_synced_leaves_the_book_stale_once_synced() -> None:
+    f = Feed()
+    a, snap_a = f.take(100)
+    sync = Synchronizer(SYM)
+    sync.start()
+    assert sync.on_feed_silent("no heartbeat") == []
+    assert kinds(sync.on_snapshot(snap_a)) == [BecameSynced, BecameStale]
+    assert not sync.fresh
+    del a
+
+
 def test_a_book_synced_while_the_feed_is_down_is_stale() -> None:
     f = Feed()
     a, snap_a = f.take(100)
