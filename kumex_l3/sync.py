@@ -245,6 +245,8 @@ class Synchronizer:
         self.stale_reason: str | None = None
         # Between a ctl=disconnected and the next ctl=connected.
         self._feed_down = False
+        # The feed is down only because it went silent (no ctl=disconnected read).
+        self._silent = False
         self._down_reason = ""
         self._out: list[Output] = []
 
@@ -308,20 +310,41 @@ class Synchronizer:
         self._control(ctl, stream_id, fields or {})
         return self._drain()
 
+    @property
+    def feed_silent(self) -> bool:
+        """The feed went silent (:meth:`on_feed_silent`) and nothing has been heard since."""
+        return self._silent
+
     def on_feed_silent(self, reason: str) -> list[Output]:
         """The feed is not known to be alive (its heartbeat lapsed): as ``ctl=disconnected``.
 
         For a feed that died without writing ``ctl=disconnected``. The book, if
         fresh, becomes stale with ``reason``; it is fresh again as after a
         disconnection (``ctl=connected`` from the restarted feed, then a
-        contiguous message or a snapshot at its sequence). A contiguous message
-        also shows the feed alive after all.
+        contiguous message or a snapshot at its sequence), or at
+        :meth:`on_feed_heard`. A contiguous message also shows the feed alive.
         """
         self.stats.silences += 1
-        self._feed_down = True
-        self._down_reason = reason[:300]
+        if not self._feed_down:
+            self._feed_down = True
+            self._silent = True
+            self._down_reason = reason[:300]
         if self.state is SyncState.SYNCED and self.stale_reason is None:
             self._go_stale()
+        return self._drain()
+
+    def on_feed_heard(self) -> list[Output]:
+        """The silent feed is back *on the same exchange connection*: fresh again.
+
+        The caller knows it from the heartbeat: the connection the book was
+        following never broke, so the stream holds all of it, and no
+        ``ctl=connected`` will come. Does nothing after a ``ctl=disconnected``.
+        """
+        if self._silent:
+            self._silent = False
+            self._feed_down = False
+            if self.state is SyncState.SYNCED and self.stale_reason is not None:
+                self._refresh()
         return self._drain()
 
     def on_snapshot(self, data: Mapping[str, Any] | Snapshot | bytes | str) -> list[Output]:
@@ -452,7 +475,7 @@ class Synchronizer:
     def _refresh(self) -> None:
         assert self.book is not None
         self.stale_reason = None
-        self._feed_down = False  # a message came: the feed is connected
+        self._feed_down = self._silent = False  # a message came: the feed is connected
         self._out.append(BecameSynced(self.book.sequence))
 
     def _applied(self, sequence: int, ts: int, stream_id: str) -> None:
@@ -474,10 +497,11 @@ class Synchronizer:
             # The stream may have a gap across a reconnection; the sequence check
             # on the next message decides (contiguous: nothing lost).
             self.stats.reconnects += 1
-            self._feed_down = False
+            self._feed_down = self._silent = False
         elif ctl == CTL_DISCONNECTED:
             self.stats.disconnects += 1
             self._feed_down = True
+            self._silent = False
             self._down_reason = ("the feed lost the exchange ("
                                  + (fields.get("reason") or "no reason given")[:200] + ")")
             if self.state is SyncState.SYNCED and self.stale_reason is None:

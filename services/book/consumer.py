@@ -98,6 +98,18 @@ def peek_message_sequence(raw: bytes | str) -> int | None:
     return None if env.data is None else env.data.sequence
 
 
+def _heartbeat_connection(raw: Any) -> str | None:
+    """The ``connectId`` of a heartbeat value (``None`` when absent or unreadable)."""
+    if raw is None:
+        return None
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    connection = value.get("connectId") if isinstance(value, dict) else None
+    return connection if isinstance(connection, str) and connection else None
+
+
 def peek_snapshot_sequence(raw: bytes | str) -> int | None:
     """The ``sequence`` of a stored snapshot's JSON, without a full parse (``None``: bad)."""
     try:
@@ -171,6 +183,10 @@ class SymbolConsumer:
         self._pending_dlq: deque[tuple[bytes | str, str, str]] = deque(maxlen=10_000)
         self._request_at = float("-inf")
         self._feed_checked_at = float("-inf")
+        # The feed's connection seen in its heartbeat while the book was served, and
+        # whether the heartbeat was already missing at the check before.
+        self._feed_connection: str | None = None
+        self._feed_missing = False
         self._request_min = -1
         self._tried_sequence = -1
         self._cp_at = clock()
@@ -558,13 +574,32 @@ class SymbolConsumer:
         return outs
 
     async def _check_feed(self) -> None:
-        """Stop serving as fresh when the feed's heartbeat has lapsed (a feed gone silently)."""
+        """Watch the feed's heartbeat: a feed gone without a word makes the book stale.
+
+        Missing at two checks in a row (one could fall between a feed's start and
+        its first heartbeat): the book stops serving as fresh. Back with the
+        connection it had while the book was served: that connection never
+        broke, so the book is current again without waiting for a message.
+        """
         key = keys.feed_alive(self.symbol)
-        if await self._redis.exists(key):
-            return
-        await self._handle(self.sync.on_feed_silent(
-            f"no heartbeat from the feed ({key} lapsed): it is stopped, or cut off from the "
-            "exchange or from Redis"))
+        connection = _heartbeat_connection(await self._redis.get(key))
+        sync = self.sync
+        if sync.fresh:
+            if connection is not None:
+                self._feed_connection, self._feed_missing = connection, False
+            elif self._feed_missing:
+                await self._handle(sync.on_feed_silent(
+                    f"no heartbeat from the feed ({key} lapsed): it is stopped, or cut off "
+                    "from the exchange or from Redis"))
+            else:
+                self._feed_missing = True
+        else:
+            self._feed_missing = False
+            if connection is None or connection != self._feed_connection:
+                return
+            log.info("the feed's heartbeat is back, same connection",
+                     extra=kv(symbol=self.symbol, connectId=connection))
+            await self._handle(sync.on_feed_heard())
 
     async def _flush_dlq(self) -> None:
         key = keys.dlq(self.symbol)
@@ -589,7 +624,8 @@ class SymbolConsumer:
                 await self._handle(await self._ask(needed, "still waiting for a snapshot",
                                                    force=True))
         check = self._settings.feed_check_seconds
-        if check > 0 and sync.fresh and now - self._feed_checked_at >= check:
+        if (check > 0 and (sync.fresh or sync.feed_silent)
+                and now - self._feed_checked_at >= check):
             self._feed_checked_at = now
             await self._check_feed()
         if sync.synced and self._checkpoint_due(now):

@@ -31,6 +31,7 @@ returns after a clean stop: it flushes the buffer to Redis for up to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -109,6 +110,8 @@ class Feed:
         self._clock = clock
         self.connect_id: str | None = None
         self.subscribed = False
+        # Set on each subscription: the heartbeat is written at once, not a beat later.
+        self._beat_now = asyncio.Event()
         self.connections = 0
         self._unrouted = 0
         # Per-topic (symbol, counter child), looked up once: one dict lookup a frame.
@@ -162,13 +165,15 @@ class Feed:
     async def heartbeat(self, client: redis.asyncio.Redis, ttl: float) -> None:
         """Keep ``kumex:{SYM}:feed`` alive while subscribed (cancel to stop).
 
-        Set every ``ttl / 5`` seconds with that ``ttl``, on a client of its own
-        so that a backlog of writes does not delay it. Not refreshed while
-        disconnected: it lapses, and so it does when this process dies.
+        Set at each subscription and every ``ttl / 5`` seconds, with that
+        ``ttl``, on a client of its own so that a backlog of writes does not
+        delay it. Not refreshed while disconnected: it lapses, and so it does
+        when this process dies.
         """
         interval, ttl_ms = ttl / 5, max(1, int(ttl * 1000))
         failing = False
         while True:
+            self._beat_now.clear()
             if self.subscribed:
                 value = msgspec.json.encode({"connectId": self.connect_id,
                                              "at": time.time_ns() // 1_000_000})
@@ -184,11 +189,14 @@ class Feed:
                         _log.warning("heartbeat not written", extra=kv(
                             error=f"{type(exc).__name__}: {str(exc)[:200]}"))
                     failing = True
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._beat_now.wait()
 
     def _on_subscribed(self, conn: Connection) -> None:
         self.connect_id = conn.connect_id
         self.subscribed = True
+        self._beat_now.set()
         self.connections += 1
         self._metrics.connections.inc()
         self._metrics.connected.set(1)

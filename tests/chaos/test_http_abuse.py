@@ -64,7 +64,9 @@ class BookUnderTest:
         self.gen.flush()
         self.redis.set(keys.snapshot(SYM), _json(self.gen.snapshot()))
         self.write(2000)
-        self.proc = book_process(redis_url, "chaos-http-book", BOOK_WS_THROTTLE_SECONDS="0.05")
+        # The stream is written here, not by the feed: no heartbeat to watch.
+        self.proc = book_process(redis_url, "chaos-http-book", BOOK_WS_THROTTLE_SECONDS="0.05",
+                                 BOOK_FEED_CHECK_SECONDS="0")
 
     def write(self, n: int) -> int:
         """Append ``n`` generated messages to the stream; the last sequence written."""

@@ -372,6 +372,30 @@ def test_feed_silent_is_a_disconnection_without_a_stream_entry() -> None:
     assert_same(sync, snap_b)
 
 
+def test_feed_heard_again_on_the_same_connection_makes_the_book_fresh() -> None:
+    sync, _, _ = synced_with(Feed())
+    sync.on_feed_silent("no heartbeat")
+    assert sync.feed_silent and not sync.fresh
+    assert kinds(sync.on_feed_heard()) == [BecameSynced]
+    assert sync.fresh and not sync.feed_silent
+    assert sync.on_feed_heard() == []  # nothing to do any more
+
+
+def test_feed_heard_does_not_undo_a_disconnection() -> None:
+    sync, _, _ = synced_with(Feed())
+    sync.on_control("disconnected", "200-0", {"reason": "closed"})
+    assert sync.on_feed_silent("no heartbeat") == []  # stale already
+    assert not sync.feed_silent  # the feed said it lost the exchange: that decides
+    assert sync.on_feed_heard() == []
+    assert not sync.fresh
+    # And the other order: silent, then the stream says it ended.
+    sync2, _, _ = synced_with(Feed())
+    sync2.on_feed_silent("no heartbeat")
+    sync2.on_control("disconnected", "200-0", {"reason": "closed"})
+    assert sync2.on_feed_heard() == []
+    assert not sync2.fresh
+
+
 def test_feed_silent_while_not_synced_leaves_the_book_stale_once_synced() -> None:
     f = Feed()
     a, snap_a = f.take(100)
