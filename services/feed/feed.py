@@ -329,8 +329,7 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
         try:
             await asyncio.wait_for(asyncio.shield(writer_task), settings.shutdown_timeout)
         except TimeoutError:
-            writer_task.cancel()
-            await asyncio.gather(writer_task, return_exceptions=True)
+            await cancel_and_wait(writer_task)
         except Exception as exc:
             _log.error("writer failed", exc_info=exc)
             status = 1

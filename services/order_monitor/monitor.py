@@ -302,11 +302,9 @@ class SymbolMonitor:
         started = time.perf_counter()
         items, causes = self._scan(entries)
         if causes:
-            # Unfinished before the batch: one the batch finishes (a done canceled after a
-            # lost match) is reconciled too, against the exchange's final record.
-            self._recheck.update(self.by_oid.values())
-            self._recheck.update(self.pending)
-            # With those the index does not track yet (adopted, registered elsewhere).
+            # Unfinished before the batch (the active set, of which the index is a part):
+            # one the batch finishes (a done canceled after a lost match) is reconciled
+            # too, against the exchange's final record.
             self._recheck.update(await order_store.active(self.redis, self.symbol))
         own = await self._own(items)
         if own:

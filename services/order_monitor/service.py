@@ -107,9 +107,7 @@ class OrderMonitor:
         try:
             await stop.wait()
         finally:
-            leases.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await leases
+            await cancel_and_wait(leases)
             await self.leases.close()  # reports each symbol lost: consumers stopped
             await self._stop_workers(*self._workers.values())
 
