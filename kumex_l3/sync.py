@@ -26,7 +26,15 @@ follows the exchange's sync procedure (kumex-api.md, section 5):
   :meth:`Synchronizer.on_feed_silent` does the same for a feed that died
   without a word (the service watches the feed's heartbeat key);
 * a message that cannot be parsed (or belongs to another symbol) is refused:
-  a :class:`DeadLetter` output, counted, the book untouched.
+  a :class:`DeadLetter` output, counted, the book untouched;
+* so is a message whose sequence is implausibly far from the stream's position
+  (:mod:`kumex_l3.sequence`: a corrupt or forged ``2**63 - 1``): it never enters
+  the buffer, never moves the highest sequence seen, and so can neither wedge a
+  resync ("a hole in the buffered stream" forever) nor raise the snapshot it
+  asks for out of reach. If the stream really moved that far (the next
+  message corroborates it), the position follows and the old buffer is dropped;
+  a snapshot far from the position is trusted, and the buffered messages far
+  from it are refused.
 
 Like python-websockets' protocol objects it never awaits and never reads the
 clock: the service calls ``on_*`` with what it read and acts on the outputs
@@ -54,6 +62,7 @@ from kumex_l3.book import OrderBook
 from kumex_l3.errors import IntegrityError, MessageError, SequenceGap
 from kumex_l3.keys import FIELD_CTL, FIELD_MSG
 from kumex_l3.messages import Control, DataMessage, Snapshot, parse_message, parse_snapshot
+from kumex_l3.sequence import MAX_SEQUENCE_JUMP, SequenceGuard, Verdict
 
 __all__ = [
     "CTL_CONNECTED",
@@ -174,6 +183,8 @@ class SyncStats:
     stale: int = 0
     #: Messages refused (dead-lettered).
     refused: int = 0
+    #: Of those, messages with an implausible sequence.
+    implausible: int = 0
     #: ``ctl=connected`` entries (the feed reconnected).
     reconnects: int = 0
     #: ``ctl=disconnected`` entries (the feed lost the exchange).
@@ -220,7 +231,7 @@ class Synchronizer:
     """
 
     def __init__(self, symbol: str, *, max_buffer: int = DEFAULT_MAX_BUFFER,
-                 collect_ts: bool = False) -> None:
+                 collect_ts: bool = False, max_jump: int = MAX_SEQUENCE_JUMP) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be at least 1")
         self.symbol = symbol
@@ -238,8 +249,8 @@ class Synchronizer:
         self._buffer: deque[_Buffered] = deque(maxlen=max_buffer)
         # Lowest snapshot sequence we can use, beyond what the buffer says.
         self._floor = 0
-        # Highest sequence seen in the stream (for the floor after ctl=gap).
-        self._max_seen = 0
+        # Highest plausible sequence seen in the stream (for the floor after ctl=gap).
+        self._guard = SequenceGuard(max_jump=max_jump)
         #: While synced: why the book may be stale (the feed is or was disconnected and
         #: nothing has shown the book current since); ``None`` when fresh.
         self.stale_reason: str | None = None
@@ -271,8 +282,8 @@ class Synchronizer:
 
     @property
     def max_sequence(self) -> int:
-        """Highest sequence seen so far (messages, snapshot or checkpoint)."""
-        return self._max_seen
+        """Highest plausible sequence seen so far (messages, snapshot or checkpoint)."""
+        return self._guard.position or 0
 
     @property
     def buffered(self) -> int:
@@ -377,7 +388,7 @@ class Synchronizer:
         self.book = book
         self.stats.checkpoints_used += 1
         self.last_stream_id = stream_id
-        self._max_seen = max(self._max_seen, book.sequence)
+        self._trust(book.sequence)
         self._become_synced()
         return self._drain()
 
@@ -432,8 +443,16 @@ class Synchronizer:
             self._out.append(DeadLetter(raw, exc.reason, stream_id))
             return
         seq = msg.sequence
-        if seq > self._max_seen:
-            self._max_seen = seq
+        verdict = self._guard.check(seq)
+        if verdict is Verdict.IMPLAUSIBLE:
+            stats.refused += 1
+            stats.implausible += 1
+            self._out.append(DeadLetter(raw, self._implausible(seq), stream_id))
+            return
+        if verdict is Verdict.REBASE and self.state is not SyncState.SYNCED:
+            # The stream really moved far away: what was buffered belongs to the old one.
+            self._drop_far(seq)
+            self._floor = 0
         if self.state is SyncState.SYNCED:
             self._apply_synced(msg, raw, stream_id)
         else:
@@ -510,13 +529,13 @@ class Synchronizer:
             self.stats.gaps += 1
             if self.state is SyncState.SYNCED:
                 assert self.book is not None
-                self._floor = max(self._floor, self._max_seen + 1)
+                self._floor = max(self._floor, self.max_sequence + 1)
                 reason = "the feed dropped messages (ctl=gap)"
                 self._lose(reason)
                 self._request(reason)
             else:
                 # Whatever we buffer before this point cannot bridge the loss.
-                self._floor = max(self._floor, self._max_seen + 1)
+                self._floor = max(self._floor, self.max_sequence + 1)
                 self._buffer.clear()
         elif ctl == CTL_SNAPSHOT:
             seq: int | None
@@ -559,7 +578,8 @@ class Synchronizer:
             return
         stats.snapshots_used += 1
         self.book = book
-        self._max_seen = max(self._max_seen, book.sequence)
+        self._trust(book.sequence)
+        self._drop_far(book.sequence)
         buffered = sorted(self._buffer, key=_sequence_of)
         self._buffer.clear()
         conflict = _conflicting_sequence(buffered)
@@ -616,6 +636,35 @@ class Synchronizer:
         self.stale_reason = (f"{self._down_reason}; "
                              f"last sequence {self.book.sequence}")
         self._out.append(BecameStale(self.stale_reason))
+
+    def _trust(self, sequence: int) -> None:
+        """A snapshot or checkpoint at ``sequence`` (trusted): the position is near it."""
+        position = self._guard.position
+        if position is None or abs(position - sequence) > self._guard.max_jump:
+            self._guard.reset(sequence)
+        else:
+            self._guard.advance(sequence)
+
+    def _implausible(self, sequence: int) -> str:
+        return (f"implausible sequence {sequence}: more than {self._guard.max_jump} from the "
+                f"stream's position {self._guard.position}")
+
+    def _drop_far(self, sequence: int) -> None:
+        """Refuse the buffered messages implausibly far from ``sequence``."""
+        limit = self._guard.max_jump
+        far = [b for b in self._buffer if abs(b.msg.sequence - sequence) > limit]
+        if not far:
+            return
+        kept = [b for b in self._buffer if abs(b.msg.sequence - sequence) <= limit]
+        self._buffer.clear()
+        self._buffer.extend(kept)
+        for item in far:
+            self.stats.refused += 1
+            self.stats.implausible += 1
+            # The buffer keeps parsed messages only: the entry id says where the raw one is.
+            self._out.append(DeadLetter(f"(a {type(item.msg).__name__} message; see the "
+                                        f"stream entry)", self._implausible(item.msg.sequence),
+                                        item.stream_id))
 
     def _lose(self, reason: str) -> None:
         self.state = SyncState.SYNCING

@@ -6,6 +6,9 @@ metric                                                  what
 ``kumex_order_monitor_messages_read_total{symbol}``     stream entries read (data and control)
 ``kumex_order_monitor_own_messages_total{symbol}``      messages about own orders, applied
 ``kumex_order_monitor_invalid_messages_total{symbol}``  entries that could not be read
+``kumex_order_monitor_implausible_total{symbol}``       messages skipped: a sequence
+                                                        implausibly far from the stream's
+                                                        (the book dead-letters them)
 ``kumex_order_monitor_changes_written_total{symbol,change}``  order state changes written
 ``kumex_order_monitor_conflicts_total{symbol}``         saves retried: the hash changed meanwhile
 ``kumex_order_monitor_gaps_total{symbol,cause}``        ``gap``, ``connected``, ``sequence``
@@ -43,6 +46,9 @@ class MonitorMetrics:
                            ["symbol"], registry=reg)
         self.invalid = Counter(p + "invalid_messages", "Entries that could not be read",
                                ["symbol"], registry=reg)
+        self.implausible = Counter(p + "implausible", "Messages skipped: a sequence "
+                                   "implausibly far from the stream's", ["symbol"],
+                                   registry=reg)
         self.changes = Counter(p + "changes_written", "Own-order state changes written",
                                ["symbol", "change"], registry=reg)
         self.conflicts = Counter(p + "conflicts", "Saves retried after a concurrent write",

@@ -27,7 +27,11 @@ orders are parsed in full. Own orders are recognised by clientOid on
 ``MONITOR_REFRESH_S``) on the others.
 
 **Loss.** A ``ctl=gap`` or ``ctl=connected`` entry, or a jump in sequence
-between consecutive messages, means messages may be missing: every order of
+between consecutive messages, means messages may be missing. The highest
+sequence seen is kept by a :class:`~kumex_l3.sequence.SequenceGuard`: a message
+whose sequence is implausibly far from it (a corrupt or forged ``2**63 - 1``)
+is skipped and counted, and never moves it, so that gap detection cannot be
+silenced by one frame. When messages may be missing, every order of
 the symbol that was active when it showed is reconciled with the exchange
 (``GET /api/v1/orders/{orderId}``, or ``byClientOid`` while the orderId is
 unknown), including those the batch finished (one may have lost a fill: its
@@ -73,6 +77,7 @@ from kumex_l3.orders import (
     reconcile,
 )
 from kumex_l3.rest import ExchangeOrder
+from kumex_l3.sequence import SequenceGuard, Verdict
 from services.order_monitor.metrics import MonitorMetrics
 from services.order_monitor.settings import MonitorSettings
 
@@ -196,8 +201,8 @@ class SymbolMonitor:
         self.by_oid: dict[str, str] = {}
         #: clientOid -> submittedAt of the own orders still pending.
         self.pending: dict[str, int] = {}
-        #: Highest sequence read since the last (re)connection of the feed.
-        self.last_sequence: int | None = None
+        #: Highest plausible sequence read (see the module docstring).
+        self.sequences = SequenceGuard()
         #: The ms part of the latest entry id read: the stream's clock.
         self.stream_ms = 0
         #: True once the group exists and the pending entries were handled again.
@@ -335,8 +340,6 @@ class SymbolMonitor:
                 ctl_text = _s(ctl)
                 if ctl_text in _GAP_CTLS:
                     causes.append(ctl_text)
-                    if ctl_text == "connected":
-                        self.last_sequence = None  # a new connection: sequences jump
                 continue
             raw = _field(fields, keys.FIELD_MSG)
             if raw is None:
@@ -352,11 +355,15 @@ class SymbolMonitor:
                 continue
             seq = data.sequence
             if seq >= 0:
-                last = self.last_sequence
-                if last is not None and seq > last + 1:
+                verdict = self.sequences.check(seq)
+                if verdict is Verdict.IMPLAUSIBLE:
+                    self.metrics.implausible.labels(self.symbol).inc()
+                    log.warning("message skipped: implausible sequence", extra=kv(
+                        symbol=self.symbol, entry=entry_id, sequence=seq,
+                        position=self.sequences.position))
+                    continue
+                if verdict is Verdict.GAP or verdict is Verdict.REBASE:
                     causes.append("sequence")
-                if last is None or seq > last:
-                    self.last_sequence = seq
             items.append(_Item(entry_id, raw, peek.subject, seq, data.order_id,
                                data.client_oid or "", data.maker_order_id, data.taker_order_id))
         return items, causes

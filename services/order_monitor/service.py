@@ -127,7 +127,7 @@ class OrderMonitor:
             ready = ready and started
             symbols[symbol] = {
                 "ready": started,
-                "lastSequence": None if monitor is None else monitor.last_sequence,
+                "lastSequence": None if monitor is None else monitor.sequences.position,
                 "streamTime": None if monitor is None else monitor.stream_ms,
                 "reconcileDue": None if monitor is None else monitor.reconcile_due,
             }

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import redis
 import redis.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from kumex_l3 import keys, order_store
 from kumex_l3.synthetic import StreamGenerator
@@ -521,3 +522,39 @@ def _lost_fill_then_cancel(redis_sync: redis.Redis, redis_url: str,
         assert changes[-2:] == ["done", "reconciled"]
         assert 'cause="sequence"' in mon.metrics()
     http.close()
+
+
+def _metric_value(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_an_implausible_sequence_never_silences_gap_detection(
+    redis_sync: redis.Redis, redis_url: str,
+) -> None:
+    """A frame at 2**63-1 is skipped and counted; it does not become the highest sequence,
+    so a real jump after it is still seen (and reconciled)."""
+    env = {"REDIS_URL": redis_url, "KUMEX_BASE_URL": "http://127.0.0.1:9"}
+
+    def add(seq: int) -> None:
+        msg = envelope("received", orderId=f"ff{seq % 1000}", clientOid="", ts=time.time_ns())
+        msg["data"]["sequence"] = seq
+        redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_MSG: json.dumps(msg)})
+
+    with monitor(env) as mon:
+        mon.wait_ready()
+        for seq in (100, 101, 102, 2**63 - 1, 103, 104):
+            add(seq)
+        wait_for(lambda: caught_up(redis_sync), "the first entries", proc=mon)
+        metrics = mon.metrics()
+        gaps = "kumex_order_monitor_gaps_total"
+        assert _metric_value(metrics, gaps, cause="sequence") == 0
+        assert _metric_value(metrics, "kumex_order_monitor_implausible_total", symbol=SYM) == 1
+        add(110)  # 105..109 never arrive
+        wait_for(lambda: caught_up(redis_sync), "the jump", proc=mon)
+        wait_for(lambda: _metric_value(mon.metrics(), gaps, cause="sequence") == 1,
+                 "the jump seen as a gap", proc=mon)

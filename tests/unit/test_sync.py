@@ -595,3 +595,73 @@ def test_random_faults_always_end_right(seed: int) -> None:
         sync.on_snapshot(final)
     assert_same(sync, final)
     assert sync.fresh
+
+
+# --------------------------------------------------------------------------- the wedge
+
+
+def _wedge(sequence: int = 2**63 - 1) -> str:
+    return ('{"type":"message","topic":"/contractMarket/level3v2:XBTUSDM","subject":"done",'
+            f'"data":{{"symbol":"XBTUSDM","sequence":{sequence},"orderId":"wedge",'
+            '"reason":"canceled","ts":1}}')
+
+
+def test_an_implausible_sequence_is_refused_and_never_wedges_a_synced_book() -> None:
+    """One frame at 2**63-1: refused (dead letter), the book stays synced and fresh, and
+    the next genuine messages apply; a gap after it is still seen as one."""
+    feed = Feed(seed=21)
+    _, snap = feed.take(200)
+    sync = Synchronizer(SYM)
+    sync.start()
+    sync.on_snapshot(snap)
+    more, snap2 = feed.take(60)
+    out = feed_msgs(sync, [*more[:5], _wedge(), *more[5:]])
+    dead = [o for o in out if isinstance(o, DeadLetter)]
+    assert len(dead) == 1 and "implausible sequence" in dead[0].reason
+    assert not any(isinstance(o, BecameUnsynced | NeedSnapshot) for o in out)
+    assert_same(sync, snap2)
+    assert sync.fresh and sync.stats.implausible == 1
+    assert sync.max_sequence == snap2["sequence"]  # the wedge never moved it
+    later, _ = feed.take(40)
+    out = feed_msgs(sync, later[3:])  # a real gap after the wedge: still seen
+    assert any(isinstance(o, BecameUnsynced) for o in out)
+    (need,) = [o for o in out if isinstance(o, NeedSnapshot)]
+    assert need.min_sequence == seq(later[3]) - 1
+
+
+def test_an_implausible_sequence_is_never_held_past_a_resync() -> None:
+    """The wedge arrives while the book waits for a snapshot (and at the very start, before
+    any position): the snapshot is used and the book synced, the wedge refused."""
+    feed = Feed(seed=22)
+    _, _ = feed.take(100)
+    msgs, snap = feed.take(80)
+    sync = Synchronizer(SYM)
+    sync.start()
+    out = feed_msgs(sync, [_wedge(), *msgs[:40], _wedge(2**62), *msgs[40:]])
+    assert not sync.synced
+    # With no position yet the wedge was taken as one: the first genuine message was
+    # refused against it, the second corroborated the first and moved the position back
+    # (the wedge left the buffer then), and the second wedge was refused at once.
+    dead = [o for o in out if isinstance(o, DeadLetter)]
+    assert [d.stream_id for d in dead] == ["2-0", "1-0", "42-0"]
+    assert all("implausible" in d.reason for d in dead)
+    assert not [o for o in sync.on_snapshot(snap) if isinstance(o, DeadLetter)]
+    assert_same(sync, snap)
+    # A ctl=gap floor is not raised out of reach by a wedge either.
+    sync.on_control("gap", "9-9")
+    assert sync.needed_sequence == snap["sequence"] + 1
+
+
+def test_a_stream_that_really_moved_far_is_followed() -> None:
+    """Corroborated: two messages far away (a venue restart): the book resyncs there."""
+    sync = Synchronizer(SYM, max_jump=1000)
+    sync.start()
+    sync.on_snapshot({"symbol": SYM, "sequence": 100, "ts": 1, "bids": [], "asks": []})
+    assert sync.synced
+    out = feed_msgs(sync, [_wedge(5000), _wedge(5001)])
+    assert any(isinstance(o, DeadLetter) for o in out)  # the first, alone, was refused
+    assert any(isinstance(o, BecameUnsynced) for o in out)
+    (need,) = [o for o in out if isinstance(o, NeedSnapshot)]
+    assert need.min_sequence == 5000
+    sync.on_snapshot({"symbol": SYM, "sequence": 5001, "ts": 1, "bids": [], "asks": []})
+    assert sync.synced and sync.max_sequence == 5001
