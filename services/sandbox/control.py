@@ -23,7 +23,9 @@ no REST error fault, no signature). Errors are ``{"error": "..."}`` with HTTP
                                        binary frames); counted as ``injected``
 ``POST /sandbox/rest-error``           ``{"status": 429|500, "seconds": s}``; status
                                        null ends the window
-``POST /sandbox/disconnect``           drop every WebSocket client now
+``POST /sandbox/disconnect``           drop every WebSocket client now (a venue-wide
+                                       outage); optional ``{"seconds": s}``: and refuse
+                                       new connections for ``s`` seconds
 ``GET  /sandbox/book/{symbol}``        the engine's visible L3 book, best first
 ``GET  /sandbox/snapshot/{symbol}``    the L3 snapshot, without rate limit or faults
 ``GET  /sandbox/journal/{symbol}``     ``?after=SEQ&limit=N``: the engine's messages
@@ -247,8 +249,17 @@ def control_router(exchange: Exchange) -> APIRouter:
         return await guarded(request, act)
 
     @router.post("/disconnect")
-    async def disconnect() -> JSONResponse:
-        return JSONResponse({"disconnected": exchange.hub.disconnect_all()})
+    async def disconnect(request: Request) -> JSONResponse:
+        async def act(req: Request) -> JSONResponse:
+            body = await _json_object(req, optional=True)
+            seconds = body.get("seconds", 0)
+            if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                    or not math.isfinite(seconds) or not 0 <= seconds <= 3600):
+                raise _BadInput("seconds must be a number in [0, 3600]")
+            closed = exchange.hub.disconnect_all(float(seconds))
+            return JSONResponse({"disconnected": closed, "refusingFor": float(seconds)})
+
+        return await guarded(request, act)
 
     @router.get("/book/{symbol}")
     async def book(symbol: str, request: Request) -> JSONResponse:

@@ -8,8 +8,9 @@ the REST layer, the WebSocket hub and the control API of one process.
 :class:`WsFaultFilter` is the pure part of the WebSocket faults: given one
 symbol's outgoing messages it returns what is actually sent after ``drop``,
 ``duplicate`` and ``reorder``, with dice from a seeded :class:`random.Random`
-(no clock, no I/O). The faults are applied once per published message, before
-fan-out, so every client of a symbol sees the same faulty stream:
+(no clock, no I/O). The hub gives every connection its own filter, with its
+own dice: faults are drawn per connection, independently, as the real venue
+dropped messages for one slow connection at a time:
 
 * drop: the message is not sent; clients see a sequence gap;
 * duplicate: the message is sent twice in a row; clients see one sequence twice;
@@ -18,8 +19,9 @@ fan-out, so every client of a symbol sees the same faulty stream:
   swapped neighbouring pair. A held message waits for that next message;
   :meth:`WsFaultFilter.flush` releases it.
 
-``delay_ms``, ``disconnect_every_s`` and ``pong_disabled`` are applied by the
-hub (the first two need the clock); the REST knobs by the REST layer.
+``delay_ms``, ``delay_jitter_ms``, ``disconnect_every_s``,
+``disconnect_every_max_s``, ``outage_every_s``/``outage_s`` and ``pong_disabled``
+are applied by the hub (they need the clock); the REST knobs by the REST layer.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ REST_ERROR_STATUSES: Final = frozenset({429, 500})
 _RATES: Final = frozenset({"drop_rate", "duplicate_rate", "reorder_rate"})
 _BOOLS: Final = frozenset({"refuse_snapshots", "pong_disabled"})
 _NON_NEGATIVE: Final = frozenset(
-    {"delay_ms", "disconnect_every_s", "rest_error_until", "rest_latency_ms",
+    {"delay_ms", "delay_jitter_ms", "disconnect_every_s", "disconnect_every_max_s",
+     "outage_every_s", "outage_s", "rest_error_until", "rest_latency_ms",
      "snapshot_rate_per_min"}
 )
 
@@ -52,21 +55,36 @@ class FaultState:
 
     Change knobs through :meth:`update` (validated, all or nothing); read them
     directly. ``counts`` keys in use: ``dropped``, ``duplicated``,
-    ``reordered``, ``disconnects``, ``snapshots_refused``, ``rest_errors``,
-    ``slow_clients_dropped``, ``ping_timeouts``, ``pongs_withheld``, ``injected``
-    (raw frames sent by ``POST /sandbox/inject``).
+    ``reordered``, ``disconnects``, ``outages``, ``outage_refusals``,
+    ``snapshots_refused``, ``snapshots_rate_limited``, ``snapshots_served`` (L3
+    snapshots answered), ``rest_errors``, ``slow_clients_dropped``,
+    ``ping_timeouts``, ``pongs_withheld``, ``injected`` (raw frames sent by ``POST
+    /sandbox/inject``). Message faults are counted per connection (a message
+    dropped on two connections counts twice).
     """
 
-    #: Fraction of L3 messages not sent (clients see a sequence gap), in [0, 1].
+    #: Fraction of L3 messages not sent (the client sees a sequence gap), in [0, 1],
+    #: drawn per connection.
     drop_rate: float = 0.0
-    #: Fraction of L3 messages sent twice, in [0, 1].
+    #: Fraction of L3 messages sent twice, in [0, 1], drawn per connection.
     duplicate_rate: float = 0.0
-    #: Fraction of L3 messages swapped with the next one of their symbol, in [0, 1].
+    #: Fraction of L3 messages swapped with the next one of their symbol, in [0, 1],
+    #: drawn per connection.
     reorder_rate: float = 0.0
     #: Delay added before WebSocket delivery of every message, in milliseconds.
     delay_ms: float = 0.0
-    #: Disconnect every WebSocket client every this many seconds (0 = never).
+    #: Up to this much more delay, drawn per connection and message (order kept).
+    delay_jitter_ms: float = 0.0
+    #: Close each WebSocket connection after a lifetime of at least this many seconds,
+    #: drawn per connection (0 = never).
     disconnect_every_s: float = 0.0
+    #: ...and at most this many (0 = twice ``disconnect_every_s``).
+    disconnect_every_max_s: float = 0.0
+    #: A venue-wide outage every this many seconds: every connection closed at once (0 =
+    #: never).
+    outage_every_s: float = 0.0
+    #: How long an outage refuses new connections, seconds.
+    outage_s: float = 5.0
     #: Refuse L3 snapshot requests.
     refuse_snapshots: bool = False
     #: Do not answer WebSocket pings (the client's pong timeout must notice a dead link).

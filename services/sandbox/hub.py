@@ -10,8 +10,9 @@ Flow of a message::
 
     publish(symbol, [dict]) ─ serialise once ─┐
     publish_raw(symbol, [text]) ──────────────┤
-    inject(symbol, [text or bytes]) ──────────┴─ WsFaultFilter (drop/dup/reorder)
-        ─► every subscriber's bounded queue ─► that client's sender task ─► socket
+    inject(symbol, [text or bytes]) ──────────┴─► for every subscriber: its own
+        WsFaultFilter (drop/dup/reorder) ─► its bounded queue (delay, jitter)
+        ─► its sender task ─► socket
 
 :meth:`Hub.inject` is the chaos tests' way in (``POST /sandbox/inject``):
 frames sent exactly as given, whatever they hold (``bytes`` go out as binary
@@ -30,16 +31,26 @@ silently dropped messages for slow clients; we disconnect so the client sees a
 clear fault and resyncs from a snapshot.
 
 Other closes: no ``ping`` for ``ping_timeout_s`` → 1008 ``ping timeout``
-(counted as ``ping_timeouts``); :meth:`Hub.disconnect_all` and the
+(counted as ``ping_timeouts``); :meth:`Hub.disconnect_all` (a venue-wide
+outage, optionally refusing new connections for a while) and the
 ``disconnect_every_s`` fault → 1001 (counted as ``disconnects``); a bad token →
-an ``error`` message with code 401, then 1008.
+an ``error`` message with code 401, then 1008; a connection during an outage
+→ 1013 ``try again later`` before ``welcome`` (counted as ``outage_refusals``).
 
-Faults: drop/duplicate/reorder are applied once per published message (every
-client sees the same faulty stream); ``delay_ms`` holds each message until
-``delay_ms`` after it was published (order is kept); ``disconnect_every_s``
-runs in the background task started by :meth:`Hub.start`; ``pong_disabled``
-leaves every ``ping`` unanswered (still counted as a sign of life, so the
-server does not drop the client; counted as ``pongs_withheld``).
+Faults are drawn **per connection**, independently, as the real venue
+dropped messages for one slow connection and closed connections one at a
+time: each client has its own dice for drop/duplicate/reorder (so two
+connections of one client rarely lose the same message); ``delay_ms`` holds
+each message that long after it was published, plus up to
+``delay_jitter_ms`` drawn per connection and message (order is kept within a
+connection); ``disconnect_every_s`` closes each connection after its own
+lifetime, drawn uniformly in ``[disconnect_every_s, disconnect_every_max_s]``
+(twice the former when the latter is 0), so two connections are rarely cut
+together. A venue-wide outage is its own knob (``outage_every_s``, lasting
+``outage_s``; or :meth:`Hub.disconnect_all`), and ``pong_disabled`` leaves
+every ``ping`` unanswered (still counted as a sign of life, so the server does
+not drop the client; counted as ``pongs_withheld``). The background task
+started by :meth:`Hub.start` runs the schedules.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import secrets
 import time
 from collections import deque
@@ -63,6 +75,7 @@ from services.sandbox.faults import FaultState, WsFaultFilter
 __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_POLICY",
+    "CLOSE_TRY_AGAIN",
     "MAX_TOPICS",
     "TOKEN_TTL_S",
     "TOPIC_PREFIX",
@@ -79,6 +92,8 @@ TOKEN_TTL_S: Final = 24 * 3600.0
 CLOSE_POLICY: Final = 1008
 #: Close code for a server-initiated disconnect (disconnect_all, the disconnect fault).
 CLOSE_GOING_AWAY: Final = 1001
+#: Close code for a connection refused during an outage.
+CLOSE_TRY_AGAIN: Final = 1013
 #: How long a close may wait for the client's socket to become writable.
 _CLOSE_TIMEOUT_S: Final = 10.0
 #: Tick of the background task that applies ``disconnect_every_s``.
@@ -92,13 +107,20 @@ def _text(obj: dict[str, Any]) -> str:
 
 
 class _Client:
-    """One connected socket: its subscriptions, outgoing queue and close request."""
+    """One connected socket: its subscriptions, outgoing queue, faults and close request."""
 
-    __slots__ = ("close_code", "close_reason", "closing", "connect_id", "ping_deadline",
-                 "queue", "symbols", "wakeup")
+    __slots__ = ("close_code", "close_reason", "closing", "connect_id", "cut_at", "filter",
+                 "last_due", "ping_deadline", "queue", "rng", "symbols", "wakeup")
 
-    def __init__(self, connect_id: str, ping_deadline: float) -> None:
+    def __init__(self, connect_id: str, ping_deadline: float, faults: FaultState,
+                 seed: int) -> None:
         self.connect_id = connect_id
+        #: This connection's own dice: drop/duplicate/reorder, delay jitter, lifetime.
+        self.filter = WsFaultFilter(faults, seed=seed)
+        self.rng = random.Random(seed ^ 0x5EED)
+        self.last_due = 0.0
+        #: ``time.monotonic()`` at which the disconnect fault closes it (None: not drawn).
+        self.cut_at: float | None = None
         self.symbols: set[str] = set()
         #: (due ``time.monotonic()``, text); due 0 = at once; bytes go as a binary frame.
         self.queue: deque[tuple[float, str | bytes]] = deque()
@@ -135,7 +157,9 @@ class Hub:
         self.queue_limit = queue_limit
         self.ping_timeout_s = ping_timeout_s
         self._symbols: set[str] | None = None if symbols is None else set(symbols)
-        self._filter = WsFaultFilter(faults, seed=seed)
+        self._seeds = random.Random(seed)
+        #: ``time.monotonic()`` until which new connections are refused (an outage).
+        self.outage_until = 0.0
         self._tokens: dict[str, float] = {}
         self._clients: set[_Client] = set()
         self._subscribers: dict[str, set[_Client]] = {}
@@ -184,10 +208,10 @@ class Hub:
     def publish_raw(self, symbol: str, texts: Sequence[str]) -> None:
         """Send already-serialised messages unchanged (replay: bytes as recorded).
 
-        Synchronous, never waits. Faults apply; a subscriber whose queue is
-        full is disconnected as slow.
+        Synchronous, never waits. Faults apply (each subscriber's own); a
+        subscriber whose queue is full is disconnected as slow.
         """
-        self._fan_out(symbol, self._filter.filter(symbol, texts))
+        self._fan_out(symbol, texts)
 
     def inject(self, symbol: str, frames: Sequence[str | bytes]) -> None:
         """Send arbitrary frames to ``symbol``'s subscribers, unchanged and in order.
@@ -197,11 +221,12 @@ class Hub:
         ``bytes`` as a binary frame. Counted as ``injected``.
         """
         self.faults.counts["injected"] += len(frames)
-        self._fan_out(symbol, self._filter.filter(symbol, frames))
+        self._fan_out(symbol, frames)
 
     def flush(self, symbol: str) -> None:
-        """Send a message of ``symbol`` held back by the reorder fault, unswapped."""
-        self._fan_out(symbol, self._filter.flush(symbol))
+        """Send the messages of ``symbol`` held back by the reorder fault, unswapped."""
+        for client in list(self._subscribers.get(symbol, ())):
+            self._enqueue(client, client.filter.flush(symbol))
 
     def _fan_out(self, symbol: str, texts: Sequence[str | bytes]) -> None:
         if not texts:
@@ -210,20 +235,30 @@ class Hub:
         subscribers = self._subscribers.get(symbol)
         if not subscribers:
             return
-        delay = self.faults.delay_ms
-        due = time.monotonic() + delay / 1000.0 if delay > 0 else 0.0
-        items = [(due, text) for text in texts]
-        limit = self.queue_limit
-        slow: list[_Client] = []
-        for client in subscribers:
-            queue = client.queue
-            if len(queue) + len(items) > limit:
-                slow.append(client)
-                continue
-            queue.extend(items)
-            client.wakeup.set()
-        for client in slow:
+        for client in list(subscribers):
+            self._enqueue(client, client.filter.filter(symbol, texts))
+
+    def _enqueue(self, client: _Client, texts: Sequence[str | bytes]) -> None:
+        """Queue ``texts`` for one client, with its delay; drop it as slow past the limit."""
+        if not texts:
+            return
+        queue = client.queue
+        if len(queue) + len(texts) > self.queue_limit:
             self._drop_slow(client)
+            return
+        faults = self.faults
+        delay, jitter = faults.delay_ms, faults.delay_jitter_ms
+        if delay <= 0 and jitter <= 0:
+            queue.extend([(0.0, text) for text in texts])
+        else:
+            base = time.monotonic() + delay / 1000.0
+            rng = client.rng
+            for text in texts:
+                due = base + (rng.random() * jitter / 1000.0 if jitter > 0 else 0.0)
+                # Order is kept within a connection: never due before the one ahead of it.
+                due = client.last_due = max(due, client.last_due)
+                queue.append((due, text))
+        client.wakeup.set()
 
     def _drop_slow(self, client: _Client) -> None:
         self.faults.counts["slow_clients_dropped"] += 1
@@ -232,8 +267,12 @@ class Hub:
 
     # ------------------------------------------------------------------ disconnecting
 
-    def disconnect_all(self) -> int:
-        """Close every client (1001); returns how many. Counted as ``disconnects``."""
+    def disconnect_all(self, outage_s: float = 0.0) -> int:
+        """Close every client (1001), and refuse new ones for ``outage_s`` seconds (a
+        venue-wide outage); returns how many were closed. Counted as ``disconnects``."""
+        if outage_s > 0:
+            self.outage_until = max(self.outage_until, time.monotonic() + outage_s)
+            self.faults.counts["outages"] += 1
         clients = list(self._clients)
         for client in clients:
             self._drop(client, CLOSE_GOING_AWAY, "server disconnect")
@@ -278,19 +317,36 @@ class Hub:
             await asyncio.wait(handlers, timeout=_CLOSE_TIMEOUT_S)
 
     async def _disconnector(self) -> None:
-        loop = asyncio.get_running_loop()
-        last = loop.time()
+        """Cut each connection at the end of its own drawn lifetime; run the outages."""
+        last_outage = time.monotonic()
         while True:
-            every = self.faults.disconnect_every_s
-            await asyncio.sleep(min(_TICK_S, every) if every > 0 else _TICK_S)
-            every = self.faults.disconnect_every_s
-            now = loop.time()
-            if every <= 0:
-                last = now
-            elif now - last >= every:
-                last = now
-                n = self.disconnect_all()
-                _log.info("disconnect fault: closed %d client(s)", n)
+            await asyncio.sleep(_TICK_S)
+            faults = self.faults
+            now = time.monotonic()
+            every = faults.disconnect_every_s
+            cut: list[_Client] = []
+            for client in self._clients:
+                if every <= 0:
+                    client.cut_at = None
+                    continue
+                if client.cut_at is None:
+                    longest = faults.disconnect_every_max_s or 2 * every
+                    client.cut_at = now + client.rng.uniform(every, max(every, longest))
+                elif now >= client.cut_at:
+                    cut.append(client)
+            for client in cut:
+                self._drop(client, CLOSE_GOING_AWAY, "server disconnect")
+                self.faults.counts["disconnects"] += 1
+            if cut:
+                _log.info("disconnect fault: closed %d client(s)", len(cut))
+            outage_every = faults.outage_every_s
+            if outage_every <= 0:
+                last_outage = now
+            elif now - last_outage >= outage_every:
+                last_outage = now
+                closed = self.disconnect_all(faults.outage_s)
+                _log.info("outage fault: closed %d client(s), refusing new ones for %.1f s",
+                          closed, faults.outage_s)
 
     def subscriber_count(self, symbol: str | None = None) -> int:
         """Clients subscribed to ``symbol`` (any symbol when None)."""
@@ -336,6 +392,10 @@ class Hub:
         token = websocket.query_params.get("token")
         await websocket.accept()
         try:
+            if time.monotonic() < self.outage_until:
+                self.faults.counts["outage_refusals"] += 1
+                await websocket.close(CLOSE_TRY_AGAIN, "try again later: outage")
+                return
             if not self.token_valid(token):
                 await websocket.send_text(_text(
                     {"id": connect_id, "type": "error", "code": 401, "data": "token is invalid"}
@@ -345,7 +405,8 @@ class Hub:
             await websocket.send_text(_text({"id": connect_id, "type": "welcome"}))
         except (WebSocketDisconnect, OSError, RuntimeError):
             return  # the client left during the handshake
-        client = _Client(connect_id, time.monotonic() + self.ping_timeout_s)
+        client = _Client(connect_id, time.monotonic() + self.ping_timeout_s, self.faults,
+                         self._seeds.getrandbits(63))
         self._clients.add(client)
         tasks = {
             asyncio.create_task(self._send_loop(client, websocket)),

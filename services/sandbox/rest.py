@@ -149,13 +149,18 @@ class ApiShell:
             await self.app(scope, receive, send)
             return
         faults = self.exchange.faults
-        status = faults.rest_error_active(time.monotonic())
+        now = time.monotonic()
+        status = faults.rest_error_active(now)
         if status is not None:
             faults.counts["rest_errors"] += 1
             await self._latency()
             code = _ERROR_CODES.get(status, CODE_INTERNAL)
             msg = "Too Many Requests" if status == 429 else "Internal Server Error"
-            await error_response(code, msg, status)(scope, receive, send)
+            response = error_response(code, msg, status)
+            if status == 429:  # as a rate limit does: when to come back
+                response.headers["Retry-After"] = str(
+                    max(1, math.ceil(faults.rest_error_until - now)))
+            await response(scope, receive, send)
             return
 
         async def delayed_send(message: Message) -> None:
@@ -407,6 +412,7 @@ def api_router(exchange: Exchange) -> APIRouter:
             response = error_response(CODE_RATE_LIMITED, "Too Many Requests", 429)
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return response
+        faults.counts["snapshots_served"] += 1
         return ok(exchange.snapshot(symbol))
 
     # -- private: orders ---------------------------------------------------------

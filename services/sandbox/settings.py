@@ -105,7 +105,14 @@ class SandboxSettings(BaseSettings):
     duplicate_rate: float = Field(default=0.0, ge=0, le=1)
     reorder_rate: float = Field(default=0.0, ge=0, le=1)
     delay_ms: float = Field(default=0.0, ge=0)
+    delay_jitter_ms: float = Field(default=0.0, ge=0)
+    #: Each connection is closed after a lifetime drawn in [every, every_max] (per
+    #: connection; every_max 0 = twice every); 0 = never.
     disconnect_every_s: float = Field(default=0.0, ge=0)
+    disconnect_every_max_s: float = Field(default=0.0, ge=0)
+    #: A venue-wide outage (every connection closed, new ones refused for outage_s).
+    outage_every_s: float = Field(default=0.0, ge=0)
+    outage_s: float = Field(default=5.0, ge=0)
     refuse_snapshots: bool = False
     #: A capture file to replay instead of the synthetic flow.
     replay: str | None = None

@@ -400,3 +400,61 @@ async def test_disconnect_every_fault_closes_and_reconnect_works(make_served: An
     served.hub.publish("XBTUSDM", [l3("XBTUSDM", 9)])
     assert seqs(await drain(again)) == [9]
     await again.close()
+
+
+# ----------------------------------------------------------- faults are per connection
+
+
+async def test_two_connections_lose_different_messages(make_served: Any) -> None:
+    """Drops are drawn per connection: two clients rarely miss the same message, and
+    together they have nearly all of them (what the feed's redundant lines rely on)."""
+    served = await make_served(faults=FaultState(drop_rate=0.1), seed=9)
+    a = await open_client(served, "a")
+    b = await open_client(served, "b")
+    await subscribe(a, "XBTUSDM")
+    await subscribe(b, "XBTUSDM")
+    for start in range(1, 1001, 10):
+        served.hub.publish("XBTUSDM", [l3("XBTUSDM", s) for s in range(start, start + 10)])
+    got_a, got_b = set(seqs(await drain(a))), set(seqs(await drain(b)))
+    everything = set(range(1, 1001))
+    lost_a, lost_b = everything - got_a, everything - got_b
+    assert 50 < len(lost_a) < 150 and 50 < len(lost_b) < 150
+    assert lost_a != lost_b
+    assert len(lost_a & lost_b) < 30  # ~10 expected: independent dice
+    assert served.faults.counts["dropped"] == len(lost_a) + len(lost_b)
+    await a.close()
+    await b.close()
+
+
+async def test_each_connection_is_cut_on_its_own_schedule(make_served: Any) -> None:
+    served = await make_served(seed=11)
+    clients = [await open_client(served, f"c{i}") for i in range(4)]
+    for ws in clients:
+        await subscribe(ws, "XBTUSDM")
+    served.faults.update(disconnect_every_s=0.3, disconnect_every_max_s=1.5)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    closed_at = []
+    for ws in clients:
+        code, _ = await closed_code(ws)
+        assert code == 1001
+        closed_at.append(loop.time() - start)
+    served.faults.update(disconnect_every_s=0)
+    # Lifetimes drawn in [0.3, 1.5] s: not all at the same moment.
+    assert max(closed_at) - min(closed_at) > 0.05, closed_at
+    assert served.faults.counts["disconnects"] == 4
+
+
+async def test_an_outage_closes_everyone_and_refuses_new_connections(make_served: Any) -> None:
+    served = await make_served()
+    ws = await open_client(served)
+    await subscribe(ws, "XBTUSDM")
+    assert served.hub.disconnect_all(outage_s=30.0) == 1
+    assert (await closed_code(ws))[0] == 1001
+    refused = await connect(served.url(connect_id="during"), compression=None)
+    assert (await closed_code(refused)) == (1013, "try again later: outage")
+    assert served.faults.counts["outage_refusals"] == 1
+    served.hub.outage_until = 0.0  # the outage is over
+    again = await open_client(served, "after")
+    await subscribe(again, "XBTUSDM")
+    await again.close()
