@@ -182,8 +182,13 @@ def _log_mark(stack: Stack) -> dict[str, int]:
     return {name: len(stack.log(name)) for name in SERVICES}
 
 
-def _drop_burst(stack: Stack, seconds: float = 1.0, rate: float = 0.05) -> None:
-    """Drop a share of the L3 messages for a moment: the book must see a gap."""
+def _drop_burst(stack: Stack, seconds: float = 0.5, rate: float = 1.0) -> None:
+    """Drop the L3 messages for a moment on every connection: the book must see a gap.
+
+    Drops are drawn per connection: a partial rate is covered by the feed's
+    other line (no gap reaches the stream); every message dropped on every
+    line is a real loss.
+    """
     stack.faults(drop_rate=rate)
     time.sleep(seconds)
     stack.faults(drop_rate=0.0)

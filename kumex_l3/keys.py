@@ -12,6 +12,7 @@ __all__ = [
     "checkpoint",
     "dlq",
     "feed_alive",
+    "feed_scheduler",
     "l3_stream",
     "order",
     "order_events",
@@ -19,8 +20,10 @@ __all__ = [
     "orders_active",
     "owner",
     "snapshot",
+    "snapshot_due",
     "snapshot_requests",
     "strategy_state",
+    "stream_head",
     "symbol_prefix",
     "top",
 ]
@@ -41,6 +44,15 @@ def l3_stream(symbol: str) -> str:
     return f"kumex:{{{symbol}}}:l3"
 
 
+def stream_head(symbol: str) -> str:
+    """String: the sequence of the last message the feed appended to :func:`l3_stream`.
+
+    Kept by the feed's write script in the same step as each append: a feed
+    taking over a symbol starts right after it, and no sequence is written twice.
+    """
+    return f"kumex:{{{symbol}}}:l3:last"
+
+
 def snapshot(symbol: str) -> str:
     """String: the latest exchange L3 snapshot (its ``data`` JSON, with ``sequence``)."""
     return f"kumex:{{{symbol}}}:snapshot"
@@ -54,6 +66,26 @@ def snapshot_requests(symbol: str) -> str:
     appending a ``ctl=snapshot`` entry to the stream.
     """
     return f"kumex:{{{symbol}}}:snapshot:requests"
+
+
+def snapshot_due(symbol: str) -> str:
+    """String with a TTL: when the feed's snapshot scheduler expects to fetch this symbol.
+
+    ``{"dueInMs": ..., "at": ms, "position": n, "queued": n, "perMin": r}`` while a
+    request for the symbol waits in the scheduler's queue (refreshed every second,
+    deleted once served); the book quotes it in its 503 ``detail``.
+    """
+    return f"kumex:{{{symbol}}}:snapshot:due"
+
+
+def feed_scheduler() -> str:
+    """String with a TTL: the lease of the feed process that fetches every snapshot.
+
+    One queue for the venue's snapshot budget, which is per client IP for all
+    symbols together: one feed holds this lease and serves every symbol's requests.
+    Not a per-symbol key (it touches no symbol's slot).
+    """
+    return "kumex:feed:snapshots:owner"
 
 
 def feed_alive(symbol: str) -> str:

@@ -184,6 +184,7 @@ class LeaseManager:
         balance: bool = True,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        key: Callable[[str], str] | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be > 0")
@@ -201,6 +202,9 @@ class LeaseManager:
         self.balance = balance
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        #: The lease key of a symbol (default :func:`kumex_l3.keys.owner` of the role).
+        self.key: Callable[[str], str] = key if key is not None else (
+            lambda symbol: keys.owner(symbol, role))
         # symbol -> monotonic time by which the lease must be considered lost.
         self._held: dict[str, float] = {}
         self._owners: dict[str, LeaseOwner | None] = dict.fromkeys(self.symbols)
@@ -215,12 +219,23 @@ class LeaseManager:
 
     @property
     def held(self) -> frozenset[str]:
-        """Symbols whose lease this replica holds."""
-        return frozenset(self._held)
+        """Symbols whose lease this replica holds, by its own clock (deadline not passed)."""
+        now = self._clock()
+        return frozenset(s for s, deadline in self._held.items() if now < deadline)
 
     def holds(self, symbol: str) -> bool:
-        """``True`` while this replica holds ``symbol``'s lease."""
-        return symbol in self._held
+        """``True`` while this replica holds ``symbol``'s lease, by its own clock.
+
+        The deadline is checked on every call, not only at the next step: a
+        process paused past it (SIGSTOP, a long GC, a stalled VM) must not act
+        for the symbol before it has renewed, whatever its last step said.
+        """
+        deadline = self._held.get(symbol)
+        return deadline is not None and self._clock() < deadline
+
+    def deadline(self, symbol: str) -> float | None:
+        """Monotonic time until which the lease of ``symbol`` is ours, or ``None``."""
+        return self._held.get(symbol)
 
     @property
     def owners(self) -> dict[str, LeaseOwner | None]:
@@ -261,7 +276,7 @@ class LeaseManager:
             try:
                 async with asyncio.timeout(max(self.period, 0.05)):
                     await self._renew_all(lost)
-                    self._owners = await read_owners(self.client, self.symbols, self.role)
+                    self._owners = await self._read_owners()
                     await self._acquire_free(gained)
             except _REDIS_ERRORS as exc:
                 self.errors += 1
@@ -284,10 +299,19 @@ class LeaseManager:
                 del self._held[symbol]
                 if release_leases:
                     with contextlib.suppress(*_REDIS_ERRORS):
-                        await release(self.client, symbol, self.role, self.owner)
+                        await self.client.eval(_RELEASE, 1, self.key(symbol),
+                                               self.owner.to_json())
                 await self._report(self.on_lost, symbol)
 
     # ------------------------------------------------------------------ internals
+
+    async def _read_owners(self) -> dict[str, LeaseOwner | None]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for symbol in self.symbols:
+                pipe.get(self.key(symbol))
+            values: list[Any] = await pipe.execute()
+        return {s: None if v is None else LeaseOwner.from_json(v)
+                for s, v in zip(self.symbols, values, strict=True)}
 
     async def _renew_all(self, lost: list[str]) -> None:
         if not self._held:
@@ -297,7 +321,7 @@ class LeaseManager:
         sent = self._clock()
         async with self.client.pipeline(transaction=False) as pipe:
             for symbol in symbols:
-                pipe.eval(_RENEW, 1, keys.owner(symbol, self.role), value, ttl_ms)
+                pipe.eval(_RENEW, 1, self.key(symbol), value, ttl_ms)
             results: list[Any] = await pipe.execute()
         for symbol, ok in zip(symbols, results, strict=True):
             if ok:
@@ -319,7 +343,8 @@ class LeaseManager:
             if symbol in free and len(self._held) >= limit:
                 break
             sent = self._clock()
-            if await acquire(self.client, symbol, self.role, self.owner, self.ttl):
+            if await self.client.eval(_ACQUIRE, 1, self.key(symbol), self.owner.to_json(),
+                                      _ms(self.ttl)):
                 self._held[symbol] = self._deadline(sent)
                 self._owners[symbol] = self.owner
                 gained.append(symbol)

@@ -3,7 +3,7 @@
 The reader appends, the writer peeks a batch, writes it, and only then
 commits it (removes it): an entry leaves memory once Redis took it.
 
-* **Data** entries (a raw frame for a symbol's stream) are bounded: past
+* **Data** entries (a raw frame for a symbol's stream, with its sequence) are bounded: past
   ``bound`` data entries held, new ones are refused and counted per symbol.
 * **Control** entries (``ctl=connected``, ``ctl=snapshot`` with the snapshot
   to store, ``ctl=gap``, dead letters) are rare and always accepted, so that
@@ -26,7 +26,7 @@ from typing import Final, TypeAlias
 
 from kumex_l3 import keys
 
-__all__ = ["GAP_REASON_OVERFLOW", "Control", "Entry", "FeedBuffer", "gap_control"]
+__all__ = ["GAP_REASON_OVERFLOW", "Control", "Data", "Entry", "FeedBuffer", "gap_control"]
 
 #: ``reason`` of the ``ctl=gap`` entries written after a buffer overflow.
 GAP_REASON_OVERFLOW: Final = "buffer_overflow"
@@ -36,25 +36,31 @@ GAP_REASON_OVERFLOW: Final = "buffer_overflow"
 class Control:
     """A control entry: ``fields`` appended to stream ``key``; ``store`` first, if set.
 
-    ``store`` is ``(string key, value)``: a ``SET`` done in the same pipeline
-    just before the ``XADD`` (the snapshot, then its ``ctl=snapshot`` entry).
+    ``store`` is ``(string key, value, sequence)``: a ``SET`` done in the same
+    command just before the ``XADD`` (the snapshot, then its ``ctl=snapshot`` entry).
     ``maxlen`` overrides the writer's ``MAXLEN ~`` for this stream (dead letters).
+    ``fenced``: written only while this feed holds the symbol's writer lease
+    (entries of the symbol's own stream); ``store`` is written only if newer than
+    the value already stored (a snapshot, compared by its ``sequence``).
     """
 
     key: str
     fields: Mapping[str, str | bytes]
-    store: tuple[str, bytes] | None = None
+    store: tuple[str, bytes, int] | None = None
     maxlen: int | None = None
+    fenced: bool = False
 
 
-#: ``(symbol, payload)``: a payload that is a ``str`` is a raw data frame.
-Entry: TypeAlias = tuple[str, "str | Control"]
+#: A raw data frame and its sequence.
+Data: TypeAlias = tuple[int, str]
+#: ``(symbol, payload)``: a payload that is a ``tuple`` is a data frame (:data:`Data`).
+Entry: TypeAlias = tuple[str, "Data | Control"]
 
 
 def gap_control(symbol: str, dropped: int, reason: str = GAP_REASON_OVERFLOW) -> Control:
     """The ``ctl=gap`` entry telling consumers that ``dropped`` messages are missing."""
     return Control(keys.l3_stream(symbol), {keys.FIELD_CTL: "gap", "reason": reason,
-                                            "dropped": str(dropped)})
+                                            "dropped": str(dropped)}, fenced=True)
 
 
 class FeedBuffer:
@@ -83,7 +89,7 @@ class FeedBuffer:
         """Messages dropped per symbol whose ``ctl=gap`` is not queued yet."""
         return dict(self._pending_gaps)
 
-    def put(self, symbol: str, text: str) -> bool:
+    def put(self, symbol: str, sequence: int, text: str) -> bool:
         """Queue a raw data frame; ``False`` (and counted) when the buffer is full."""
         if self._data >= self.bound:
             self._pending_gaps[symbol] = self._pending_gaps.get(symbol, 0) + 1
@@ -93,7 +99,7 @@ class FeedBuffer:
             missing = self._pending_gaps.pop(symbol, 0)
             if missing:
                 self._queue.append((symbol, gap_control(symbol, missing)))
-        self._queue.append((symbol, text))
+        self._queue.append((symbol, (sequence, text)))
         self._data += 1
         return True
 
@@ -125,5 +131,5 @@ class FeedBuffer:
         queue = self._queue
         for _ in range(count):
             _, payload = queue.popleft()
-            if type(payload) is str:
+            if type(payload) is tuple:
                 self._data -= 1

@@ -1,31 +1,49 @@
-"""The feed: exchange WebSocket in, one Redis stream per symbol out.
+"""The feed: the exchange's L3 WebSocket on several lines in, one Redis stream per symbol out.
 
-:class:`Feed` keeps one connection to the exchange (token, connect, welcome,
-subscribe ``/contractMarket/level3v2:SYM`` for every symbol, acks checked),
-and for each data frame:
+:class:`Feed` keeps ``FEED_LINES`` independent connections to the exchange
+(:class:`~services.feed.lines.Line`: each its own token and ``connectId``,
+each subscribed to every symbol, each reconnecting on its own) and merges
+them per symbol by ``sequence`` (:class:`~services.feed.arbiter.Arbiter`): a
+message lost on one line is taken from another, each sequence is written once
+and in order, and a gap exists only when every line lost it.
 
-* picks the symbol from the frame's ``topic`` (only the envelope is decoded);
-* appends the text, unchanged, to the writer's buffer (never waits for Redis);
-* and to the capture file when there is one.
+For each data frame of a line:
 
-Frames without a configured symbol (no topic, another topic, not JSON) are
-counted (``kumex_feed_messages_unrouted_total{reason}``) and logged (the first
-few, then one in :data:`_LOG_EVERY`): there is no per-symbol place to put them.
+* the symbol comes from the frame's ``topic`` (only the envelope is decoded);
+  frames without a configured symbol are counted
+  (``kumex_feed_messages_unrouted_total{reason}``) and logged, not stored;
+* its ``sequence`` is read; a copy of a message already taken is dropped
+  there (no further parsing);
+* a new one is validated (:func:`~kumex_l3.parse_message`): a frame that is
+  not a valid level3v2 message of its symbol is refused to ``kumex:{SYM}:dlq``
+  and does not take the sequence's place, so a good copy from another line
+  still can; frames over :data:`~kumex_l3.messages.MAX_MESSAGE_BYTES` are
+  refused before anything is stored (the DLQ keeps their head only);
+* the arbiter says what to write, in order.
 
-On each connection, once subscribed, a ``ctl=connected`` entry (``connectId``)
-goes to every symbol's stream ahead of that connection's data, and a snapshot
-of every symbol is requested; when it ends, a ``ctl=disconnected`` entry
-(``reason``, ``connectId``) follows its data. While subscribed, the key
-``kumex:{SYM}:feed`` is set again and again with a short TTL (a heartbeat: it
-lapses when the feed dies without a word). Any failure (no welcome, no pong, closed socket,
-refused subscribe, token refused) ends the connection; the next one comes
-after a jittered exponential backoff, with a fresh token. A connection that
-stayed up for at least ``backoff_max`` counts as a success and resets the
-backoff (so a server that accepts and then drops at once is not hammered).
+**Roles.** Several feed processes may run (``--scale feed=2``): each keeps
+its lines up, but a symbol's stream is written only by the holder of its
+writer lease (``kumex:{SYM}:owner:feed``, :mod:`kumex_l3.lease`), and the
+writes are fenced by it on the server (:mod:`services.feed.writer`). The
+other feeds are standbys: they arbitrate the same messages and keep the last
+``FEED_REPLAY_BUFFER`` of them. When the writer dies its lease expires
+(``FEED_LEASE_TTL_SECONDS``) and a standby takes over: it reads the stream
+head (``kumex:{SYM}:l3:last``) and writes, from its own memory, every message
+after it, then goes on live, so that ``kill -9`` of the writer costs no gap
+when the standby's lines saw the messages.
 
-:func:`run_feed` wires it all (writer, snapshots, pub/sub requests, HTTP) and
+**Sessions.** A *session* is a span during which at least one line is
+subscribed: for the symbols it writes, the feed appends ``ctl=connected``
+(``connectId``: the session's id) when a session starts or when it takes a
+symbol over, and ``ctl=disconnected`` when the last line is lost or the feed
+stops. A single line's reconnection is not a session change: the other lines
+cover it. While a session is up the writer keeps the heartbeat
+``kumex:{SYM}:feed`` alive (fenced too) and, at each session start, asks the
+snapshot scheduler (:mod:`services.feed.snapshots`) for a snapshot.
+
+:func:`run_feed` wires it all (writer, lines, leases, snapshots, HTTP) and
 returns after a clean stop: it flushes the buffer to Redis for up to
-``FEED_SHUTDOWN_TIMEOUT`` seconds.
+``FEED_SHUTDOWN_TIMEOUT`` seconds and gives its leases back.
 """
 
 from __future__ import annotations
@@ -33,8 +51,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import random
+import secrets
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import httpx
@@ -48,23 +71,28 @@ from redis.backoff import NoBackoff
 from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
 from kumex_l3.config import redact_url
+from kumex_l3.errors import MessageError
+from kumex_l3.lease import LeaseManager, LeaseOwner
 from kumex_l3.logs import kv
+from kumex_l3.messages import MAX_MESSAGE_BYTES, Control, DataMessage, Message, parse_message
 from kumex_l3.service import start_server
 from kumex_l3.tasks import cancel_and_wait
 from kumex_l3.wsclient import (
     Connection,
+    DataFrame,
     FrameKind,
     WsClient,
     WsOptions,
-    is_retryable,
     level3_topic,
 )
+from services.feed.arbiter import Arbiter, GapDeclared, Rebased, Refused, Released
 from services.feed.capture import Capture
-from services.feed.metrics import FeedMetrics
+from services.feed.lines import Line
+from services.feed.metrics import FeedMetrics, LineCollector
 from services.feed.settings import FeedSettings
-from services.feed.snapshots import Snapshotter
+from services.feed.snapshots import Snapshotter, request_payload
 from services.feed.web import make_app
-from services.feed.writer import StreamWriter
+from services.feed.writer import ROLE, StreamWriter
 
 __all__ = ["Feed", "make_backoff", "run_feed"]
 
@@ -75,6 +103,12 @@ _LOG_EVERY: Final = 1000
 _LOG_FIRST: Final = 10
 #: Capture flush period, seconds.
 _CAPTURE_FLUSH_S: Final = 1.0
+#: Refused frames remembered, so that one sent on every line is dead-lettered once.
+_REFUSED_MEMORY: Final = 256
+#: Bytes of a refused frame kept in the dead-letter stream (the rest is counted).
+_DLQ_RAW_MAX: Final = 4096
+#: Lease role of the snapshot scheduler (one feed serves every symbol's requests).
+SCHEDULER_ROLE: Final = "feed-snapshots"
 
 
 def make_backoff(settings: FeedSettings) -> Callable[[], Backoff]:
@@ -84,103 +118,185 @@ def make_backoff(settings: FeedSettings) -> Callable[[], Backoff]:
     return factory
 
 
+class _SeqData(msgspec.Struct, gc=False):
+    sequence: Any = None
+
+
+class _SeqEnvelope(msgspec.Struct, gc=False):
+    data: _SeqData | None = None
+
+
+_SEQ: Final = msgspec.json.Decoder(_SeqEnvelope)
+
+
+def frame_sequence(text: str) -> int | None:
+    """The ``data.sequence`` of a data frame, or ``None`` when it has no integer one."""
+    try:
+        env = _SEQ.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    seq = None if env.data is None else env.data.sequence
+    return seq if type(seq) is int and seq >= 0 else None
+
+
+class _Symbol:
+    """What the feed keeps per symbol: the arbiter, the recent messages, the writer role."""
+
+    __slots__ = ("arbiter", "counter", "recent", "symbol", "token")
+
+    def __init__(self, symbol: str, arbiter: Arbiter, replay_max: int, counter: _Counter) -> None:
+        self.symbol = symbol
+        self.arbiter = arbiter
+        #: The last messages released, oldest first: the backlog written at a takeover.
+        self.recent: deque[tuple[int, str]] = deque(maxlen=replay_max)
+        #: This feed's lease value while it writes the symbol, else ``None``.
+        self.token: str | None = None
+        self.counter = counter
+
+
 class Feed:
-    """The connection loop and the frame router (see the module docstring)."""
+    """The lines, the arbitration and the writer role of each symbol (module docstring)."""
 
     def __init__(
         self,
         ws: WsClient,
         symbols: Sequence[str],
         writer: StreamWriter,
-        snapshots: Snapshotter,
         metrics: FeedMetrics,
         *,
-        backoff: Backoff,
+        lines: int,
+        wait: float,
+        backoff: Callable[[], Backoff],
+        feed_id: str,
+        replay_max: int = 20_000,
+        positions: dict[str, int | None] | None = None,
         capture: Capture | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
-        self._ws = ws
         self.symbols = tuple(symbols)
-        self._topics = [level3_topic(s) for s in self.symbols]
+        self.feed_id = feed_id
         self._writer = writer
-        self._snapshots = snapshots
         self._metrics = metrics
-        self._backoff = backoff
         self._capture = capture
         self._clock = clock
-        self.connect_id: str | None = None
-        self.subscribed = False
-        # Set on each subscription: the heartbeat is written at once, not a beat later.
-        self._beat_now = asyncio.Event()
-        self.connections = 0
+        self._rng = rng or random.Random()
+        positions = positions or {}
+        topics = [level3_topic(s) for s in self.symbols]
+        self._state: dict[str, _Symbol] = {
+            s: _Symbol(s, Arbiter(s, lines, wait=wait, position=positions.get(s)), replay_max,
+                       metrics.received.labels(s))
+            for s in self.symbols}
+        # Per-topic symbol state, looked up once a frame.
+        self._routes: dict[str, _Symbol] = {level3_topic(s): st
+                                            for s, st in self._state.items()}
+        self.lines = [Line(i, ws, topics, self, backoff=backoff(), rng=self._rng, clock=clock)
+                      for i in range(lines)]
+        metrics.registry.register(LineCollector(self.lines, self._state_stats))
+        #: The current session's id while at least one line is subscribed.
+        self.session: str | None = None
+        self._epoch = 0
         self._unrouted = 0
-        # Per-topic (symbol, counter child), looked up once: one dict lookup a frame.
-        self._routes: dict[str, tuple[str, _Counter]] = {
-            level3_topic(s): (s, metrics.received.labels(s)) for s in self.symbols}
+        self._refused: OrderedDict[str, None] = OrderedDict()
+        self._timer = asyncio.Event()
+        self._beat_now = asyncio.Event()
+        #: Called with (symbol, payload) to ask the scheduler for a snapshot.
+        self.ask_snapshot: Callable[[str, str], None] = lambda symbol, payload: None
+
+    # ------------------------------------------------------------------ reading
 
     @property
     def ready(self) -> bool:
-        """Connected and subscribed to every symbol."""
-        return self.subscribed
+        """At least one line is connected and subscribed to every symbol."""
+        return self.session is not None
+
+    @property
+    def written(self) -> list[str]:
+        """Symbols whose stream this feed writes now."""
+        return [s for s, st in self._state.items() if st.token is not None]
+
+    def up(self) -> int:
+        """Lines subscribed now."""
+        return sum(1 for line in self.lines if line.subscribed)
+
+    def arbiter(self, symbol: str) -> Arbiter:
+        return self._state[symbol].arbiter
+
+    def _state_stats(self) -> Iterable[tuple[str, Arbiter, bool]]:
+        return ((s, st.arbiter, st.token is not None) for s, st in self._state.items())
 
     def status(self) -> dict[str, Any]:
         """For ``/readyz``."""
         return {
             "ready": self.ready,
-            "connected": self.subscribed,
-            "connectId": self.connect_id,
+            "connected": self.ready,
+            "feed": self.feed_id,
+            "session": self.session,
+            "lines": [line.status() for line in self.lines],
             "symbols": list(self.symbols),
+            "writes": self.written,
             "buffered": len(self._writer.buffer),
             "redis": self._writer.redis_ok.is_set(),
         }
 
+    # ------------------------------------------------------------------ running
+
     async def run(self) -> None:
-        """Connect, read, reconnect, forever (cancel to stop). Raises only on a bug."""
+        """Run every line and the arbitration timer until cancelled. Raises only on a bug."""
+        tasks = [asyncio.create_task(line.run(), name=f"feed-{line.name}")
+                 for line in self.lines]
+        tasks.append(asyncio.create_task(self._expire_loop(), name="feed-arbitration"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a line ends only on a bug: raise it
+        finally:
+            await cancel_and_wait(*tasks)
+
+    async def _expire_loop(self) -> None:
+        """Declare the holes no line filled in time (and refuse far frames never corroborated)."""
         while True:
-            up_since: float | None = None
-            reason = "connection ended"
-            try:
-                async with self._ws.connect(self._topics) as conn:
-                    up_since = self._clock()
-                    self._on_subscribed(conn)
-                    await self._read(conn)
-            except asyncio.CancelledError:
-                reason = "the feed is stopping"
-                raise
-            except Exception as exc:
-                if not is_retryable(exc):
-                    reason = f"{type(exc).__name__}: {exc}"
-                    raise
-                reason = f"{type(exc).__name__}: {exc}"
-            finally:
-                self._disconnected(reason)
-            if up_since is not None and self._clock() - up_since >= self._backoff.max_delay:
-                self._backoff.reset()
-            delay = self._backoff.next_delay()
-            self._metrics.reconnects.inc()
-            _log.warning("exchange connection ended; reconnecting", extra=kv(
-                error=reason[:300], retry_in=f"{delay:.2f}s", attempt=self._backoff.attempts))
-            await asyncio.sleep(delay)
+            self._timer.clear()
+            dues = [d for st in self._state.values() if (d := st.arbiter.due()) is not None]
+            if not dues:
+                await self._timer.wait()
+                continue
+            delay = min(dues) - self._clock()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._timer.wait()
+                continue
+            now = self._clock()
+            for st in self._state.values():
+                due = st.arbiter.due()
+                if due is not None and due <= now:
+                    self._emit(st, st.arbiter.expire(now))
 
     async def heartbeat(self, client: redis.asyncio.Redis, ttl: float) -> None:
-        """Keep ``kumex:{SYM}:feed`` alive while subscribed (cancel to stop).
+        """Keep ``kumex:{SYM}:feed`` alive for the symbols this feed writes (cancel to stop).
 
-        Set at each subscription and every ``ttl / 5`` seconds, with that
-        ``ttl``, on a client of its own so that a backlog of writes does not
-        delay it. Not refreshed while disconnected: it lapses, and so it does
-        when this process dies.
+        Set at each session start and takeover, and every ``ttl / 5`` seconds,
+        with that ``ttl``, only while the lease is ours (checked on the server),
+        on a client of its own so that a backlog of writes does not delay it.
+        Not refreshed while no line is up: it lapses, and so it does when this
+        process dies.
         """
         interval, ttl_ms = ttl / 5, max(1, int(ttl * 1000))
         failing = False
         while True:
             self._beat_now.clear()
-            if self.subscribed:
-                value = msgspec.json.encode({"connectId": self.connect_id,
-                                             "at": time.time_ns() // 1_000_000})
+            written = [(s, st.token) for s, st in self._state.items() if st.token is not None]
+            if self.session is not None and written:
+                value = msgspec.json.encode({
+                    "connectId": self.session, "feed": self.feed_id,
+                    "at": time.time_ns() // 1_000_000, "lines": self.up(),
+                    "of": len(self.lines)})
                 try:
                     async with client.pipeline(transaction=False) as pipe:
-                        for symbol in self.symbols:
-                            pipe.set(keys.feed_alive(symbol), value, px=ttl_ms)
+                        for symbol, token in written:
+                            pipe.eval(_BEAT, 2, keys.feed_alive(symbol), keys.owner(symbol, ROLE),
+                                      token, value, ttl_ms)
                         await pipe.execute()
                     failing = False
                 except (redis.exceptions.RedisError, OSError) as exc:
@@ -193,49 +309,123 @@ class Feed:
                 async with asyncio.timeout(interval):
                     await self._beat_now.wait()
 
-    def _on_subscribed(self, conn: Connection) -> None:
-        self.connect_id = conn.connect_id
-        self.subscribed = True
-        self._beat_now.set()
-        self.connections += 1
+    # ------------------------------------------------------------------ lines
+
+    def line_up(self, line: Line, conn: Connection) -> None:
         self._metrics.connections.inc()
-        self._metrics.connected.set(1)
-        for symbol in self.symbols:
-            self._writer.control(symbol, "connected", connectId=conn.connect_id)
-        _log.info("connected and subscribed", extra=kv(
-            connectId=conn.connect_id, endpoint=conn.server.endpoint,
+        _log.info("line connected and subscribed", extra=kv(
+            line=line.index, connectId=conn.connect_id, endpoint=conn.server.endpoint,
             symbols=",".join(self.symbols), pingInterval=conn.server.ping_interval))
-        for symbol in self.symbols:
-            self._snapshots.request(symbol, 0, reason="connected")
+        if self.session is None:
+            self._epoch += 1
+            self.session = f"{self.feed_id}.{self._epoch}"
+            self._metrics.connected.set(1)
+            _log.info("session started", extra=kv(session=self.session, line=line.index))
+            for st in self._state.values():
+                if st.token is not None:
+                    self._session_started(st)
+        self._beat_now.set()
 
-    def _disconnected(self, reason: str) -> None:
-        """After a subscribed connection: ``ctl=disconnected`` to every stream, after its data.
+    def line_down(self, line: Line, reason: str) -> None:
+        self._metrics.reconnects.inc()
+        if self.session is None or self.up() > 0:
+            return
+        # The last line is gone: the exchange may move on without us.
+        _log.warning("every line lost: session ended", extra=kv(
+            session=self.session, reason=reason[:300]))
+        self.end_session(reason)
 
-        Consumers then know the exchange may have moved on without them (the
-        book stops serving until it is shown current again).
-        """
-        if self.subscribed:
-            self._metrics.connected.set(0)
-            for symbol in self.symbols:
-                self._writer.control(symbol, "disconnected", reason=reason[:300],
-                                     connectId=self.connect_id or "")
-        self.subscribed = False
+    def end_session(self, reason: str) -> None:
+        """``ctl=disconnected`` to every stream this feed writes; the session is over."""
+        if self.session is None:
+            return
+        for st in self._state.values():
+            if st.token is not None:
+                self._writer.control(st.symbol, "disconnected", reason=reason[:300],
+                                     connectId=self.session)
+        self.session = None
+        self._metrics.connected.set(0)
 
-    async def _read(self, conn: Connection) -> None:
-        writer, capture, routes = self._writer, self._capture, self._routes
-        data = FrameKind.DATA
-        while True:
-            frame = await conn.recv_frame()
-            topic = frame.topic
-            route = routes.get(topic) if topic is not None and frame.kind is data else None
-            if route is None:
-                self._unroutable(frame.kind, frame.topic, frame.text)
-                continue
-            symbol, counter = route
-            counter.inc()
-            if capture is not None:
-                capture.write(frame.text)
-            writer.append(symbol, frame.text)
+    def _session_started(self, st: _Symbol) -> None:
+        assert self.session is not None
+        self._writer.control(st.symbol, "connected", connectId=self.session)
+        self.ask_snapshot(st.symbol, request_payload(0, "session"))
+
+    def line_frame(self, line: Line, frame: DataFrame) -> None:
+        st = self._routes.get(frame.topic) if frame.topic is not None else None
+        if st is None or frame.kind is not FrameKind.DATA:
+            self._unroutable(frame.kind, frame.topic, frame.text)
+            return
+        st.counter.inc()
+        text = frame.text
+        arbiter = st.arbiter
+        index = line.index
+        seq = frame_sequence(text) if len(text) <= MAX_MESSAGE_BYTES else None
+        if seq is None:
+            self._refuse(st, index, text, _invalid_reason(text))
+            return
+        if not arbiter.seen(index, seq):
+            written = _written(st.recent, seq)
+            if written is not None and written != text:
+                self._dissent(st, index, seq, text, written)
+            return
+        try:
+            _check(parse_message(text), st.symbol)
+        except MessageError as exc:
+            self._refuse(st, index, text, exc.reason)
+            return
+        self._emit(st, arbiter.offer(index, seq, text, self._clock()))
+        if arbiter.held:
+            self._timer.set()
+
+    def _dissent(self, st: _Symbol, line: int, seq: int, text: str, written: str) -> None:
+        """A copy of a written sequence whose text differs: the same message written
+        otherwise, or a bad or forged frame (refused, and counted as a conflict)."""
+        try:
+            msg = _check(parse_message(text), st.symbol)
+        except MessageError as exc:
+            self._refuse(st, line, text, exc.reason)
+            return
+        if msg != parse_message(written):
+            self._metrics.conflicts.labels(st.symbol).inc()
+            self._refuse(st, line, text, f"conflicts with the message written at sequence "
+                                         f"{seq}: two different messages claim it")
+
+    # ------------------------------------------------------------------ output
+
+    def _emit(self, st: _Symbol, outputs: list[Any]) -> None:
+        writer, capture, recent = self._writer, self._capture, st.recent
+        writing = st.token is not None
+        for out in outputs:
+            if type(out) is Released:
+                recent.append((out.sequence, out.text))
+                if capture is not None:
+                    capture.write(out.text)
+                if writing:
+                    writer.append(st.symbol, out.sequence, out.text)
+            elif type(out) is GapDeclared:
+                log = _log.warning if writing else _log.info
+                log("no line delivered these messages: a gap", extra=kv(
+                    symbol=st.symbol, first=out.first, last=out.last, lost=out.size))
+            elif type(out) is Refused:
+                self._refuse(st, out.line, out.text, out.reason)
+            elif type(out) is Rebased:
+                _log.warning("the stream moved far from its position (corroborated)",
+                             extra=kv(symbol=st.symbol, since=out.since, to=out.to))
+
+    def _refuse(self, st: _Symbol, line: int, text: str, reason: str) -> None:
+        """Dead-letter a frame (once, however many lines carried it) and count it."""
+        self._metrics.invalid.labels(st.symbol).inc()
+        if text in self._refused:
+            return
+        self._refused[text] = None
+        if len(self._refused) > _REFUSED_MEMORY:
+            self._refused.popitem(last=False)
+        raw = text if len(text) <= _DLQ_RAW_MAX else (
+            text[:_DLQ_RAW_MAX] + f"... ({len(text)} characters in all)")
+        _log.warning("frame refused", extra=kv(symbol=st.symbol, line=line, reason=reason[:200],
+                                               frame=text[:200]))
+        self._writer.dead_letter(st.symbol, reason, raw, line=str(line))
 
     def _unroutable(self, kind: FrameKind, topic: str | None, text: str) -> None:
         if kind is FrameKind.INVALID:
@@ -251,6 +441,94 @@ class Feed:
         if self._unrouted <= _LOG_FIRST or self._unrouted % _LOG_EVERY == 0:
             _log.warning("frame with no configured symbol: not stored", extra=kv(
                 reason=reason, topic=topic, count=self._unrouted, frame=text[:200]))
+
+    # ------------------------------------------------------------------ roles
+
+    async def take_over(self, symbol: str, token: str, head: int | None) -> int:
+        """Become the writer of ``symbol`` after the stream's last sequence ``head``.
+
+        Writes ``ctl=connected`` (when a session is up) and then, from memory,
+        every message released after ``head``; from then on, everything live.
+        Returns how many messages the backlog held.
+        """
+        st = self._state[symbol]
+        self._writer.fence(symbol, token)
+        st.token = token
+        if self.session is not None:
+            self._session_started(st)
+        backlog = [(seq, text) for seq, text in st.recent if head is None or seq > head]
+        for seq, text in backlog:
+            self._writer.append(symbol, seq, text)
+        first = backlog[0][0] if backlog else None
+        if head is not None and first is not None and first > head + 1:
+            _log.warning("took over with a gap: the standby had not seen every message",
+                         extra=kv(symbol=symbol, head=head, first=first))
+        self._metrics.writer.labels(symbol).set(1)
+        self._metrics.takeovers.labels(symbol).inc()
+        self._metrics.backlog.labels(symbol).inc(len(backlog))
+        _log.info("writing the stream", extra=kv(symbol=symbol, head=head, backlog=len(backlog),
+                                                 session=self.session))
+        self._beat_now.set()
+        return len(backlog)
+
+    def stand_by(self, symbol: str) -> None:
+        """Stop writing ``symbol`` (the lease is gone): keep arbitrating it, in memory."""
+        st = self._state[symbol]
+        if st.token is None:
+            return
+        st.token = None
+        self._writer.fence(symbol, None)
+        self._metrics.writer.labels(symbol).set(0)
+        _log.info("standing by", extra=kv(symbol=symbol))
+
+
+#: Set the heartbeat only while the writer lease is ours.
+_BEAT: Final = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
+def _check(msg: Message, symbol: str) -> DataMessage:
+    """``msg`` if it is a level3v2 data message of ``symbol``, else :class:`MessageError`."""
+    if isinstance(msg, Control):
+        raise MessageError(f"{msg.type} is not a level3v2 data message")
+    if msg.symbol != symbol:
+        raise MessageError(f"message for {msg.symbol} on the {symbol} topic")
+    return msg
+
+
+def _written(recent: deque[tuple[int, str]], seq: int) -> str | None:
+    """The text written at ``seq`` if it is among the recent messages (``None`` otherwise).
+
+    The recent messages are in increasing sequence order and usually contiguous:
+    the index is computed from the newest; each gap after ``seq`` makes that
+    index land earlier, so a short scan towards the newest covers a few gaps.
+    """
+    size = len(recent)
+    if not size:
+        return None
+    back = recent[-1][0] - seq
+    if back < 0 or back >= size:
+        return None
+    for k in range(size - 1 - back, min(size, size + 63 - back)):
+        found, text = recent[k]
+        if found == seq:
+            return text
+        if found > seq:
+            break
+    return None
+
+
+def _invalid_reason(text: str) -> str:
+    if len(text) > MAX_MESSAGE_BYTES:
+        return f"message of {len(text)} characters exceeds {MAX_MESSAGE_BYTES} bytes"
+    try:
+        parse_message(text)
+    except MessageError as exc:
+        return exc.reason
+    return "data.sequence is missing or not a non-negative integer"
 
 
 async def _flush_capture(capture: Capture) -> None:
@@ -270,15 +548,44 @@ def _redis_factory(settings: FeedSettings, name: str) -> Callable[[], redis.asyn
     return connect
 
 
+def default_feed_id() -> str:
+    """``feed-<host>-<pid>-<random>``: unique per process, so that a lease value (the
+    fencing token) is never shared by two processes, not even a restart of one."""
+    return f"feed-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def _heads(client: redis.asyncio.Redis, symbols: Sequence[str]) -> dict[str, int | None]:
+    """The last sequence written to each stream (``kumex:{SYM}:l3:last``), where known."""
+    async with client.pipeline(transaction=False) as pipe:
+        for symbol in symbols:
+            pipe.get(keys.stream_head(symbol))
+        values: list[Any] = await pipe.execute()
+    return {s: _int(v) for s, v in zip(symbols, values, strict=True)}
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else None
+
+
 async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     """Run the feed until ``stop`` is set; the exit status (0 clean, 1 a task failed)."""
     metrics = FeedMetrics()
     new_backoff = make_backoff(settings)
+    feed_id = settings.id or default_feed_id()
     writer_redis = _redis_factory(settings, "kumex-feed-writer")()
     heartbeat_redis = _redis_factory(settings, "kumex-feed-heartbeat")()
+    lease_redis = _redis_factory(settings, "kumex-feed-leases")()
+    feed_ref: list[Feed] = []
+
+    def fenced(symbol: str) -> None:
+        if feed_ref:
+            feed_ref[0].stand_by(symbol)
+
     writer = StreamWriter(writer_redis, metrics, buffer_max=settings.buffer_max,
                           batch_size=settings.batch_size, maxlen=settings.stream_maxlen,
-                          backoff=new_backoff())
+                          backoff=new_backoff(), on_fenced=fenced)
     http = httpx.AsyncClient(timeout=settings.http_timeout)
     ws = WsClient(settings.base_url, http=http, options=WsOptions(
         token_timeout=settings.http_timeout, open_timeout=settings.http_timeout,
@@ -287,12 +594,61 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     snapshots = Snapshotter(http, settings.base_url, settings.symbols, writer, metrics,
                             per_min=settings.snapshot_per_min, backoff=new_backoff)
     capture = Capture(settings.capture, metrics) if settings.capture is not None else None
-    feed = Feed(ws, settings.symbols, writer, snapshots, metrics, backoff=new_backoff(),
+    try:
+        async with asyncio.timeout(settings.redis_timeout):
+            positions = await _heads(lease_redis, settings.symbols)
+    except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        _log.warning("stream heads not read: arbitration starts from the first message",
+                     extra=kv(error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+        positions = {}
+    feed = Feed(ws, settings.symbols, writer, metrics, lines=settings.lines,
+                wait=settings.arbitration_wait_ms / 1000.0, backoff=new_backoff,
+                feed_id=feed_id, replay_max=settings.replay_buffer, positions=positions,
                 capture=capture)
+    feed_ref.append(feed)
+    publisher = _redis_factory(settings, "kumex-feed-requests")()
+
+    def ask(symbol: str, payload: str) -> None:
+        # Through the channel, so that the scheduler hears it whichever feed holds it.
+        task = asyncio.get_running_loop().create_task(
+            _publish(publisher, keys.snapshot_requests(symbol), payload, metrics))
+        _pending_publishes.add(task)
+        task.add_done_callback(_pending_publishes.discard)
+
+    feed.ask_snapshot = ask
+    owner = LeaseOwner(feed_id, None)
+
+    async def gained(symbol: str) -> None:
+        try:
+            head = (await _heads(lease_redis, [symbol]))[symbol]
+        except (redis.exceptions.RedisError, OSError) as exc:
+            _log.warning("stream head not read: taking over from memory",
+                         extra=kv(symbol=symbol, error=f"{type(exc).__name__}: {exc}"))
+            head = None
+        if leases.holds(symbol):
+            await feed.take_over(symbol, owner.to_json(), head)
+
+    async def lost(symbol: str) -> None:
+        feed.stand_by(symbol)
+
+    leases = LeaseManager(lease_redis, ROLE, settings.symbols, owner,
+                          ttl=settings.lease_ttl_seconds, on_gained=gained, on_lost=lost)
+
+    async def scheduler_gained(_: str) -> None:
+        await snapshots.activate(lease_redis)
+
+    async def scheduler_lost(_: str) -> None:
+        snapshots.deactivate()
+
+    scheduler = LeaseManager(lease_redis, SCHEDULER_ROLE, ["all"], owner,
+                             ttl=settings.lease_ttl_seconds, on_gained=scheduler_gained,
+                             on_lost=scheduler_lost, key=lambda _: keys.feed_scheduler())
     _log.info("feed starting", extra=kv(
-        base_url=settings.base_url, redis=redact_url(settings.redis_url),
-        symbols=",".join(settings.symbols), snapshot_per_min=settings.snapshot_per_min,
-        buffer_max=settings.buffer_max, maxlen=settings.stream_maxlen,
+        feed=feed_id, base_url=settings.base_url, redis=redact_url(settings.redis_url),
+        symbols=",".join(settings.symbols), lines=settings.lines,
+        arbitration_wait_ms=settings.arbitration_wait_ms,
+        snapshot_per_min=settings.snapshot_per_min, buffer_max=settings.buffer_max,
+        maxlen=settings.stream_maxlen,
         capture=str(settings.capture) if capture is not None else "off"))
 
     server, server_task = await start_server(make_app(feed.status, metrics.registry),
@@ -301,11 +657,15 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     _log.info("http listening", extra=kv(host=settings.http_host, port=server.port))
     writer_task = asyncio.create_task(writer.run(), name="feed-writer")
     workers = [
-        asyncio.create_task(feed.run(), name="feed-ws"),
+        asyncio.create_task(feed.run(), name="feed-lines"),
+        asyncio.create_task(leases.run(), name="feed-leases"),
+        asyncio.create_task(scheduler.run(), name="feed-scheduler-lease"),
         asyncio.create_task(feed.heartbeat(heartbeat_redis, settings.heartbeat_ttl_seconds),
                             name="feed-heartbeat"),
         asyncio.create_task(snapshots.run(), name="feed-snapshots"),
-        asyncio.create_task(snapshots.listen(_redis_factory(settings, "kumex-feed-requests")),
+        asyncio.create_task(snapshots.publish_due(_redis_factory(settings, "kumex-feed-due")),
+                            name="feed-snapshot-due"),
+        asyncio.create_task(snapshots.listen(_redis_factory(settings, "kumex-feed-listen")),
                             name="feed-snapshot-requests"),
     ]
     if capture is not None:
@@ -318,13 +678,13 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
         for task in done:
             if task is not stop_task:
                 status = 1
-                exc = None if task.cancelled() else task.exception()
+                error = None if task.cancelled() else task.exception()
                 _log.error("task ended unexpectedly; stopping", extra=kv(task=task.get_name()),
-                           exc_info=exc)
+                           exc_info=error)
         _log.info("stopping")
     finally:
         await cancel_and_wait(stop_task, *workers)
-        feed._disconnected("the feed is stopping")
+        feed.end_session("the feed is stopping")
         writer.close()
         try:
             await asyncio.wait_for(asyncio.shield(writer_task), settings.shutdown_timeout)
@@ -335,12 +695,29 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
             status = 1
         else:
             _log.info("buffer flushed", extra=kv(remaining=len(writer.buffer)))
+        # Given back once the buffer is written: a standby takes over right after it.
+        await leases.close()
+        await scheduler.close()
+        await asyncio.gather(*_pending_publishes, return_exceptions=True)
         if capture is not None:
             capture.close()
         server.should_exit = True
         await asyncio.gather(server_task, return_exceptions=True)
         await http.aclose()
-        await writer_redis.aclose()
-        await heartbeat_redis.aclose()
+        for client in (writer_redis, heartbeat_redis, lease_redis, publisher):
+            await client.aclose()
     _log.info("feed stopped", extra=kv(status=status))
     return status
+
+
+_pending_publishes: set[asyncio.Task[None]] = set()
+
+
+async def _publish(client: redis.asyncio.Redis, channel: str, payload: str,
+                   metrics: FeedMetrics) -> None:
+    try:
+        await client.publish(channel, payload)
+    except (redis.exceptions.RedisError, OSError) as exc:
+        metrics.redis_errors.labels("publish").inc()
+        _log.warning("snapshot request not published", extra=kv(
+            channel=channel, error=f"{type(exc).__name__}: {str(exc)[:200]}"))

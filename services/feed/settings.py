@@ -9,12 +9,25 @@ The feed's own, with their defaults:
 ==============================  ========  ==================================================
 variable                        default   meaning
 ==============================  ========  ==================================================
+``FEED_LINES``                  2         independent WebSocket connections (lines), each
+                                          subscribed to every symbol, arbitrated by
+                                          sequence; 1 = one connection
+``FEED_ARBITRATION_WAIT_MS``    50        how long a hole in one line's sequence may wait
+                                          for another line's copy before it is declared
+                                          a gap (docs/BENCHMARKS.md: what decided it)
+``FEED_LEASE_TTL_SECONDS``      2.0       writer lease of each symbol (and of the snapshot
+                                          scheduler): a standby feed takes over within it
+``FEED_REPLAY_BUFFER``          20000     messages kept per symbol, written from memory
+                                          when this feed takes a symbol over
+``FEED_ID``                     (auto)    this process's id in the leases (default
+                                          ``feed-<host>-<pid>-<random>``)
 ``FEED_STREAM_MAXLEN``          100000    ``XADD ... MAXLEN ~ N`` of each symbol's stream
 ``FEED_BATCH_SIZE``             500       entries per Redis pipeline
 ``FEED_BUFFER_MAX``             100000    messages held in memory while Redis is slow or
                                           down; past it they are dropped (``ctl=gap``)
-``FEED_SNAPSHOT_PER_MIN``       1         L3 snapshot budget a minute (the real venue's
-                                          limit); 0 = unlimited
+``FEED_SNAPSHOT_PER_MIN``       1         L3 snapshot budget a minute, for all symbols
+                                          together (the real venue's limit per IP);
+                                          0 = unlimited
 ``FEED_BACKOFF_INITIAL``        1.0       first reconnect/retry delay, seconds
 ``FEED_BACKOFF_FACTOR``         2.0       growth of the delay per failed attempt
 ``FEED_BACKOFF_MAX``            30.0      largest delay, seconds
@@ -51,6 +64,11 @@ class FeedSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore",
                                       populate_by_name=True)
 
+    lines: int = Field(2, ge=1, le=8)
+    arbitration_wait_ms: float = Field(50.0, ge=0, le=10_000)
+    lease_ttl_seconds: float = Field(2.0, ge=0.3, le=60)
+    replay_buffer: int = Field(20_000, ge=0, le=10_000_000)
+    id: str | None = Field(None, min_length=1, max_length=200)
     stream_maxlen: int = Field(100_000, gt=0)
     batch_size: int = Field(500, gt=0, le=100_000)
     buffer_max: int = Field(100_000, gt=0)

@@ -33,6 +33,9 @@ SYM = "XBTUSDM"
 #: A second listed symbol that no feed follows: the sandbox-only tests use it.
 SIDE_SYM = "XBTUSDTM"
 START = 7_000_000
+#: Connections the feed keeps to the exchange (its default): every frame injected
+#: reaches it on each of them.
+LINES = 2
 
 SANDBOX_ENV = {
     "SANDBOX_SYMBOLS": f"{SYM},{SIDE_SYM}", "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "33",
@@ -48,7 +51,8 @@ def feed_process(redis_url: str, base_url: str, **extra: str) -> ServiceProcess:
     """``services.feed`` for ``SYM`` against ``base_url``, quick to reconnect."""
     env = {"REDIS_URL": redis_url, "KUMEX_SYMBOLS": SYM, "KUMEX_BASE_URL": base_url,
            "FEED_HTTP_HOST": "127.0.0.1", "FEED_SNAPSHOT_PER_MIN": "0",
-           "FEED_BACKOFF_INITIAL": "0.2", "FEED_BACKOFF_MAX": "1", **extra}
+           "FEED_BACKOFF_INITIAL": "0.2", "FEED_BACKOFF_MAX": "1", "FEED_LINES": str(LINES),
+           **extra}
     return ServiceProcess("services.feed", env, port_var="FEED_HTTP_PORT")
 
 
@@ -170,8 +174,8 @@ class ChaosStack:
     def inject(self, frames: Iterable[Frame], symbol: str = SYM) -> dict[str, Any]:
         """Send frames over the sandbox's socket, in order (binary ones in their own calls).
 
-        Returns the last reply; every call must have reached exactly one subscriber
-        (the feed) unless ``symbol`` is not the feed's.
+        Returns the last reply; every call must have reached each of the feed's
+        :data:`LINES` connections unless ``symbol`` is not the feed's.
         """
         batch: list[str] = []
         reply: dict[str, Any] = {}
@@ -181,7 +185,7 @@ class ChaosStack:
             assert r.status_code == 200, r.text
             out: dict[str, Any] = r.json()
             if symbol == SYM:
-                assert out["subscribers"] == 1, f"the feed is not subscribed: {out}"
+                assert out["subscribers"] == LINES, f"the feed is not subscribed: {out}"
             return out
 
         for frame in frames:
@@ -241,10 +245,10 @@ class ChaosStack:
                  proc=self.book)
 
     def wait_feed_subscribed(self) -> None:
-        """Until the sandbox sees the feed subscribed to ``SYM``."""
+        """Until the sandbox sees every line of the feed subscribed to ``SYM``."""
         def subscribed() -> bool:
             subs = self.sb.get("/sandbox/state").json()["hub"]["subscriptions"]
-            return bool(subs.get(f"/contractMarket/level3v2:{SYM}"))
+            return subs.get(f"/contractMarket/level3v2:{SYM}", 0) >= LINES
         wait_for(subscribed, "the feed to be subscribed", proc=self.feed)
 
     def settle(self) -> dict[str, Any]:

@@ -18,6 +18,12 @@ What the feed does over the socket (asserted here):
   are not UTF-8, JSON nested too deep) are counted in
   ``kumex_feed_messages_unrouted_total{reason}`` and dropped: they never
   reach Redis, so they are not in the DLQ;
+* data frames of its symbol are validated before they take their sequence's
+  place: a malformed one is refused to the DLQ by the feed itself (field
+  ``line``, once however many lines carried it) and never written to the
+  stream, so that the genuine message with that sequence still is; a valid
+  message that contradicts the one already written at its sequence (forged)
+  is refused the same way, as a conflict; a genuine copy is dropped quietly;
 * protocol frames (``welcome``, ``ack``, ``pong``, a server ``ping``, which it
   answers) are consumed by its session;
 * an ``error`` envelope ends the connection: the feed reconnects;
@@ -49,7 +55,7 @@ from kumex_l3.synthetic import StreamGenerator
 from kumex_l3.wsclient import FrameKind, ServerError, Session, topic_symbol
 from services.book.consumer import peek_message_sequence
 from tests.chaos import corpus
-from tests.chaos.conftest import SIDE_SYM, SYM, BookPoller, ChaosStack
+from tests.chaos.conftest import LINES, SIDE_SYM, SYM, BookPoller, ChaosStack
 from tests.chaos.corpus import Frame, WsFate
 from tests.procs import ServiceProcess, wait_for
 
@@ -223,10 +229,22 @@ def test_feed_reconnects_when_the_exchange_stops_answering_pings(stack: ChaosSta
 # --------------------------------------------------------------------------- the corpus
 
 
+#: What the feed keeps of a refused frame in the DLQ (services/feed/feed.py).
+_FEED_DLQ_RAW = 4096
+
+
+def _as_refused_by_feed(frame: Frame) -> bytes:
+    """The ``raw`` the feed dead-letters for ``frame``: its head only when it is long."""
+    text = frame.data.decode()
+    if len(text) <= _FEED_DLQ_RAW:
+        return frame.data
+    return (text[:_FEED_DLQ_RAW] + f"... ({len(text)} characters in all)").encode()
+
+
 def _check_dlq(stack: ChaosStack, dlq_from: bytes, expected: list[Frame],
-               never: list[bytes]) -> None:
+               never: list[bytes], *, by_feed: bool = False) -> None:
     """The DLQ since ``dlq_from`` holds exactly ``expected`` (by content), each with a reason."""
-    want = Counter(f.data for f in expected)
+    want = Counter(_as_refused_by_feed(f) if by_feed else f.data for f in expected)
 
     def arrived() -> bool:
         return sum(want.values()) <= len(stack.dlq_after(dlq_from))
@@ -234,13 +252,14 @@ def _check_dlq(stack: ChaosStack, dlq_from: bytes, expected: list[Frame],
     wait_for(arrived, f"{sum(want.values())} DLQ entries", proc=stack.book)
     entries = stack.dlq_after(dlq_from)
     got = Counter(e[b"raw"] for e in entries)
-    by_data = {f.data: f.name for f in expected}
+    by_data = {(_as_refused_by_feed(f) if by_feed else f.data): f.name for f in expected}
     missing = [by_data[d] for d in want - got]
     extra = [d[:120] for d in got - want]
     assert not missing and not extra, f"DLQ missing {missing}, unexpected {extra}"
     for entry in entries:
         assert entry.get(b"reason"), entry
-        assert entry.get(b"streamId"), entry
+        # Refused by the book (where in the stream) or by the feed (on which line).
+        assert entry.get(b"streamId") or entry.get(b"line"), entry
     refused = {e[b"raw"] for e in entries}
     assert not refused & set(never), "valid messages were dead-lettered"
 
@@ -260,6 +279,7 @@ def test_hostile_frames_through_the_exchange_socket(stack: ChaosStack) -> None:
                    if json.loads(t)["data"]["sequence"] <= book_seq]
         replayed = corpus.replays(genuine, seed=1)
         quiet = [f for f in frames if f.ws is not WsFate.DISCONNECT]
+        conflicts = stack.feed_metric("kumex_feed_messages_conflicts_total", symbol=SYM)
         # Interleaved with the flow, in one go; then the frames that end the connection.
         stack.inject([*quiet, *forged, *replayed])
         for frame in (f for f in frames if f.ws is WsFate.DISCONNECT):
@@ -269,19 +289,26 @@ def test_hostile_frames_through_the_exchange_socket(stack: ChaosStack) -> None:
             wait_for(lambda b=before: stack.feed_metric("kumex_feed_reconnects_total") > b,
                      f"the feed to reconnect after {frame.name}", proc=stack.feed)
         stored = [f for f in frames if f.ws is WsFate.STORED]
-        _check_dlq(stack, dlq_from, stored, never=[f.data for f in forged + replayed])
+        # Forged stale frames contradict what was written at their sequence: refused too.
+        contradicting = [f for f in forged if f.ws is WsFate.STORED]
+        _check_dlq(stack, dlq_from, stored + contradicting,
+                   never=[f.data for f in replayed], by_feed=True)
+        assert stack.feed_metric("kumex_feed_messages_conflicts_total",
+                                 symbol=SYM) >= conflicts + len(contradicting) > 0
         final = stack.settle()
     stack.assert_equal_to_engine(final)
     checked = stack.assert_answers_were_true(poller.answers)
     stack.assert_all_healthy()
-    # Unroutable frames were counted by reason (forged "no_topic" included), never stored.
+    # Unroutable frames were counted by reason (forged "no_topic" included), never stored;
+    # each line received its own copy.
     expected = Counter(f.reason for f in [*frames, *forged] if f.ws is WsFate.UNROUTED)
     for reason in reasons:
         got = stack.feed_metric(_UNROUTED, reason=reason) - unrouted_before[reason]
-        assert got == expected[reason], (reason, got, expected[reason])
-    print(f"\nsocket: {len(frames)} malformed ({len(stored)} stored and refused, "
-          f"{sum(expected.values())} unroutable), {len(forged)} forged stale, "
-          f"{len(replayed)} replayed; {checked} answers checked")
+        assert got == expected[reason] * LINES, (reason, got, expected[reason])
+    print(f"\nsocket: {len(frames)} malformed ({len(stored)} refused by the feed, "
+          f"{sum(expected.values())} unroutable), {len(forged)} forged stale "
+          f"({len(contradicting)} refused as conflicts), {len(replayed)} replayed; "
+          f"{checked} answers checked")
 
 
 def test_hostile_entries_written_straight_into_the_stream(stack: ChaosStack) -> None:
@@ -360,11 +387,13 @@ def test_frame_over_the_websocket_max_size(stack: ChaosStack) -> None:
 
 def test_valid_messages_out_of_order_or_duplicated_are_never_refused(
         stack: ChaosStack) -> None:
-    """The exchange's own messages swapped and sent twice (faults reorder and duplicate):
-    gaps and resyncs, never a DLQ entry."""
+    """The exchange's own messages swapped and sent twice (faults reorder and duplicate, on
+    each line independently): the feed's arbitration puts them back in order and writes
+    each once, so the book sees no gap; never a DLQ entry."""
     stack.wait_synced()
     dlq_from = stack.last_id(keys.dlq(SYM))
     gaps = stack.book_metric("kumex_book_gaps_total")
+    duplicates = stack.feed_metric("kumex_feed_arbitration_duplicates_total", symbol=SYM)
     counts = stack.sandbox_counts()
     with BookPoller(stack.book_url) as poller:
         stack.flow(None)
@@ -377,7 +406,9 @@ def test_valid_messages_out_of_order_or_duplicated_are_never_refused(
     after = stack.sandbox_counts()
     assert after["reordered"] > counts["reordered"]
     assert after["duplicated"] > counts["duplicated"]
-    assert stack.book_metric("kumex_book_gaps_total") > gaps
+    assert stack.book_metric("kumex_book_gaps_total") == gaps
+    assert stack.feed_metric("kumex_feed_arbitration_duplicates_total",
+                             symbol=SYM) > duplicates
     assert stack.dlq_after(dlq_from) == []
     stack.assert_all_healthy()
 

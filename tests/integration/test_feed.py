@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import random
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -45,6 +46,7 @@ from starlette.websockets import WebSocketDisconnect
 from kumex_l3 import keys, parse_message, parse_snapshot
 from kumex_l3.backoff import Backoff
 from kumex_l3.devredis import RedisServer
+from kumex_l3.lease import LeaseOwner, acquire
 from kumex_l3.logs import kv, setup_logging
 from kumex_l3.wsclient import (
     PingTimeout,
@@ -54,10 +56,11 @@ from kumex_l3.wsclient import (
     WsOptions,
     level3_topic,
 )
-from services.feed.buffer import FeedBuffer
+from services.feed.buffer import Control, FeedBuffer
+from services.feed.lines import reconnect_delay
 from services.feed.metrics import FeedMetrics
-from services.feed.snapshots import TokenBucket, parse_request
-from services.feed.writer import StreamWriter
+from services.feed.snapshots import Snapshotter, TokenBucket, parse_request, request_payload
+from services.feed.writer import ROLE, StreamWriter
 from services.sandbox.replay import read_capture
 from tests.procs import ServiceProcess, eventually
 from tests.sandbox_proc import SandboxProcess
@@ -81,26 +84,26 @@ async def _xrange(client: redis.asyncio.Redis, key: str) -> list[dict[str, str]]
 
 def test_buffer_bound_and_gap_marker_position() -> None:
     buf = FeedBuffer(3)
-    assert all(buf.put("A", f"a{i}") for i in range(3))
-    assert not buf.put("A", "a3")
-    assert not buf.put("B", "b0")
+    assert all(buf.put("A", i, f"a{i}") for i in range(3))
+    assert not buf.put("A", 3, "a3")
+    assert not buf.put("B", 0, "b0")
     assert buf.dropped == {"A": 1, "B": 1}
     assert buf.data_count == 3
     buf.commit(2)  # Redis took two
-    assert buf.put("A", "a4")  # room again: A's gap marker goes first
+    assert buf.put("A", 4, "a4")  # room again: A's gap marker goes first
     entries = buf.peek(10)
-    assert [e[1] for e in entries[:1]] == ["a2"]
+    assert [e[1] for e in entries[:1]] == [(2, "a2")]
     marker = entries[1][1]
-    assert not isinstance(marker, str)
+    assert isinstance(marker, Control) and marker.fenced
     assert dict(marker.fields) == {"ctl": "gap", "reason": "buffer_overflow", "dropped": "1"}
-    assert entries[2] == ("A", "a4")
+    assert entries[2] == ("A", (4, "a4"))
     assert buf.pending_gaps == {"B": 1}
-    assert buf.put("A", "a5")  # full again: B's marker must wait for room
+    assert buf.put("A", 5, "a5")  # full again: B's marker must wait for room
     assert buf.settle_gaps() == []
     buf.commit(4)  # a2, A's marker, a4, a5
     assert buf.settle_gaps() == ["B"]
     (last,) = buf.peek(10)
-    assert last[0] == "B" and not isinstance(last[1], str)
+    assert last[0] == "B" and isinstance(last[1], Control)
     assert last[1].fields["dropped"] == "1"
 
 
@@ -120,11 +123,14 @@ def test_token_bucket_budget() -> None:
 
 
 def test_snapshot_request_payloads() -> None:
-    assert parse_request(b"0") == 0
-    assert parse_request(b"") == 0
-    assert parse_request(b" 1639148481406 ") == 1639148481406
+    assert parse_request(b"0") == (0, "")
+    assert parse_request(b"") == (0, "")
+    assert parse_request(b" 1639148481406 ") == (1639148481406, "")
+    assert parse_request(b"1639148481406 gap") == (1639148481406, "gap")
+    assert parse_request(request_payload(7, "session")) == (7, "session")
     assert parse_request(b"-5") is None
     assert parse_request("abc") is None
+    assert parse_request("5 two words") is None
 
 
 def test_log_lines_are_one_line_with_fields_and_redacted() -> None:
@@ -175,6 +181,20 @@ def _writer(client: redis.asyncio.Redis, metrics: FeedMetrics | None = None,
     return StreamWriter(client, metrics or FeedMetrics(), **kwargs)
 
 
+_OWNER = LeaseOwner("feed-under-test")
+
+
+async def _fence(writer: StreamWriter, client: redis.asyncio.Redis, *symbols: str) -> None:
+    """Take the writer lease of ``symbols`` (for a minute) and write under it."""
+    for symbol in symbols:
+        assert await acquire(client, symbol, ROLE, _OWNER, 60.0)
+        writer.fence(symbol, _OWNER.to_json())
+
+
+def _append(writer: StreamWriter, symbol: str, seq: int) -> bool:
+    return writer.append(symbol, seq, _frame(symbol, seq))
+
+
 @contextlib.asynccontextmanager
 async def running(writer: StreamWriter) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(writer.run())
@@ -201,8 +221,9 @@ async def test_writer_batches_pipelines_and_keeps_text(redis_client: redis.async
     sent = [_frame("XBTUSDM", 1000 + i) for i in range(1200)]
     metrics = FeedMetrics()
     writer = _writer(redis_client, metrics, batch_size=500)
-    for text in sent:
-        assert writer.append("XBTUSDM", text)
+    await _fence(writer, redis_client, "XBTUSDM")
+    for i, text in enumerate(sent):
+        assert writer.append("XBTUSDM", 1000 + i, text)
     async with running(writer):
         await eventually(lambda: not writer.buffer, "the buffer to drain")
     entries = await _xrange(redis_client, keys.l3_stream("XBTUSDM"))
@@ -210,12 +231,14 @@ async def test_writer_batches_pipelines_and_keeps_text(redis_client: redis.async
     assert writer.pipelines == 3  # 1200 messages, 500 a pipeline
     assert metrics.registry.get_sample_value(
         "kumex_feed_messages_written_total", {"symbol": "XBTUSDM"}) == 1200
+    assert await redis_client.get(keys.stream_head("XBTUSDM")) == b"2199"
 
 
 async def test_writer_trims_streams_approximately(redis_client: redis.asyncio.Redis) -> None:
     writer = _writer(redis_client, maxlen=100, batch_size=1000)
+    await _fence(writer, redis_client, "XBTUSDM")
     for i in range(3000):
-        writer.append("XBTUSDM", _frame("XBTUSDM", i))
+        _append(writer, "XBTUSDM", i)
     async with running(writer):
         await eventually(lambda: not writer.buffer, "the buffer to drain")
     length = await redis_client.xlen(keys.l3_stream("XBTUSDM"))
@@ -225,10 +248,13 @@ async def test_writer_trims_streams_approximately(redis_client: redis.asyncio.Re
 async def test_control_entries_snapshot_and_dead_letters(
         redis_client: redis.asyncio.Redis) -> None:
     writer = _writer(redis_client)
+    await _fence(writer, redis_client, "XBTUSDM")
     snap = b'{"symbol":"XBTUSDM","sequence":41,"ts":1,"asks":[],"bids":[]}'
+    older = b'{"symbol":"XBTUSDM","sequence":40,"ts":1,"asks":[],"bids":[]}'
     writer.control("XBTUSDM", "connected", connectId="cid-1")
-    writer.append("XBTUSDM", _frame("XBTUSDM", 42))
+    _append(writer, "XBTUSDM", 42)
     writer.snapshot("XBTUSDM", snap, 41)
+    writer.snapshot("XBTUSDM", older, 40)  # late: never replaces a newer one
     writer.dead_letter("XBTUSDM", "snapshot: bad", b"\x00raw")
     async with running(writer):
         await eventually(lambda: not writer.buffer, "the buffer to drain")
@@ -251,9 +277,10 @@ async def test_redis_outage_keeps_reader_free_bound_and_records_gap(tmp_path: Pa
         client = _client(server.url)
         writer = _writer(client, metrics, buffer_max=bound, batch_size=20)
         try:
+            await _fence(writer, client, "XBTUSDM", "ETHUSDTM")
             async with running(writer) as task:
                 for seq in range(10):
-                    writer.append("XBTUSDM", _frame("XBTUSDM", seq))
+                    _append(writer, "XBTUSDM", seq)
                 await eventually(lambda: not writer.buffer, "the first messages to be written")
 
                 server.stop()
@@ -262,12 +289,12 @@ async def test_redis_outage_keeps_reader_free_bound_and_records_gap(tmp_path: Pa
                 # retrying meanwhile) and nothing ever holds more than the bound.
                 accepted: list[int] = []
                 for seq in range(10, 310):
-                    if writer.append("XBTUSDM", _frame("XBTUSDM", seq)):
+                    if _append(writer, "XBTUSDM", seq):
                         accepted.append(seq)
                     assert writer.buffer.data_count <= bound
                     if seq % 25 == 0:
                         await asyncio.sleep(0.01)
-                writer.append("ETHUSDTM", _frame("ETHUSDTM", 1))  # full too: dropped
+                _append(writer, "ETHUSDTM", 1)  # full too: dropped
                 assert not task.done()
                 assert accepted == list(range(10, 10 + bound))
                 await eventually(lambda: bool(metrics.registry.get_sample_value(
@@ -277,7 +304,7 @@ async def test_redis_outage_keeps_reader_free_bound_and_records_gap(tmp_path: Pa
                 server.start()  # same port, same append-only data
                 await eventually(lambda: not writer.buffer, "the buffer to drain after recovery")
                 for seq in (310, 311):
-                    writer.append("XBTUSDM", _frame("XBTUSDM", seq))
+                    _append(writer, "XBTUSDM", seq)
                 await eventually(lambda: not writer.buffer, "the last messages")
                 assert not task.done()
                 assert writer.redis_ok.is_set()
@@ -307,9 +334,10 @@ async def test_a_key_redis_refuses_does_not_block_others(
     await redis_client.set(keys.l3_stream("XBTUSDTM"), b"not a stream")
     metrics = FeedMetrics()
     writer = _writer(redis_client, metrics)
+    await _fence(writer, redis_client, "XBTUSDM", "XBTUSDTM")
     for seq in range(5):
-        writer.append("XBTUSDM", _frame("XBTUSDM", seq))
-        writer.append("XBTUSDTM", _frame("XBTUSDTM", seq))
+        _append(writer, "XBTUSDM", seq)
+        _append(writer, "XBTUSDTM", seq)
     async with running(writer) as task:
         await eventually(lambda: not writer.buffer and not writer.buffer.pending_gaps,
                          "the buffer to drain")
@@ -318,6 +346,40 @@ async def test_a_key_redis_refuses_does_not_block_others(
     sample = metrics.registry.get_sample_value
     assert sample("kumex_feed_messages_dropped_total", {"symbol": "XBTUSDTM"}) == 5
     assert (sample("kumex_feed_redis_errors_total", {"op": "write"}) or 0) >= 5
+
+
+async def test_writer_is_fenced_by_the_lease_and_writes_each_sequence_once(
+        redis_client: redis.asyncio.Redis) -> None:
+    """Only the lease holder writes; a sequence at or below the stream head is not written
+    again (a retried batch, a takeover that starts early); a head that cannot be right
+    (far above every frame) does not stop the stream."""
+    metrics = FeedMetrics()
+    fenced: list[str] = []
+    writer = _writer(redis_client, metrics, on_fenced=fenced.append)
+    await _fence(writer, redis_client, "XBTUSDM")
+    for seq in (1, 2, 3, 2, 3, 4):
+        _append(writer, "XBTUSDM", seq)
+    async with running(writer):
+        await eventually(lambda: not writer.buffer, "the buffer to drain")
+        stream = await _xrange(redis_client, keys.l3_stream("XBTUSDM"))
+        assert [json.loads(e["msg"])["data"]["sequence"] for e in stream] == [1, 2, 3, 4]
+        sample = metrics.registry.get_sample_value
+        assert sample("kumex_feed_messages_repeated_total", {"symbol": "XBTUSDM"}) == 2
+        # Another feed takes the lease (ours lapsed while we were paused, say).
+        await redis_client.set(keys.owner("XBTUSDM", ROLE), LeaseOwner("other").to_json())
+        _append(writer, "XBTUSDM", 5)
+        writer.control("XBTUSDM", "disconnected", reason="late")
+        await eventually(lambda: not writer.buffer, "the buffer to drain")
+        assert await redis_client.xlen(keys.l3_stream("XBTUSDM")) == 4
+        assert fenced == ["XBTUSDM"]
+        assert sample("kumex_feed_messages_fenced_total", {"symbol": "XBTUSDM"}) == 2
+        # A head nobody could have written honestly (a wedge) is not obeyed.
+        await redis_client.set(keys.owner("XBTUSDM", ROLE), _OWNER.to_json())
+        await redis_client.set(keys.stream_head("XBTUSDM"), str(2**63 - 1))
+        _append(writer, "XBTUSDM", 6)
+        await eventually(lambda: not writer.buffer, "the buffer to drain")
+        assert await redis_client.get(keys.stream_head("XBTUSDM")) == b"6"
+        assert await redis_client.xlen(keys.l3_stream("XBTUSDM")) == 5
 
 
 # =========================================================================== ws client
@@ -482,6 +544,11 @@ def _metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def _total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    """``name`` summed over every label set."""
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
 async def _entries(client: redis.asyncio.Redis, symbol: str) -> list[dict[str, str]]:
     return await _xrange(client, keys.l3_stream(symbol))
 
@@ -623,11 +690,14 @@ async def test_feed_process_against_the_sandbox(
     # A consumer asks for a snapshot on the pub/sub channel: served within the budget.
     samples = await feed.metrics()
     fetched = _metric(samples, "kumex_feed_snapshots_fetched_total", symbol="XBTUSDM")
+    # The feed's own requests (one at each session start) came through the channel too.
+    asked = _metric(samples, "kumex_feed_snapshot_requests_total", symbol="XBTUSDM")
+    assert asked == 2
     await redis_client.publish(keys.snapshot_requests("XBTUSDM"), b"0")
     await eventually(lambda: _snapshot_count(redis_client, "XBTUSDM", 3),
                      "the requested snapshot")
     samples = await feed.metrics()
-    assert _metric(samples, "kumex_feed_snapshot_requests_total", symbol="XBTUSDM") == 1
+    assert _metric(samples, "kumex_feed_snapshot_requests_total", symbol="XBTUSDM") == asked + 1
     assert _metric(samples, "kumex_feed_snapshots_fetched_total",
                    symbol="XBTUSDM") == fetched + 1
     # Asking for what is already stored is answered without spending budget.
@@ -649,7 +719,7 @@ async def test_feed_process_against_the_sandbox(
         await eventually(lambda s=symbol: _equals(heartbeat_of(s), None), "the heartbeat lapsed")
     log = feed.log_text()
     assert "never-log-this-s3cret" not in log
-    assert " INFO feed connected and subscribed " in log
+    assert " INFO feed line connected and subscribed " in log
     assert " INFO feed snapshot stored " in log
     captured = list(read_capture(capture))
     for symbol in symbols:
@@ -724,3 +794,191 @@ def test_capture_is_replayable_text(tmp_path: Path) -> None:
     cap2.close()
     assert list(read_capture(path)) == ['{"a":1}', '{"b": 2}', '{"c":3}']
     assert math.isfinite(len(path.read_bytes()))
+
+
+# ========================================================= redundancy, fail-over, budget
+
+
+def _feed_env(redis_url: str, sandbox: SandboxProcess, symbols: str = "XBTUSDM",
+              **extra: str) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url,
+            "KUMEX_SYMBOLS": symbols, "FEED_SNAPSHOT_PER_MIN": "0",
+            "FEED_BACKOFF_INITIAL": "0.1", "FEED_BACKOFF_MAX": "0.5", **extra}
+
+
+async def _subscribers(http: httpx.AsyncClient, symbol: str = "XBTUSDM") -> int:
+    subs = (await http.get("/sandbox/state")).json()["hub"]["subscriptions"]
+    return int(subs.get(level3_topic(symbol), 0))
+
+
+async def _stream_sequences(client: redis.asyncio.Redis, symbol: str = "XBTUSDM") -> list[int]:
+    return _sequences(await _entries(client, symbol))
+
+
+async def _settled(http: httpx.AsyncClient, client: redis.asyncio.Redis) -> None:
+    """Faults off, a few more messages, and the stream at the engine's sequence."""
+    await http.post("/sandbox/faults", json={"drop_rate": 0})
+    await _step(http, 20)
+    target = int((await http.get("/sandbox/state")).json()["sequences"]["XBTUSDM"])
+
+    async def caught_up() -> bool:
+        seqs = await _stream_sequences(client)
+        return bool(seqs) and seqs[-1] == target
+
+    await eventually(caught_up, f"the stream at sequence {target}")
+
+
+async def test_two_lines_cover_each_others_drops(
+    sandbox: SandboxProcess, redis_url: str, redis_client: redis.asyncio.Redis,
+    feed_process: Callable[[dict[str, str]], FeedProcess],
+) -> None:
+    """Fault: 5 % of the messages dropped on each connection, independently. The stream
+    misses only what both lines lost (about 0.25 %), and says so in the metrics."""
+    feed = feed_process(_feed_env(redis_url, sandbox, FEED_LINES="2"))
+    async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+        await eventually(lambda: _equals(_subscribers(http), 2), "both lines subscribed")
+        await eventually(feed.ready, "the feed to be ready")
+        start = int((await http.get("/sandbox/state")).json()["sequences"]["XBTUSDM"])
+        await http.post("/sandbox/faults", json={"drop_rate": 0.05})
+        for _ in range(8):
+            await _step(http, 500)
+        await _settled(http, redis_client)
+        dropped = (await http.get("/sandbox/state")).json()["faults"]["counts"]["dropped"]
+    seqs = [s for s in await _stream_sequences(redis_client) if s > start]
+    assert seqs == sorted(set(seqs)), "each sequence written once, in order"
+    missing = (seqs[-1] - start) - len(seqs)
+    samples = await feed.metrics()
+    lost = _metric(samples, "kumex_feed_arbitration_lost_total", symbol="XBTUSDM")
+    covered = _total(samples, "kumex_feed_line_covered_total")
+    assert dropped > 100
+    assert missing == lost, "every message missing from the stream is a declared loss"
+    assert missing < dropped / 10, (missing, dropped)
+    assert covered >= (dropped - 2 * missing) * 0.9, (covered, dropped)
+    print(f"\n{dropped} drops on the two connections, {missing} messages missing from the "
+          f"stream, {covered:g} covered by the other line")
+
+
+async def _writer_id(client: redis.asyncio.Redis, symbol: str = "XBTUSDM") -> str | None:
+    raw = await client.get(keys.owner(symbol, ROLE))
+    return None if raw is None else LeaseOwner.from_json(raw).id
+
+
+async def test_kill_9_of_the_writing_feed_costs_no_gap(
+    sandbox: SandboxProcess, redis_url: str, redis_client: redis.asyncio.Redis,
+    feed_process: Callable[[dict[str, str]], FeedProcess],
+) -> None:
+    """Two feeds: one writes, the other stands by with the same messages in memory. The
+    writer is killed mid-flow: the standby takes over from the stream's last sequence
+    and the stream has no hole and no sequence twice."""
+    writer = feed_process(_feed_env(redis_url, sandbox, FEED_ID="feed-a",
+                                    FEED_LEASE_TTL_SECONDS="1"))
+    await eventually(lambda: _equals(_writer_id(redis_client), "feed-a"), "feed-a writing")
+    standby = feed_process(_feed_env(redis_url, sandbox, FEED_ID="feed-b",
+                                     FEED_LEASE_TTL_SECONDS="1"))
+    async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+        await eventually(lambda: _equals(_subscribers(http), 4), "both feeds' lines")
+        await eventually(standby.ready, "the standby to be ready")
+        start = int((await http.get("/sandbox/state")).json()["sequences"]["XBTUSDM"])
+        await http.post("/sandbox/flow/resume", json={"rate": 300})
+        await eventually(lambda: _longer(_stream_sequences(redis_client), 200),
+                         "the flow in the stream")
+        writer.kill()
+        await eventually(lambda: _equals(_writer_id(redis_client), "feed-b"),
+                         "feed-b taking over")
+        head = (await _stream_sequences(redis_client))[-1]
+        await eventually(lambda: _past(_stream_sequences(redis_client), head + 300),
+                         "the flow after the takeover")
+        await http.post("/sandbox/flow/pause")
+        await _settled(http, redis_client)
+    seqs = [s for s in await _stream_sequences(redis_client) if s > start]
+    assert seqs == list(range(start + 1, start + 1 + len(seqs))), "no hole, nothing twice"
+    samples = await standby.metrics()
+    assert _metric(samples, "kumex_feed_takeovers_total", symbol="XBTUSDM") == 1
+    assert _metric(samples, "kumex_feed_writer", symbol="XBTUSDM") == 1
+    log = standby.log_text()
+    assert "writing the stream" in log and "took over with a gap" not in log
+
+
+async def _longer(value: Awaitable[list[int]], count: int) -> bool:
+    return len(await value) >= count
+
+
+async def _past(value: Awaitable[list[int]], sequence: int) -> bool:
+    seqs = await value
+    return bool(seqs) and seqs[-1] >= sequence
+
+
+async def test_a_429_waits_for_the_venues_retry_after_not_a_whole_budget(
+    sandbox: SandboxProcess, redis_client: redis.asyncio.Redis,
+) -> None:
+    """At 1 snapshot a minute, a 429 "retry after 1 s" is retried 1 s later: the token
+    was never spent at the venue. (The budget then holds: the next symbol waits.)"""
+    clock = [1000.0]
+    metrics = FeedMetrics()
+    writer = _writer(redis_client, metrics)
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        snaps = Snapshotter(http, sandbox.base_url, ["XBTUSDM", "XBTUSDTM"], writer, metrics,
+                            per_min=1.0, backoff=lambda: Backoff(0.1, 2.0, 1.0, seed=1),
+                            clock=lambda: clock[0], active=True)
+        snaps.request("XBTUSDM", 0, "test")
+        (await http.post(f"{sandbox.base_url}/sandbox/rest-error",
+                         json={"status": 429, "seconds": 1})).raise_for_status()
+        request, wait = snaps.queue.next(clock[0])
+        assert request is not None and wait == 0.0
+        await snaps._fetch(request)
+        assert _labelled(metrics, "kumex_feed_snapshots_refused_total",
+                         symbol="XBTUSDM", reason="rate_limited") == 1
+        clock[0] += 0.5
+        assert snaps.queue.next(clock[0])[1] == pytest.approx(0.5)  # Retry-After: 1
+        await asyncio.sleep(1.1)  # the venue's window ends
+        clock[0] += 0.6
+        request, wait = snaps.queue.next(clock[0])
+        assert request is not None and request.symbol == "XBTUSDM"
+        assert wait == 0.0, "a 429 must not cost a whole budget period"
+        await snaps._fetch(request)
+        assert snaps.stored.get("XBTUSDM") is not None and "XBTUSDM" not in snaps.queue
+        snaps.request("XBTUSDTM", 0, "test")
+        assert snaps.queue.next(clock[0])[1] == pytest.approx(60.0, abs=1.0)
+
+
+def _labelled(metrics: FeedMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_venue_that_drops_every_socket_is_reconnected_at_once(
+    sandbox: SandboxProcess, redis_url: str,
+    feed_process: Callable[[dict[str, str]], FeedProcess],
+) -> None:
+    """Fault: every connection is cut after 0.4-0.8 s. Each session delivered data, so the
+    backoff never grows: every reconnection is at once (a jitter under 0.25 s), although
+    FEED_BACKOFF_INITIAL is 1 s."""
+    async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+        await http.post("/sandbox/flow/resume", json={"rate": 50})
+        feed = feed_process(_feed_env(redis_url, sandbox, FEED_LINES="1",
+                                      FEED_BACKOFF_INITIAL="1", FEED_BACKOFF_MAX="30"))
+        await eventually(feed.ready, "the feed to be ready")
+        await http.post("/sandbox/faults", json={"disconnect_every_s": 0.4,
+                                                 "disconnect_every_max_s": 0.8})
+
+        async def reconnected(times: int) -> bool:
+            samples = await feed.metrics()
+            return _metric(samples, "kumex_feed_reconnects_total") >= times
+
+        await eventually(lambda: reconnected(6), "six reconnections")
+        await http.post("/sandbox/faults", json={"disconnect_every_s": 0})
+        await http.post("/sandbox/flow/pause")
+    delays = [float(line.split("retry_in=")[1].split("s")[0])
+              for line in feed.log_text().splitlines()
+              if "exchange connection ended; reconnecting" in line]
+    assert len(delays) >= 6
+    assert max(delays) <= 0.25, delays
+
+
+def test_reconnect_delay_resets_after_a_healthy_session() -> None:
+    rng = random.Random(3)
+    backoff = Backoff(1.0, 2.0, 30.0, seed=3)
+    failing = [reconnect_delay(backoff, healthy=False, rng=rng) for _ in range(5)]
+    assert failing == sorted(failing) and failing[-1] > 4.0  # grows while attempts fail
+    healthy = [reconnect_delay(backoff, healthy=True, rng=rng) for _ in range(20)]
+    assert max(healthy) <= 0.25 and backoff.attempts == 0
+    assert reconnect_delay(backoff, healthy=False, rng=rng) <= 1.0  # starts small again
