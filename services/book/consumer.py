@@ -70,6 +70,8 @@ _TOP_HEARTBEAT: Final = 1.0
 _LAG_INTERVAL: Final = 1.0
 #: How often the user's own order ids are re-read for the WebSocket body.
 _OWN_INTERVAL: Final = 1.0
+#: How often the feed's snapshot schedule is read while the book waits for a snapshot.
+_DUE_INTERVAL: Final = 1.0
 _SCAN_CHUNK: Final = 1000
 _CACHE_MAX: Final = 256
 #: Apply delays observed per batch at most: a bigger batch is sampled systematically.
@@ -108,6 +110,20 @@ def _heartbeat_connection(raw: Any) -> str | None:
         return None
     connection = value.get("connectId") if isinstance(value, dict) else None
     return connection if isinstance(connection, str) and connection else None
+
+
+def _due_of(raw: Any) -> dict[str, Any] | None:
+    """The feed's snapshot schedule of a symbol (:func:`kumex_l3.keys.snapshot_due`)."""
+    if raw is None:
+        return None
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(value, dict) or not all(
+            isinstance(value.get(k), int) for k in ("dueInMs", "at", "position", "queued")):
+        return None
+    return value
 
 
 def peek_snapshot_sequence(raw: bytes | str) -> int | None:
@@ -199,6 +215,12 @@ class SymbolConsumer:
         #: Exchange orderIds of the user's own active orders (from the order monitor's keys).
         self.own_ids: frozenset[str] = frozenset()
         self._own_at = float("-inf")
+        #: Whether the book has been served at least once, and since when it is not.
+        self.served_once = False
+        self.unserved_since: float | None = clock()
+        #: The feed's snapshot schedule for this symbol while the book waits for one.
+        self._due: dict[str, Any] | None = None
+        self._due_at = float("-inf")
         metrics.synced.labels(symbol).set(0)
 
     # ------------------------------------------------------------------ serving
@@ -219,6 +241,11 @@ class SymbolConsumer:
         """Set (and replaced) at the next change of :attr:`version` or of ``serving``."""
         return self._changed
 
+    def unserved_for(self, now: float) -> float:
+        """Seconds since the book was last served (0 while it is)."""
+        since = self.unserved_since
+        return 0.0 if since is None else max(0.0, now - since)
+
     def detail(self) -> str:
         """Why the book is not served, for a 503."""
         if not self.active:
@@ -227,7 +254,22 @@ class SymbolConsumer:
             return f"{self.symbol} book may be stale: {self.sync.stale_reason}"
         if self.sync.synced and not self.caught_up:
             return f"{self.symbol} book is catching up with the stream"
-        return f"{self.symbol} book is not synced ({self.reason or self.sync.state.value})"
+        return (f"{self.symbol} book is not synced ({self.reason or self.sync.state.value}); "
+                + self._due_text())
+
+    def _due_text(self) -> str:
+        """When the feed expects to fetch the snapshot this book waits for."""
+        due = self._due
+        if due is None:
+            return "no snapshot of it is queued at the feed yet"
+        left = max(0, int(due.get("dueInMs", 0)) - (_now_ms() - int(due.get("at", 0))))
+        at = time.strftime("%H:%M:%S", time.gmtime((_now_ms() + left) / 1000))
+        position, queued = int(due.get("position", 0)), int(due.get("queued", 1))
+        budget = due.get("perMin")
+        limit = f"; the venue allows {budget:g} a minute" if isinstance(
+            budget, int | float) and budget > 0 else ""
+        return (f"the feed's next snapshot of it is due in {left / 1000:.0f} s (at {at} UTC, "
+                f"{position + 1} of {queued} in the queue{limit})")
 
     def book_body(self, depth: int) -> bytes:
         """``GET /book`` JSON at ``depth`` (call only while :attr:`serving`)."""
@@ -618,6 +660,9 @@ class SymbolConsumer:
         sync = self.sync
         if self._pending_dlq:  # left over by a failed write
             await self._flush_dlq()
+        if not sync.synced and now - self._due_at >= _DUE_INTERVAL:
+            self._due_at = now
+            self._due = _due_of(await self._redis.get(keys.snapshot_due(self.symbol)))
         if not sync.synced and now - self._request_at >= self._settings.snapshot_retry_seconds:
             needed = sync.needed_sequence
             if needed is not None:
@@ -726,5 +771,10 @@ class SymbolConsumer:
         self._notify()
 
     def _notify(self) -> None:
+        if self.serving:
+            self.served_once = True
+            self.unserved_since = None
+        elif self.unserved_since is None:
+            self.unserved_since = self._clock()
         event, self._changed = self._changed, asyncio.Event()
         event.set()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import redis.asyncio
@@ -87,12 +88,32 @@ class BookService:
         return await read_owner(self.redis, symbol, ROLE)
 
     def ready(self) -> tuple[bool, str]:
-        """Ready when a lease round went through and every owned book is served."""
+        """Ready when a lease round went through and every owned book has been served, and
+        none has gone unserved for longer than ``BOOK_READY_MAX_UNSERVED_SECONDS`` since.
+
+        A resync of a few seconds keeps the replica ready (it still serves its
+        other books and proxies); a book wedged for longer makes it not ready.
+        """
         if self.leases.rounds == 0:
             return False, "leases not taken yet"
-        waiting = [s for s in self.owned if not ((c := self.local(s)) and c.serving)]
-        if waiting:
-            return False, "not synced: " + ",".join(waiting)
+        now = time.monotonic()
+        bound = self.settings.ready_max_unserved_seconds
+        never: list[str] = []
+        stuck: list[str] = []
+        resyncing: list[str] = []
+        for symbol in self.owned:
+            consumer = self.local(symbol)
+            if consumer is None or not consumer.served_once:
+                never.append(symbol)
+            elif not consumer.serving:
+                waited = consumer.unserved_for(now)
+                (stuck if waited > bound else resyncing).append(f"{symbol} ({waited:.0f} s)")
+        if never:
+            return False, "not synced yet: " + ",".join(never)
+        if stuck:
+            return False, f"not served for more than {bound:g} s: " + ", ".join(stuck)
+        if resyncing:
+            return True, "ok; resyncing: " + ", ".join(resyncing)
         return True, "ok"
 
     async def books(self) -> list[dict[str, Any]]:

@@ -65,6 +65,9 @@ class BookSettings(CommonSettings):
     #: often; once it has lapsed the book is not served until shown current. 0 turns the
     #: check off (a stream written by something other than the feed).
     feed_check_seconds: float = Field(1.0, ge=0)
+    #: ``/readyz`` turns false when an owned book that was served has not been for longer
+    #: than this (a wedged book); a shorter resync keeps the replica ready.
+    ready_max_unserved_seconds: float = Field(60.0, gt=0)
     #: Timeout of a request proxied to the owning replica.
     proxy_timeout_seconds: float = Field(5.0, gt=0)
 
