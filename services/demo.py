@@ -14,7 +14,10 @@ differences from ``docker compose up`` are the ones a single machine imposes:
   ``127.0.0.1``, wildcard binds become ``127.0.0.1``, and ``python`` is this
   virtual environment's interpreter;
 * ``--port-offset N`` moves every service port by N (when the defaults are
-  taken on this machine).
+  taken on this machine);
+* a service with ``deploy.replicas: n`` runs ``n`` processes (``feed``,
+  ``feed-2``...); the k-th copy's ports move by ``100 * (k - 1)`` so that they
+  do not collide on one machine (in compose each copy has its own container).
 
 Profiles: ``COMPOSE_PROFILES`` as compose reads it; the demo turns the
 ``sandbox`` profile on when it is not set. Ctrl-C (or SIGTERM) stops the
@@ -47,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 _VAR = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
 _HEALTH_TIMEOUT_S = 90.0
+#: Port step between the copies of a replicated service.
+_REPLICA_PORT_STEP = 100
 
 
 def interpolate(text: str, env: Mapping[str, str]) -> str:
@@ -120,9 +125,16 @@ def load_services(compose: Mapping[str, Any], env: Mapping[str, str], profiles: 
                            lambda m: m.group(1) + str(int(m.group(2)) + port_offset), value)
         return value
 
-    out: dict[str, DemoService] = {}
-    for name in active:
-        spec = services[name]
+    def one(name: str, spec: Mapping[str, Any], copy: int) -> DemoService:
+        shift = port_offset + _REPLICA_PORT_STEP * copy
+
+        def here(value: str) -> str:
+            value = host_re.sub("//127.0.0.1", value)
+            if shift:
+                value = re.sub(r"(127\.0\.0\.1:)(\d+)",
+                               lambda m: m.group(1) + str(int(m.group(2)) + shift), value)
+            return value
+
         environment: dict[str, str] = {}
         for key, raw in (spec.get("environment") or {}).items():
             value = interpolate(str(raw), env)
@@ -131,7 +143,7 @@ def load_services(compose: Mapping[str, Any], env: Mapping[str, str], profiles: 
             elif key.endswith("_HOST") and value == "0.0.0.0":
                 value = "127.0.0.1"
             elif key.endswith("_PORT") and value.isdigit():
-                value = str(int(value) + port_offset)
+                value = str(int(value) + shift)
             else:
                 value = local(value)
             environment[key] = value
@@ -141,21 +153,29 @@ def load_services(compose: Mapping[str, Any], env: Mapping[str, str], profiles: 
         health = spec.get("healthcheck", {}).get("test")
         check = None
         if isinstance(health, list) and health and health[0] in ("CMD", "CMD-SHELL"):
-            check = [local(interpolate(str(p), env)) for p in health[1:]]
+            check = [here(interpolate(str(p), env)) for p in health[1:]]
             if check and check[0] == "python":
                 check[0] = sys.executable
         deps = [d for d in _depends(spec.get("depends_on")) if d in active]
-        out[name] = DemoService(name, command, environment, check, deps)
+        label = name if copy == 0 else f"{name}-{copy + 1}"
+        return DemoService(label, command, environment, check, deps)
+
+    out: dict[str, list[DemoService]] = {}
+    for name in active:
+        spec = services[name]
+        replicas = (spec.get("deploy") or {}).get("replicas", 1)
+        count = int(interpolate(str(replicas), env)) if str(replicas).strip() else 1
+        out[name] = [one(name, spec, copy) for copy in range(max(1, count))]
 
     ordered: list[DemoService] = []
     placed: set[str] = set()
-    while len(ordered) < len(out):
-        ready = sorted(n for n, s in out.items()
-                       if n not in placed and all(d in placed for d in s.depends_on))
+    while len(placed) < len(out):
+        ready = sorted(n for n, copies in out.items()
+                       if n not in placed and all(d in placed for d in copies[0].depends_on))
         if not ready:
             raise SystemExit("docker-compose.yml: depends_on has a cycle")
         for name in ready:
-            ordered.append(out[name])
+            ordered.extend(out[name])
             placed.add(name)
     return ordered
 
