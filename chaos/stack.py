@@ -70,6 +70,7 @@ __all__ = [
     "StackConfig",
     "Sweeper",
     "rss_kb",
+    "verify_answers",
 ]
 
 SYM: Final = "XBTUSDM"
@@ -163,28 +164,36 @@ class Poller(threading.Thread):
     """Reads ``GET /book/SYM?depth=1000`` all along; keeps (status, sequence, digest, empty).
 
     Bounded: at most ``max_answers`` answers, at most one every ``interval`` s.
+    With ``timed``, :attr:`times` holds when each answer came (``time.monotonic()``)
+    and :attr:`details` the ``detail`` of each answer that was not a 200.
     """
 
     def __init__(self, url: Callable[[], str], *, interval: float = 0.05,
-                 max_answers: int = 200_000) -> None:
-        super().__init__(daemon=True, name="chaos-book-poller")
+                 max_answers: int = 200_000, symbol: str = SYM, timed: bool = False) -> None:
+        super().__init__(daemon=True, name=f"chaos-book-poller-{symbol}")
         self.url = url
+        self.symbol = symbol
         self.interval = interval
         self.max_answers = max_answers
+        self.timed = timed
         self.halt = threading.Event()
         #: (HTTP status, sequence, digest of bids+asks, both sides empty)
         self.answers: list[tuple[int, int, str, bool]] = []
+        self.times: list[float] = []
+        self.details: list[tuple[float, str]] = []
         self.unreachable = 0
 
     def run(self) -> None:
         with httpx.Client(timeout=5) as http:
             while not self.halt.is_set() and len(self.answers) < self.max_answers:
                 try:
-                    r = http.get(f"{self.url()}/book/{SYM}", params={"depth": DEPTH})
+                    r = http.get(f"{self.url()}/book/{self.symbol}", params={"depth": DEPTH})
                 except httpx.HTTPError:
                     self.unreachable += 1  # killed, restarting
                     self.halt.wait(self.interval)
                     continue
+                if self.timed:
+                    self.times.append(time.monotonic())
                 if r.status_code == 200:
                     body = r.json()
                     self.answers.append((200, int(body["sequence"]),
@@ -192,6 +201,10 @@ class Poller(threading.Thread):
                                          not body["bids"] and not body["asks"]))
                 else:
                     self.answers.append((r.status_code, -1, "", False))
+                    if self.timed:
+                        with contextlib.suppress(ValueError):
+                            self.details.append((self.times[-1],
+                                                 str(r.json().get("detail", ""))))
                 self.halt.wait(self.interval)
 
     def stop(self) -> None:
@@ -806,57 +819,12 @@ class Stack:
 
     def verify_answers(self, since: int = 0) -> Check:
         """Every 200 the poller got (from answer ``since`` on) equals the journal's book
-        at its sequence.
-
-        Also counted as violations: a 200 with an empty book while the true
-        book was not empty (a silent empty book), answers at sequences the
-        engine never had, and statuses other than 200 and 503.
-        """
-        check = Check("every GET /book 200 = journal at its sequence")
-        poller = self.poller
-        if poller is None:
-            return check
-        answers = poller.answers[since:]
-        by_seq: dict[int, list[tuple[str, bool]]] = {}
-        for status, seq, digest, empty in answers:
-            if status == 200:
-                by_seq.setdefault(seq, []).append((digest, empty))
-        for status, _, _, _ in answers:
-            if status not in (200, 503):
-                check.fail(f"an answer with HTTP {status}")
-        truth = OrderBook(SYM, sequence=self.config.start_sequence)
+        at its sequence (:func:`verify_answers`)."""
+        if self.poller is None:
+            return Check("every GET /book 200 = journal at its sequence")
         assert self.http is not None
-        after = self.config.start_sequence
-        first = True
-        while by_seq:
-            page = self.http.get(f"/sandbox/journal/{SYM}",
-                                 params={"after": after, "limit": 100_000}).json()
-            if first and page["first"] is not None and page["first"] > after + 1:
-                check.fail(f"the journal starts at {page['first']}: raise journal_size")
-                return check
-            first = False
-            texts = page["messages"]
-            if not texts:
-                break
-            for text in texts:
-                truth.apply(parse_message(text))
-                got = by_seq.pop(truth.sequence, None)
-                if got is None:
-                    continue
-                bids, asks = truth.depth_rows(DEPTH)
-                want = _digest(bids, asks)
-                true_empty = not bids and not asks
-                for digest, empty in got:
-                    if empty and not true_empty:
-                        check.fail(f"an empty book served at sequence {truth.sequence}")
-                    else:
-                        check.expect(digest == want,
-                                     f"a wrong book served at sequence {truth.sequence}")
-            after = truth.sequence
-        if by_seq:
-            check.fail(f"{len(by_seq)} answers at sequences the engine never had: "
-                       f"{sorted(by_seq)[:5]}")
-        return check
+        return verify_answers(self.http, SYM, self.config.start_sequence,
+                              self.poller.answers[since:])
 
     def answer_counts(self, since: int = 0) -> dict[str, int]:
         """How the book answered (from answer ``since`` on): 200, 503, empty 200."""
@@ -869,6 +837,56 @@ class Stack:
         empty = sum(1 for a in answers if a[0] == 200 and a[3])
         return {"200": ok, "503": unavailable, "other": len(answers) - ok - unavailable,
                 "empty 200": empty}
+
+
+def verify_answers(http: httpx.Client, symbol: str, start_sequence: int,
+                   answers: list[tuple[int, int, str, bool]]) -> Check:
+    """Every 200 of ``answers`` (a :class:`Poller`'s) equals the book rebuilt from the
+    sandbox's journal of ``symbol`` (read through ``http``) at its sequence.
+
+    Also counted as violations: a 200 with an empty book while the true book was
+    not empty (a silent empty book), answers at sequences the engine never had,
+    and statuses other than 200 and 503.
+    """
+    check = Check(f"every GET /book/{symbol} 200 = journal at its sequence")
+    by_seq: dict[int, list[tuple[str, bool]]] = {}
+    for status, seq, digest, empty in answers:
+        if status == 200:
+            by_seq.setdefault(seq, []).append((digest, empty))
+        elif status != 503:
+            check.fail(f"an answer with HTTP {status}")
+    truth = OrderBook(symbol, sequence=start_sequence)
+    after = start_sequence
+    first = True
+    while by_seq:
+        page = http.get(f"/sandbox/journal/{symbol}",
+                        params={"after": after, "limit": 100_000}).json()
+        if first and page["first"] is not None and page["first"] > after + 1:
+            check.fail(f"the journal starts at {page['first']}: raise journal_size")
+            return check
+        first = False
+        texts = page["messages"]
+        if not texts:
+            break
+        for text in texts:
+            truth.apply(parse_message(text))
+            got = by_seq.pop(truth.sequence, None)
+            if got is None:
+                continue
+            bids, asks = truth.depth_rows(DEPTH)
+            want = _digest(bids, asks)
+            true_empty = not bids and not asks
+            for digest, empty in got:
+                if empty and not true_empty:
+                    check.fail(f"an empty book served at sequence {truth.sequence}")
+                else:
+                    check.expect(digest == want,
+                                 f"a wrong book served at sequence {truth.sequence}")
+        after = truth.sequence
+    if by_seq:
+        check.fail(f"{len(by_seq)} answers at sequences the engine never had: "
+                   f"{sorted(by_seq)[:5]}")
+    return check
 
 
 #: A finished hash written this long after the oldest done order the sandbox still
