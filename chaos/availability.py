@@ -425,10 +425,10 @@ def outage(config: AvailabilityConfig | None = None, *, seconds: float = 5.0,
                 continue
             order.append((returned - cut, symbol))
             waiting = [d for t, d in poller.details if t >= cut and "not synced" in d]
-            named.expect(bool(waiting) and all("due in" in d or "no snapshot of it is queued"
+            named.expect(bool(waiting) and all("is due" in d or "no snapshot of it is queued"
                                                 in d for d in waiting),
                          f"{symbol}: 503 details {waiting[:2]}")
-            named.expect(any("due in" in d for d in waiting),
+            named.expect(any("is due" in d for d in waiting),
                          f"{symbol}: no 503 said when the snapshot is due")
         order.sort()
         for rank, (took, symbol) in enumerate(order):

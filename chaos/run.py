@@ -14,7 +14,14 @@ Runs, in order (``--only`` picks some):
   ``--atheris-seconds`` (60; not with ``--quick``) when atheris is installed
   (``pip install -e '.[fuzz]'``); a crash it finds is a violation;
 * ``soak``: ~5,000 messages a second through the whole set for
-  ``--soak-minutes`` (10; none with ``--quick``), checked against the journal.
+  ``--soak-minutes`` (10; none with ``--quick``), checked against the journal;
+* ``availability``: three symbols at the real venue's limits (1 snapshot a
+  minute, every connection cut after 30-60 s, 0.1 % dropped per connection),
+  two feeds with two lines each, kill -9 of the writing feed, for
+  ``--availability-minutes`` (10; not with ``--quick``): each symbol must
+  answer 200 in 99.9 % of its seconds (:mod:`chaos.availability`);
+* ``outage``: a venue-wide outage of 5 s at 1 snapshot a minute: every symbol
+  back in the order the scheduler announced (not with ``--quick``).
 
 ``--quick`` is the CI-sized set (what ``tests/chaos/test_crash_restart.py``
 and ``test_network_faults.py`` run). Prints each scenario's report as it
@@ -43,7 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from chaos import scenarios
+from chaos import availability, scenarios
 from chaos.scenarios import FULL, QUICK, Outcome
 from chaos.stack import Check
 
@@ -52,7 +59,7 @@ __all__ = ["main", "table"]
 ROOT: Final = Path(__file__).resolve().parent.parent
 #: The test files that run the scenarios of this package (not run again through pytest).
 _OWN_TESTS: Final = ("tests/chaos/test_crash_restart.py", "tests/chaos/test_network_faults.py")
-_PARTS: Final = ("crash", "network", "pytest", "atheris", "soak")
+_PARTS: Final = ("crash", "network", "pytest", "atheris", "soak", "availability", "outage")
 _ATHERIS_SCRIPT: Final = "tests/chaos/fuzz_parser_atheris.py"
 _FAULT_WIDTH: Final = 58
 _NAME_WIDTH: Final = 34
@@ -184,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "the tests' own with --quick)")
     parser.add_argument("--atheris-seconds", type=int, default=60,
                         help="length of the atheris run (not run with --quick)")
+    parser.add_argument("--availability-minutes", type=float, default=10.0,
+                        help="length of the availability run (not run with --quick)")
     parser.add_argument("--only", default=",".join(_PARTS),
                         help=f"comma-separated parts among {','.join(_PARTS)}")
     parser.add_argument("--json", type=Path, default=None, help="write the outcomes here")
@@ -213,6 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes.append(outcome)
     if "soak" in parts and soak_minutes > 0:
         outcome = scenarios.soak(soak_minutes, rate=args.soak_rate)
+        _print(outcome)
+        outcomes.append(outcome)
+    if "availability" in parts and not args.quick and args.availability_minutes > 0:
+        outcome, _ = availability.availability(availability.AvailabilityConfig(
+            minutes=args.availability_minutes))
+        _print(outcome)
+        outcomes.append(outcome)
+    if "outage" in parts and not args.quick:
+        outcome = availability.outage()
         _print(outcome)
         outcomes.append(outcome)
     print(table(outcomes))

@@ -268,7 +268,8 @@ class SymbolConsumer:
         budget = due.get("perMin")
         limit = f"; the venue allows {budget:g} a minute" if isinstance(
             budget, int | float) and budget > 0 else ""
-        return (f"the feed's next snapshot of it is due in {left / 1000:.0f} s (at {at} UTC, "
+        when = f"due in {left / 1000:.0f} s" if left >= 1000 else "due now"
+        return (f"the feed's next snapshot of it is {when} (at {at} UTC, "
                 f"{position + 1} of {queued} in the queue{limit})")
 
     def book_body(self, depth: int) -> bytes:

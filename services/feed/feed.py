@@ -592,7 +592,8 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
         welcome_timeout=settings.welcome_timeout,
         subscribe_timeout=settings.subscribe_timeout, compression=settings.ws_compression))
     snapshots = Snapshotter(http, settings.base_url, settings.symbols, writer, metrics,
-                            per_min=settings.snapshot_per_min, backoff=new_backoff)
+                            per_min=settings.snapshot_per_min, backoff=new_backoff,
+                            burst=settings.snapshot_burst)
     capture = Capture(settings.capture, metrics) if settings.capture is not None else None
     try:
         async with asyncio.timeout(settings.redis_timeout):

@@ -48,6 +48,7 @@ metric                                                     what
                                                            copy that filled it (histogram:
                                                            what ``FEED_ARBITRATION_WAIT_MS``
                                                            must cover)
+``kumex_feed_arbitration_fill_max_seconds``                the longest of those waits
 ``kumex_feed_writer{symbol}``                              1 while this feed writes it
 ``kumex_feed_takeovers_total{symbol}``                     times this feed became its writer
 ``kumex_feed_takeover_backlog_total{symbol}``              messages written from memory at
@@ -195,7 +196,7 @@ class LineCollector(Collector):
                           ("duplicates", "Copies dropped"),
                           ("refused", "Implausible sequences refused"))}
         buckets = [0] * (len(FILL_BUCKETS) + 1)
-        fill_sum = 0.0
+        fill_sum = fill_max = 0.0
         for symbol, arbiter, _ in self._arbiters():
             stats = arbiter.stats
             for name in totals:
@@ -211,6 +212,7 @@ class LineCollector(Collector):
             for i, count in enumerate(stats.fill_buckets):
                 buckets[i] += count
             fill_sum += stats.fill_seconds
+            fill_max = max(fill_max, stats.fill_max)
         for name, family in per_line.items():
             for i, value in enumerate(totals[name]):
                 family.add_metric([str(i)], value)
@@ -223,3 +225,6 @@ class LineCollector(Collector):
         yield HistogramMetricFamily("kumex_feed_arbitration_fill_seconds", "How long a hole "
                                     "waited for the copy that filled it",
                                     buckets=cumulative, sum_value=fill_sum)
+        yield GaugeMetricFamily("kumex_feed_arbitration_fill_max_seconds", "The longest a "
+                                "hole waited for the copy that filled it",
+                                value=fill_max)

@@ -110,8 +110,8 @@ class Request:
 class SnapshotQueue:
     """Pending snapshot requests of every symbol and the shared budget (module doc)."""
 
-    def __init__(self, per_min: float, now: float) -> None:
-        self.bucket = TokenBucket(per_min, now)
+    def __init__(self, per_min: float, now: float, burst: float | None = None) -> None:
+        self.bucket = TokenBucket(per_min, now, burst)
         self._requests: dict[str, Request] = {}
         #: No fetch before this time (the venue's ``Retry-After``, or a backoff).
         self.not_before = now

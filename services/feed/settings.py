@@ -28,6 +28,9 @@ variable                        default   meaning
 ``FEED_SNAPSHOT_PER_MIN``       1         L3 snapshot budget a minute, for all symbols
                                           together (the real venue's limit per IP);
                                           0 = unlimited
+``FEED_SNAPSHOT_BURST``         (auto)    snapshots that may be fetched back to back after
+                                          a quiet while (default: the budget a minute,
+                                          at least 1)
 ``FEED_BACKOFF_INITIAL``        1.0       first reconnect/retry delay, seconds
 ``FEED_BACKOFF_FACTOR``         2.0       growth of the delay per failed attempt
 ``FEED_BACKOFF_MAX``            30.0      largest delay, seconds
@@ -73,6 +76,7 @@ class FeedSettings(CommonSettings):
     batch_size: int = Field(500, gt=0, le=100_000)
     buffer_max: int = Field(100_000, gt=0)
     snapshot_per_min: float = Field(1.0, ge=0)
+    snapshot_burst: float | None = Field(None, ge=1)
     backoff_initial: float = Field(1.0, gt=0)
     backoff_factor: float = Field(2.0, ge=1)
     backoff_max: float = Field(30.0, gt=0)

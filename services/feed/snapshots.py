@@ -131,6 +131,7 @@ class Snapshotter:
         backoff: Callable[[], Backoff],
         clock: Callable[[], float] = time.monotonic,
         active: bool = False,
+        burst: float | None = None,
     ) -> None:
         self._http = http
         self._url = base_url.rstrip("/") + SNAPSHOT_PATH
@@ -138,7 +139,7 @@ class Snapshotter:
         self._writer = writer
         self._metrics = metrics
         self._clock = clock
-        self.queue = SnapshotQueue(per_min, clock())
+        self.queue = SnapshotQueue(per_min, clock(), burst)
         self._backoff = backoff()
         self._new_backoff = backoff
         self._wake = asyncio.Event()

@@ -73,7 +73,7 @@ class FaultState:
     reorder_rate: float = 0.0
     #: Delay added before WebSocket delivery of every message, in milliseconds.
     delay_ms: float = 0.0
-    #: Up to this much more delay, drawn per connection and message (order kept).
+    #: Up to this much more delay, drawn once per connection (its own path's latency).
     delay_jitter_ms: float = 0.0
     #: Close each WebSocket connection after a lifetime of at least this many seconds,
     #: drawn per connection (0 = never).

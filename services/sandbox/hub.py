@@ -110,7 +110,7 @@ class _Client:
     """One connected socket: its subscriptions, outgoing queue, faults and close request."""
 
     __slots__ = ("close_code", "close_reason", "closing", "connect_id", "cut_at", "filter",
-                 "last_due", "ping_deadline", "queue", "rng", "symbols", "wakeup")
+                 "latency", "ping_deadline", "queue", "rng", "symbols", "wakeup")
 
     def __init__(self, connect_id: str, ping_deadline: float, faults: FaultState,
                  seed: int) -> None:
@@ -118,7 +118,9 @@ class _Client:
         #: This connection's own dice: drop/duplicate/reorder, delay jitter, lifetime.
         self.filter = WsFaultFilter(faults, seed=seed)
         self.rng = random.Random(seed ^ 0x5EED)
-        self.last_due = 0.0
+        #: This connection's own extra latency, as a fraction of ``delay_jitter_ms``
+        #: (two connections' network paths differ: the skew between the lines).
+        self.latency = self.rng.random()
         #: ``time.monotonic()`` at which the disconnect fault closes it (None: not drawn).
         self.cut_at: float | None = None
         self.symbols: set[str] = set()
@@ -247,17 +249,9 @@ class Hub:
             self._drop_slow(client)
             return
         faults = self.faults
-        delay, jitter = faults.delay_ms, faults.delay_jitter_ms
-        if delay <= 0 and jitter <= 0:
-            queue.extend([(0.0, text) for text in texts])
-        else:
-            base = time.monotonic() + delay / 1000.0
-            rng = client.rng
-            for text in texts:
-                due = base + (rng.random() * jitter / 1000.0 if jitter > 0 else 0.0)
-                # Order is kept within a connection: never due before the one ahead of it.
-                due = client.last_due = max(due, client.last_due)
-                queue.append((due, text))
+        delay = faults.delay_ms + client.latency * faults.delay_jitter_ms
+        due = time.monotonic() + delay / 1000.0 if delay > 0 else 0.0
+        queue.extend([(due, text) for text in texts])
         client.wakeup.set()
 
     def _drop_slow(self, client: _Client) -> None:

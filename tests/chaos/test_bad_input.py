@@ -470,3 +470,35 @@ def test_a_deeply_nested_entry_does_not_stop_the_book(stack: ChaosStack) -> None
              proc=stack.book)
     assert "book consumer failed" not in stack.book.log_text()
     assert stack.settle()["sequence"] == stack.engine_sequence()
+
+
+def test_an_implausible_sequence_through_the_socket_is_refused_by_the_feed(
+        stack: ChaosStack) -> None:
+    """A well-formed message at sequence 2**63-1 on every line of the exchange's socket: the
+    feed holds it aside, nothing corroborates it, and it is refused (DLQ, metric) without
+    ever reaching the stream; the book never loses sync for it."""
+    stack.wait_synced()
+    stack.wait_feed_subscribed()
+    dlq_from = stack.last_id(keys.dlq(SYM))
+    stream_from = stack.last_id(keys.l3_stream(SYM))
+    resyncs = stack.book_metric("kumex_book_resyncs_total")
+    wedge = Frame("wedge", corpus._msg(SYM, "done", {
+        "symbol": SYM, "sequence": 2**63 - 1, "orderId": "chaos-wedge", "reason": "canceled",
+        "ts": 1654073289160921530}), WsFate.STORED)
+    with BookPoller(stack.book_url) as poller:
+        stack.flow(200)
+        stack.inject([wedge])
+
+        def refused() -> list[dict[bytes, bytes]]:
+            return [e for e in stack.dlq_after(dlq_from) if e[b"raw"] == wedge.data]
+
+        (entry,) = wait_for(refused, "the wedge refused", proc=stack.feed)
+        final = stack.settle()
+    stack.assert_equal_to_engine(final)
+    stack.assert_answers_were_true(poller.answers)
+    assert b"implausible sequence" in entry[b"reason"] and entry[b"line"]
+    assert stack.feed_metric("kumex_feed_arbitration_refused_total", symbol=SYM) >= 1
+    assert all(fields.get(keys.FIELD_MSG.encode()) != wedge.data
+               for _, fields in stack.stream_after(stream_from))
+    assert stack.book_metric("kumex_book_resyncs_total") == resyncs
+    stack.assert_all_healthy()

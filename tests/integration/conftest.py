@@ -50,6 +50,7 @@ def sandbox(
     with httpx.Client(base_url=sandbox_process.base_url, timeout=10.0) as client:
         client.post("/sandbox/faults", json=_DEFAULT_FAULTS).raise_for_status()
         client.post("/sandbox/flow/pause").raise_for_status()
+        client.post("/sandbox/flow/rate", json={"rate": 0}).raise_for_status()
     yield sandbox_process
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:

@@ -434,11 +434,13 @@ async def test_each_connection_is_cut_on_its_own_schedule(make_served: Any) -> N
     served.faults.update(disconnect_every_s=0.3, disconnect_every_max_s=1.5)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    closed_at = []
-    for ws in clients:
+
+    async def cut(ws: ClientConnection) -> float:
         code, _ = await closed_code(ws)
         assert code == 1001
-        closed_at.append(loop.time() - start)
+        return loop.time() - start
+
+    closed_at = await asyncio.gather(*(cut(ws) for ws in clients))
     served.faults.update(disconnect_every_s=0)
     # Lifetimes drawn in [0.3, 1.5] s: not all at the same moment.
     assert max(closed_at) - min(closed_at) > 0.05, closed_at
