@@ -444,17 +444,22 @@ class Feed:
 
     # ------------------------------------------------------------------ roles
 
-    async def take_over(self, symbol: str, token: str, head: int | None) -> int:
+    async def take_over(self, symbol: str, token: str, head: int | None, *,
+                        resume: bool = True) -> int:
         """Become the writer of ``symbol`` after the stream's last sequence ``head``.
 
-        Writes ``ctl=connected`` (when a session is up) and then, from memory,
-        every message released after ``head``; from then on, everything live.
+        Writes, from memory, every message released after ``head``; from then on,
+        everything live. With ``resume`` False (the stream ended with the previous
+        writer's ``ctl=disconnected``, or has never been written), a session is
+        started on it first: ``ctl=connected`` and a snapshot request, as after a
+        reconnection. A writer that died mid-session (``kill -9``) is taken over
+        seamlessly: the stream just goes on, and no snapshot is spent on it.
         Returns how many messages the backlog held.
         """
         st = self._state[symbol]
         self._writer.fence(symbol, token)
         st.token = token
-        if self.session is not None:
+        if self.session is not None and not resume:
             self._session_started(st)
         backlog = [(seq, text) for seq, text in st.recent if head is None or seq > head]
         for seq, text in backlog:
@@ -620,14 +625,19 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     owner = LeaseOwner(feed_id, None)
 
     async def gained(symbol: str) -> None:
+        resume = False
         try:
             head = (await _heads(lease_redis, [symbol]))[symbol]
+            last: Any = await lease_redis.xrevrange(keys.l3_stream(symbol), count=1)
+            ctl = last[0][1].get(keys.FIELD_CTL.encode()) if last else None
+            # Mid-session (the writer died, or was fenced off): the stream just goes on.
+            resume = head is not None and ctl != b"disconnected"
         except (redis.exceptions.RedisError, OSError) as exc:
             _log.warning("stream head not read: taking over from memory",
                          extra=kv(symbol=symbol, error=f"{type(exc).__name__}: {exc}"))
             head = None
         if leases.holds(symbol):
-            await feed.take_over(symbol, owner.to_json(), head)
+            await feed.take_over(symbol, owner.to_json(), head, resume=resume)
 
     async def lost(symbol: str) -> None:
         feed.stand_by(symbol)

@@ -34,7 +34,7 @@ variable                        default   meaning
 ``FEED_BACKOFF_INITIAL``        1.0       first reconnect/retry delay, seconds
 ``FEED_BACKOFF_FACTOR``         2.0       growth of the delay per failed attempt
 ``FEED_BACKOFF_MAX``            30.0      largest delay, seconds
-``FEED_HTTP_HOST``              0.0.0.0   address of /healthz, /readyz, /metrics
+``FEED_HTTP_HOST``              127.0.0.1 address of /healthz, /readyz, /metrics
 ``FEED_HTTP_PORT``              8081      port of the same (0 = any free port, logged)
 ``FEED_CAPTURE``                (none)    file to append each raw data frame to, one a
                                           line (gzip when it ends with ``.gz``);
@@ -80,7 +80,8 @@ class FeedSettings(CommonSettings):
     backoff_initial: float = Field(1.0, gt=0)
     backoff_factor: float = Field(2.0, ge=1)
     backoff_max: float = Field(30.0, gt=0)
-    http_host: str = "0.0.0.0"
+    #: Loopback by default: set a wider address (compose: 0.0.0.0) to be reached from afar.
+    http_host: str = "127.0.0.1"
     http_port: int = Field(8081, ge=0, le=65535)
     capture: Path | None = None
     welcome_timeout: float = Field(10.0, gt=0)
