@@ -13,16 +13,29 @@ from __future__ import annotations
 
 import sys
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_BASE_URL", "CommonSettings", "check_http_url", "load_settings", "redact_url"]
+__all__ = ["DEFAULT_BASE_URL", "CommonSettings", "OptionalSecret", "check_http_url",
+           "check_redis_url", "load_settings", "redact_url"]
 
 #: The local sandbox exchange: the default target (the real venue withdrew public L3).
 DEFAULT_BASE_URL = "http://127.0.0.1:8090"
 
 _S = TypeVar("_S", bound=BaseSettings)
+
+#: A secret that may be left unset: an empty variable (``TOKEN=`` in ``.env``) is none.
+OptionalSecret = Annotated[SecretStr | None,
+                           BeforeValidator(lambda value: None if value == "" else value)]
 
 
 def check_http_url(value: str) -> str:
@@ -74,14 +87,40 @@ class CommonSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
+        return check_redis_url(value)
 
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         return check_http_url(value)
+
+
+def check_redis_url(value: str) -> str:
+    """``value`` if it is a Redis URL a client can use, else ``ValueError`` saying why.
+
+    Checked at start, so that a bad port or database is a message naming the
+    variable rather than a traceback at the first command. The message never
+    repeats the URL (it may hold a password).
+    """
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs the socket's path")
+        return value
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if not parts.hostname:
+        raise ValueError("the host is missing")
+    database = parts.path.lstrip("/")
+    if database and not (database.isascii() and database.isdigit()):
+        raise ValueError("the database (the path) must be a number, e.g. redis://host:6379/0")
+    return value
 
 
 def redact_url(url: str) -> str:

@@ -14,7 +14,7 @@ import uvicorn
 
 from kumex_l3.config import load_settings, redact_url
 from kumex_l3.logs import kv, secrets_of, setup_logging
-from kumex_l3.service import loop_name, serve_app
+from kumex_l3.service import http_protocol, loop_name, serve_app
 from services.book.app import create_app
 from services.book.settings import BookSettings
 
@@ -28,7 +28,8 @@ def main() -> None:
                              port=settings.port, replica=settings.replica))
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, loop=loop_name(settings.event_loop))
+                            timeout_graceful_shutdown=5, loop=loop_name(settings.event_loop),
+                            http=http_protocol())
     serve_app(config)
 
 

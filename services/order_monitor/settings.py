@@ -20,7 +20,7 @@ variable                           default          meaning
 ``MONITOR_UNSEEN_GRACE_MS``        10000            stream time after submission without a
                                                     ``received`` before ``rejected``/``unseen``
 ``MONITOR_LEASE_TTL_S``            10.0             symbol lease TTL (renewed every third)
-``MONITOR_HTTP_HOST``              0.0.0.0          address of /healthz /readyz /metrics
+``MONITOR_HTTP_HOST``              127.0.0.1        address of /healthz /readyz /metrics
 ``MONITOR_HTTP_PORT``              8082             port of the same (0: any free port)
 ``MONITOR_EVENTS_MAXLEN``          100000           ``MAXLEN ~`` of ``kumex:{SYM}:order-events``
                                                     (0: unbounded)
@@ -64,7 +64,8 @@ class MonitorSettings(CommonSettings):
     finished_ttl_s: int = Field(86_400, ge=1)
     unseen_grace_ms: int = Field(10_000, ge=0)
     lease_ttl_s: float = Field(10.0, gt=0, le=300)
-    http_host: str = "0.0.0.0"
+    #: Loopback by default: set a wider address (compose: 0.0.0.0) to be reached from afar.
+    http_host: str = "127.0.0.1"
     http_port: int = Field(8082, ge=0, le=65535)
     events_maxlen: int = Field(100_000, ge=0)
     reconcile_on_start: bool = True

@@ -7,7 +7,7 @@ import sys
 
 import uvicorn
 
-from kumex_l3.service import loop_name, serve_app
+from kumex_l3.service import http_protocol, loop_name, serve_app
 from services.sandbox.app import create_app
 from services.sandbox.settings import SandboxSettings, SettingsError, load_settings
 
@@ -48,6 +48,7 @@ def main() -> int:
         ws_ping_interval=None,
         ws_ping_timeout=None,
         loop=loop_name(settings.event_loop),
+        http=http_protocol(),
     )
     mode = f"replaying {settings.replay}" if settings.replay else f"flow {settings.flow_rate}/s"
     _log.info(

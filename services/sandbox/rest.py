@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,6 +74,26 @@ class ApiError(Exception):
         self.code = code
         self.msg = msg
         self.http_status = http_status
+
+
+def _decoded_spelling(path: str, query: str) -> tuple[str, ...]:
+    """The percent-decoded spelling of a request's path and query, when it means the same.
+
+    Clients sign the path before their HTTP library quotes it, so a signature
+    over the decoded spelling is accepted too, but only when the decoded query
+    parses to the very parameters the request carries: ``?symbol%3DXBTUSDM``
+    (no ``symbol`` at all, for the server) must not pass on a signature over
+    ``?symbol=XBTUSDM``.
+    """
+    decoded_path, decoded_query = unquote(path), unquote(query)
+    if (decoded_path, decoded_query) == (path, query):
+        return ()
+    if "?" in decoded_path or "#" in decoded_path:
+        return ()
+    if query and parse_qsl(decoded_query, keep_blank_values=True) != parse_qsl(
+            query, keep_blank_values=True):
+        return ()
+    return (f"{decoded_path}?{decoded_query}" if query else decoded_path,)
 
 
 def _invalid(msg: str) -> ApiError:
@@ -320,7 +340,6 @@ def api_router(exchange: Exchange) -> APIRouter:
         path = bytes(raw_path).decode("latin-1")
         query = bytes(request.scope.get("query_string", b"")).decode("latin-1")
         full = f"{path}?{query}" if query else path
-        decoded = unquote(full)
         return verify(
             request.headers,
             request.method,
@@ -328,7 +347,7 @@ def api_router(exchange: Exchange) -> APIRouter:
             body,
             time.time_ns() // 1_000_000,
             exchange.credentials,
-            alt_paths=(decoded,) if decoded != full else (),
+            alt_paths=_decoded_spelling(path, query),
         )
 
     def symbol_param(request: Request, *, required: bool) -> str | None:

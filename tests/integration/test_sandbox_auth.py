@@ -283,3 +283,41 @@ def test_time_of_the_worked_example_is_far_in_the_past() -> None:
     with pytest.raises(AuthError) as info:
         verify(headers, "POST", "/api/v1/deposit-address", b'{"currency":"XBT"}', now_ms, KEYS)
     assert info.value.code == "400002"
+
+
+def test_a_timestamp_of_thousands_of_digits_is_400002_not_a_crash(
+        sandbox: SandboxProcess) -> None:
+    """Python will not turn 5,000 digits into an int: checked before, a clean 400002."""
+    headers = _headers()
+    headers["KC-API-TIMESTAMP"] = "9" * 5000
+    with pytest.raises(AuthError) as info:
+        verify(headers, "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
+    assert info.value.code == "400002"
+    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
+        auth = KcAuth(DEMO_KEY_1).headers("GET", "/api/v1/orders?status=active", b"")
+        auth["KC-API-TIMESTAMP"] = "1" * 5000
+        assert _error(http.get("/api/v1/orders?status=active", headers=auth)) == (401,
+                                                                                   "400002")
+
+
+def test_a_signature_for_a_query_never_authenticates_another_meaning_of_it(
+        sandbox: SandboxProcess) -> None:
+    """Signed: ``?symbol=XBTUSDM``. Sent: ``?symbol%3DXBTUSDM``, which for the server has no
+    ``symbol`` at all (a cancel-all of every symbol): refused, 400005, nothing cancelled."""
+    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
+        placed = http.post("/api/v1/orders", auth=KcAuth(DEMO_KEY_2), json={
+            "clientOid": "keep-me-" + str(NOW_MS), "symbol": "ETHUSDTM", "side": "buy",
+            "price": "1000.0", "size": 1, "leverage": 5}).json()
+        order_id = placed["data"]["orderId"]
+        signed = KcAuth(DEMO_KEY_2).headers("DELETE", "/api/v1/orders?symbol=XBTUSDM", b"")
+        forged = http.build_request("DELETE", sandbox.base_url + "/api/v1/orders",
+                                    headers=signed)
+        forged.url = forged.url.copy_with(raw_path=b"/api/v1/orders?symbol%3DXBTUSDM")
+        assert _error(http.send(forged)) == (401, "400005")
+        record = http.get(f"/api/v1/orders/{order_id}", auth=KcAuth(DEMO_KEY_2)).json()
+        assert record["data"]["isActive"] is True
+        http.delete(f"/api/v1/orders/{order_id}", auth=KcAuth(DEMO_KEY_2))
+    # The legitimate spelling of the same request still passes.
+    headers = _headers(path="/api/v1/orders?symbol=XBT USDM")
+    assert verify(headers, "GET", "/api/v1/orders?symbol=XBT%20USDM", b"", NOW_MS, KEYS,
+                  alt_paths=("/api/v1/orders?symbol=XBT USDM",)).key == "k1"
