@@ -33,12 +33,15 @@ from redis.exceptions import NoScriptError
 
 from kumex_l3 import keys
 from kumex_l3.messages import Qty, format_qty
-from kumex_l3.orders import OwnOrder, Transition, rest_refused
+from kumex_l3.orders import Change, OwnOrder, Transition, confirm, rest_refused
 
 __all__ = [
     "DEFAULT_EVENTS_MAXLEN",
     "DEFAULT_FINISHED_TTL_S",
+    "Fence",
+    "Fenced",
     "active",
+    "confirm_order_id",
     "event_fields",
     "load",
     "load_many",
@@ -55,31 +58,46 @@ DEFAULT_FINISHED_TTL_S: Final = 86_400
 #: Approximate cap of the order-events stream (``XADD MAXLEN ~``).
 DEFAULT_EVENTS_MAXLEN: Final = 100_000
 
+# KEYS: hash, active set, the stream head (kumex:{SYM}:l3:last)
+# The stream's head at registration is kept (afterSequence): a received at or below
+# it happened before we registered the clientOid, so it cannot be ours.
 _REGISTER_LUA: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], 'afterSequence', redis.call('GET', KEYS[3]) or '0')
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: hash, active set, events stream[, orderId key]
+# KEYS: hash, active set, events stream[, orderId key][, previous orderId key][, lease]
 # ARGV: expected rev, clientOid, finished (1/0), ttl s, events maxlen (0: none),
-#       hash item count, event count, hash field/values..., then per event: count, items...
+#       hash item count, event count, has orderId key (1/0), has previous (1/0),
+#       lease value ('' : not fenced), hash field/values..., then per event: count, items...
+# Returns 1 written, 0 stale revision, -1 no such order, -2 the lease is not ours.
 _SAVE_LUA: Final = """
+local k = 4
+local oid_key, old_key, lease_key
+if ARGV[8] == '1' then oid_key = KEYS[k]; k = k + 1 end
+if ARGV[9] == '1' then old_key = KEYS[k]; k = k + 1 end
+if ARGV[10] ~= '' then
+  lease_key = KEYS[k]
+  if redis.call('GET', lease_key) ~= ARGV[10] then return -2 end
+end
 local rev = redis.call('HGET', KEYS[1], 'rev')
 if not rev then return -1 end
 if rev ~= ARGV[1] then return 0 end
-local i = 8
+local i = 11
 local nh = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], unpack(ARGV, i, i + nh - 1))
 i = i + nh
 local finished = ARGV[3] == '1'
 local ttl = tonumber(ARGV[4])
-if KEYS[4] then
+if old_key then redis.call('DEL', old_key) end
+if oid_key then
   if finished then
-    redis.call('SET', KEYS[4], ARGV[2], 'EX', ttl)
+    redis.call('SET', oid_key, ARGV[2], 'EX', ttl)
   else
-    redis.call('SET', KEYS[4], ARGV[2])
+    redis.call('SET', oid_key, ARGV[2])
   end
 end
 if finished then
@@ -106,6 +124,12 @@ _REGISTER_SHA: Final = hashlib.sha1(_REGISTER_LUA.encode()).hexdigest()
 
 #: A transition with the id of the stream entry that caused it (None: not the stream).
 Step = tuple[Transition, str | None]
+#: ``(lease key, lease value)``: write only while that lease holds that value.
+Fence = tuple[str, str]
+
+
+class Fenced(Exception):
+    """A fenced save found the lease held by someone else (or expired): nothing written."""
 
 
 def _text(value: Any) -> str:
@@ -147,7 +171,8 @@ async def register(
     for field, value in order.to_hash().items():
         args += (field, value)
     done = await _evalsha(redis, _REGISTER_SHA, _REGISTER_LUA,
-                          (keys.order(symbol, client_oid), keys.orders_active(symbol)), args)
+                          (keys.order(symbol, client_oid), keys.orders_active(symbol),
+                           keys.stream_head(symbol)), args)
     return int(done) == 1
 
 
@@ -184,13 +209,13 @@ async def resolve(redis: aioredis.Redis, symbol: str, order_id: str) -> str | No
 
 
 def event_fields(order: OwnOrder, transition: Transition,
-                 stream_id: str | None = None) -> dict[str, str]:
+                 stream_id: str | None = None, writer: str | None = None) -> dict[str, str]:
     """The fields of the order-event entry of ``transition``: the order's state right after
     it (``transition.after``; ``order`` as it is now when the transition has none)."""
-    order_id, _, filled, remaining, reason, corrected = (
+    order_id, _, filled, remaining, reason, corrected, conflicts = (
         transition.after if transition.after is not None
         else (order.order_id, order.status, order.filled_size, order.remaining, order.reason,
-              order.corrected))
+              order.corrected, order.conflicts))
     out = {
         "clientOid": order.client_oid,
         "orderId": order_id or "",
@@ -209,6 +234,13 @@ def event_fields(order: OwnOrder, transition: Transition,
     }
     if stream_id is not None:
         out["streamId"] = stream_id
+    if writer is not None:
+        out["by"] = writer
+    if transition.change is Change.CONFLICT:
+        out["conflictOrderId"] = transition.other_order_id
+        out["conflicts"] = str(conflicts)
+    elif transition.change is Change.RELINKED:
+        out["previousOrderId"] = transition.other_order_id
     if transition.trade_id:
         out["fillSize"] = format_qty(transition.fill_qty)
         out["fillPrice"] = transition.fill_price
@@ -218,12 +250,20 @@ def event_fields(order: OwnOrder, transition: Transition,
 
 
 def _save_call(order: OwnOrder, steps: Sequence[Step], finished_ttl_s: int,
-               events_maxlen: int) -> tuple[list[str], list[str]]:
+               events_maxlen: int, fence: Fence | None,
+               writer: str | None) -> tuple[list[str], list[str]]:
     """Keys and args of the save script; ``order.rev`` must already be the new revision."""
     sym, coid = order.symbol, order.client_oid
     key_list = [keys.order(sym, coid), keys.orders_active(sym), keys.order_events(sym)]
     if order.order_id:
         key_list.append(keys.order_id(sym, order.order_id))
+    # Relinked: the orderId it was linked to before is someone else's, not an index of ours.
+    previous = next((t.other_order_id for t, _ in steps
+                     if t.change is Change.RELINKED and t.other_order_id), "")
+    if previous:
+        key_list.append(keys.order_id(sym, previous))
+    if fence is not None:
+        key_list.append(fence[0])
     items: list[str] = []
     for field, value in order.to_hash().items():
         items += (field, value)
@@ -232,13 +272,15 @@ def _save_call(order: OwnOrder, steps: Sequence[Step], finished_ttl_s: int,
     for transition, stream_id in steps:
         if not transition.changed:
             continue
-        fields = event_fields(order, transition, stream_id)
+        fields = event_fields(order, transition, stream_id, writer)
         events.append(str(2 * len(fields)))
         for field, value in fields.items():
             events += (field, value)
         count += 1
     args = [str(order.rev - 1), coid, "1" if order.finished else "0", str(int(finished_ttl_s)),
-            str(int(events_maxlen)), str(len(items)), str(count), *items, *events]
+            str(int(events_maxlen)), str(len(items)), str(count),
+            "1" if order.order_id else "0", "1" if previous else "0",
+            fence[1] if fence is not None else "", *items, *events]
     return key_list, args
 
 
@@ -283,18 +325,24 @@ async def save_many(
     *,
     finished_ttl_s: int = DEFAULT_FINISHED_TTL_S,
     events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+    fence: Fence | None = None,
+    writer: str | None = None,
 ) -> list[bool]:
     """:func:`save_changes` for several orders in one round trip (each one atomic).
 
     Returns, per item, whether it was written (False: stale revision, see
-    :func:`save_changes`).
+    :func:`save_changes`). With ``fence`` (the order monitor's lease), each
+    script first checks that the lease still holds this value, on the server:
+    a monitor paused past its lease writes nothing, and :class:`Fenced` is
+    raised. ``writer`` (the monitor's consumer name) goes into each event as
+    ``by``.
     """
     if not items:
         return []
     calls = []
     for order, steps in items:
         order.rev += 1
-        calls.append(_save_call(order, steps, finished_ttl_s, events_maxlen))
+        calls.append(_save_call(order, steps, finished_ttl_s, events_maxlen, fence, writer))
     try:
         results = await _run_saves(redis, calls)
     except BaseException:
@@ -302,11 +350,15 @@ async def save_many(
             order.rev -= 1
         raise
     written = []
+    fenced = False
     for (order, _), result in zip(items, results, strict=True):
         ok = int(result) == 1
+        fenced = fenced or int(result) == -2
         if not ok:
             order.rev -= 1
         written.append(ok)
+    if fenced:
+        raise Fenced(f"{items[0][0].symbol}: the lease is not ours: nothing written")
     return written
 
 
@@ -327,6 +379,33 @@ async def _run_saves(redis: aioredis.Redis,
                 raise r
         return results
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def confirm_order_id(
+    redis: aioredis.Redis,
+    symbol: str,
+    client_oid: str,
+    order_id: str,
+    *,
+    now_ms: int,
+    finished_ttl_s: int = DEFAULT_FINISHED_TTL_S,
+    events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+) -> Transition | None:
+    """Our REST reply named ``order_id`` for ``client_oid`` (:func:`kumex_l3.orders.confirm`):
+    linked, confirmed, or a conflict (then ask the exchange: :func:`adopt_record`).
+    None when no such order is registered."""
+    for _ in range(5):
+        order = await load(redis, symbol, client_oid)
+        if order is None:
+            return None
+        before = order.confirmed_by
+        transition = confirm(order, order_id, now_ms)
+        if not transition.changed and order.confirmed_by == before:
+            return transition
+        if await save_change(redis, order, transition, stream_id=None,
+                             finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen):
+            return transition
+    raise RuntimeError(f"order {client_oid} kept changing while being confirmed")
 
 
 async def mark_rejected(

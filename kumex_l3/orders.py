@@ -16,9 +16,23 @@ life is driven by the public L3 stream::
   changes nothing, a trade id already applied changes nothing, and the
   status only moves forward (a late ``open`` after ``done`` does not reopen).
 * :func:`rest_refused` (the REST call was refused), :func:`expire_if_unseen`
-  (the stream moved past the submission plus a grace without a ``received``)
-  and :func:`reconcile` (the exchange's own record, after messages may have
-  been lost) are the other ways an order changes.
+  (the stream moved past the submission plus a grace without a ``received``),
+  :func:`confirm` (the REST reply's orderId) and :func:`reconcile` (the
+  exchange's own record, after messages may have been lost) are the other
+  ways an order changes.
+
+**Who links a clientOid.** The public stream shows every account's
+clientOids, so another account can send an order under one of ours. The order
+is linked to an orderId only by the first ``received`` with its clientOid
+*after* it was registered (``after_sequence``: the stream's head at
+registration), and confirmed by our own account's answers: the REST reply
+(:func:`confirm`) or the exchange's record (:func:`reconcile`). A later
+``received`` with our clientOid and another orderId is a **conflict**: counted
+(``conflicts``), reported (:attr:`Change.CONFLICT`, with the other orderId),
+never linked; the caller asks the exchange. A record of our account for this
+clientOid with another orderId is the truth: the order is **relinked** to it
+and its state rebuilt from the record (:attr:`Change.RELINKED`), whatever it
+was, finished or not.
 
 The functions mutate the order they are given and say what they did; a
 :class:`Transition` with ``changed`` False means the order is as it was (only
@@ -35,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final
@@ -64,6 +78,7 @@ __all__ = [
     "OwnOrder",
     "Transition",
     "apply",
+    "confirm",
     "exchange_status",
     "expire_if_unseen",
     "reconcile",
@@ -137,6 +152,12 @@ class Change(StrEnum):
     REJECTED = "rejected"
     UNSEEN = "unseen"
     RECONCILED = "reconciled"
+    #: Our REST reply named the orderId (linked, or confirmed as linked).
+    CONFIRMED = "confirmed"
+    #: Another order claims our clientOid (``conflictOrderId``): not linked, asked about.
+    CONFLICT = "conflict"
+    #: Linked to another orderId on our account's own word; the state rebuilt from it.
+    RELINKED = "relinked"
 
 
 #: Hash field names (camelCase, DESIGN.md), in the order :meth:`OwnOrder.to_hash` writes them.
@@ -145,6 +166,7 @@ HASH_FIELDS: Final = (
     "reason", "lastSequence", "createdAt", "updatedAt",
     # beyond the documented ones
     "remaining", "submittedAt", "corrected", "exchangeUpdatedAt", "tradeIds", "rev",
+    "afterSequence", "conflicts", "confirmedBy",
 )
 _HASH_FIELD_SET: Final = frozenset(HASH_FIELDS)
 
@@ -158,6 +180,10 @@ class OwnOrder:
     ``match`` say, 0 once finished. ``corrected`` counts the reconciliations
     that found the order different from the exchange's record. ``rev`` is the
     revision of the stored hash (optimistic concurrency in the store).
+    ``after_sequence``: the stream's head when the order was registered (a
+    ``received`` at or below it cannot be ours); ``conflicts``: other orders
+    seen claiming this clientOid; ``confirmed_by``: ``rest`` or ``exchange``
+    once our account's own answer named the orderId (see the module doc).
     ``extra`` holds the hash fields of the caller's own (e.g. a grid level).
     """
 
@@ -179,6 +205,9 @@ class OwnOrder:
     exchange_updated_at: int = 0
     trade_ids: tuple[str, ...] = ()
     rev: int = 0
+    after_sequence: int = 0
+    conflicts: int = 0
+    confirmed_by: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -192,8 +221,10 @@ class OwnOrder:
         size: Qty | str,
         now_ms: int,
         extra: Mapping[str, str] | None = None,
+        after_sequence: int = 0,
     ) -> OwnOrder:
-        """A ``pending`` order, registered at ``now_ms``. ``ValueError`` on a bad argument."""
+        """A ``pending`` order, registered at ``now_ms`` when the stream's head was
+        ``after_sequence``. ``ValueError`` on a bad argument."""
         if not CLIENT_OID_PATTERN.fullmatch(client_oid):
             raise ValueError("clientOid must be 1 to 40 characters of [A-Za-z0-9_-]")
         if side not in ("buy", "sell"):
@@ -209,7 +240,7 @@ class OwnOrder:
         return cls(
             client_oid=client_oid, symbol=symbol, side=side, price=price, size=qty,
             remaining=qty, created_at=now_ms, updated_at=now_ms, submitted_at=now_ms,
-            extra=extra_fields,
+            after_sequence=after_sequence, extra=extra_fields,
         )
 
     @property
@@ -238,6 +269,9 @@ class OwnOrder:
             "exchangeUpdatedAt": str(self.exchange_updated_at),
             "tradeIds": ",".join(self.trade_ids),
             "rev": str(self.rev),
+            "afterSequence": str(self.after_sequence),
+            "conflicts": str(self.conflicts),
+            "confirmedBy": self.confirmed_by,
         }
         out.update(self.extra)
         return out
@@ -271,6 +305,9 @@ class OwnOrder:
                 exchange_updated_at=int(h.get("exchangeUpdatedAt") or 0),
                 trade_ids=tuple(h["tradeIds"].split(",")) if h.get("tradeIds") else (),
                 rev=int(h.get("rev") or 0),
+                after_sequence=int(h.get("afterSequence") or 0),
+                conflicts=int(h.get("conflicts") or 0),
+                confirmed_by=h.get("confirmedBy", ""),
                 extra={k: v for k, v in h.items() if k not in _HASH_FIELD_SET},
             )
         except KeyError as exc:
@@ -289,9 +326,11 @@ class Transition:
     ``fields``: the hash fields whose value changed. ``fill_*`` and
     ``liquidity`` (``maker``/``taker``) describe a ``match`` that was applied.
     ``after``: the order's ``(orderId, status, filledSize, remaining, reason,
-    corrected)`` right after this transition (None when unchanged): several
-    transitions saved together each get an event with their own state, not
-    the last one's.
+    corrected, conflicts)`` right after this transition (None when unchanged):
+    several transitions saved together each get an event with their own state,
+    not the last one's. ``other_order_id``: for a conflict, the orderId that
+    claimed our clientOid; for a relink, the orderId the order was linked to
+    before.
     """
 
     changed: bool
@@ -304,7 +343,8 @@ class Transition:
     fill_price: str = ""
     trade_id: str = ""
     liquidity: str = ""
-    after: tuple[str | None, OrderStatus, Qty, Qty, str, int] | None = None
+    after: tuple[str | None, OrderStatus, Qty, Qty, str, int, int] | None = None
+    other_order_id: str = ""
 
     @property
     def finished(self) -> bool:
@@ -317,13 +357,14 @@ class Transition:
         return "orderId" in self.fields
 
 
-_Snap = tuple[str | None, OrderStatus, Qty, Qty, str, int]
-_SNAP_FIELDS: Final = ("orderId", "status", "filledSize", "remaining", "reason", "corrected")
+_Snap = tuple[str | None, OrderStatus, Qty, Qty, str, int, int]
+_SNAP_FIELDS: Final = ("orderId", "status", "filledSize", "remaining", "reason", "corrected",
+                       "conflicts")
 
 
 def _snap(order: OwnOrder) -> _Snap:
     return (order.order_id, order.status, order.filled_size, order.remaining, order.reason,
-            order.corrected)
+            order.corrected, order.conflicts)
 
 
 def _finish_transition(
@@ -349,9 +390,9 @@ def _forward(current: OrderStatus, target: OrderStatus) -> OrderStatus:
 def _concerns(order: OwnOrder, msg: DataMessage) -> bool:
     oid = order.order_id
     if isinstance(msg, Received):
-        if oid is None:
-            return bool(msg.client_oid) and msg.client_oid == order.client_oid
-        return msg.order_id == oid
+        if msg.client_oid and msg.client_oid == order.client_oid:
+            return True  # ours to link, or another order claiming our clientOid
+        return oid is not None and msg.order_id == oid
     if oid is None:
         return False
     if isinstance(msg, Match):
@@ -371,6 +412,13 @@ def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transitio
     seq = msg.sequence
     if seq <= order.last_sequence or not _concerns(order, msg):
         return _unchanged(order, seq)
+    if isinstance(msg, Received) and msg.client_oid == order.client_oid:
+        if order.order_id is None and seq <= order.after_sequence:
+            # Before we registered it: someone else's order with this clientOid.
+            return _unchanged(order, seq)
+        if order.order_id is not None and msg.order_id != order.order_id:
+            order.last_sequence = seq  # a replay of it is not a second conflict
+            return _conflict(order, msg.order_id, seq, now_ms)
     order.last_sequence = seq
     if order.status.finished:
         return _unchanged(order, seq)
@@ -427,6 +475,33 @@ def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transitio
         trade_id=msg.trade_id, liquidity="maker" if maker else "taker")
 
 
+def _conflict(order: OwnOrder, other: str, sequence: int, now_ms: int) -> Transition:
+    """Another order claims our clientOid: counted, reported, never linked."""
+    before = _snap(order)
+    order.conflicts += 1
+    transition = _finish_transition(order, before, Change.CONFLICT, now_ms, sequence)
+    return replace(transition, other_order_id=other)
+
+
+def confirm(order: OwnOrder, order_id: str, now_ms: int) -> Transition:
+    """Our REST reply says the order is ``order_id``: link it (the reply came before the
+    stream's ``received``), confirm the link, or report a conflict (``other_order_id``:
+    the orderId the reply named; the caller then asks the exchange for the record)."""
+    if not order_id:
+        return _unchanged(order)
+    if order.order_id is None:
+        before = _snap(order)
+        order.order_id = order_id
+        order.confirmed_by = "rest"
+        if not order.finished:
+            order.status = _forward(order.status, OrderStatus.RECEIVED)
+        return _finish_transition(order, before, Change.CONFIRMED, now_ms, order.last_sequence)
+    if order.order_id == order_id:
+        order.confirmed_by = order.confirmed_by or "rest"
+        return _unchanged(order)
+    return _conflict(order, order_id, order.last_sequence, now_ms)
+
+
 def rest_refused(order: OwnOrder, code: str, msg: str, now_ms: int) -> Transition:
     """The REST call placing ``order`` was refused (``code``, ``msg``): ``rejected``.
 
@@ -478,21 +553,22 @@ def _record_qty(record: Mapping[str, Any], name: str) -> Qty | None:
 def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transition:
     """Adopt the exchange's record of ``order`` (``GET /api/v1/orders/...`` data).
 
-    Uses ``id``, ``status`` (``open``/``done``), ``isActive``, ``cancelExist``,
-    ``size``, ``filledSize`` and ``updatedAt``. The status and ``filled_size``
-    only move forward (a record can lag the stream, never the reverse); a
-    ``done`` record is ``canceled`` when ``cancelExist`` (or not fully filled),
-    else ``filled``. When anything differed, ``corrected`` is incremented and
-    the transition's change is ``reconciled``. A record of another order
-    (another ``id`` or ``clientOid``) changes nothing. A finished order changes
-    only when the record is finished the same way and filled more: a ``match``
-    lost in a gap before the ``done canceled`` (the exchange's final record is
-    the truth; nothing on the stream can follow it).
+    Uses ``id``, ``clientOid``, ``status`` (``open``/``done``), ``isActive``,
+    ``cancelExist``, ``size``, ``filledSize`` and ``updatedAt``. The status and
+    ``filled_size`` only move forward (a record can lag the stream, never the
+    reverse); a ``done`` record is ``canceled`` when ``cancelExist`` (or not
+    fully filled), else ``filled``. When anything differed, ``corrected`` is
+    incremented and the transition's change is ``reconciled``. A record with
+    another ``clientOid`` changes nothing. A record of our account with our
+    clientOid and another ``id`` is the truth: the order was linked to someone
+    else's order (see the module doc): it is **relinked** and its state taken
+    from the record, finished or not (:attr:`Change.RELINKED`). A finished
+    order linked right is corrected when the final record disagrees with it (a
+    ``match`` lost in a gap before the ``done canceled``: the exchange's final
+    record is the truth; nothing on the stream can follow it).
     """
     record_id = record.get("id")
     if not isinstance(record_id, str) or not record_id:
-        return _unchanged(order)
-    if order.order_id is not None and record_id != order.order_id:
         return _unchanged(order)
     record_coid = record.get("clientOid")
     if record_coid and record_coid != order.client_oid:
@@ -512,8 +588,15 @@ def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transi
         target = exchange_status("canceled" if canceled else "filled")
     else:
         target = exchange_status("match" if filled > 0 else "open")
+    updated = record.get("updatedAt")
+    updated_at = updated if isinstance(updated, int) and not isinstance(updated, bool) else 0
+    if order.order_id is not None and record_id != order.order_id:
+        if record_coid != order.client_oid:
+            return _unchanged(order)  # nothing says the record is this order's
+        return _relink(order, record_id, target, filled, size, updated_at, now_ms)
+    order.confirmed_by = "exchange"
     if order.finished:
-        return _reconcile_finished(order, record, target, filled, now_ms)
+        return _reconcile_finished(order, target, filled, updated_at, now_ms)
 
     before = _snap(order)
     order.order_id = record_id
@@ -524,23 +607,50 @@ def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transi
         order.reason = order.status.value
     else:
         order.remaining = max(size - order.filled_size, 0)
-    updated = record.get("updatedAt")
-    if isinstance(updated, int) and not isinstance(updated, bool):
-        order.exchange_updated_at = max(order.exchange_updated_at, updated)
+    order.exchange_updated_at = max(order.exchange_updated_at, updated_at)
     if _snap(order) != before:
         order.corrected += 1
     return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)
 
 
-def _reconcile_finished(order: OwnOrder, record: Mapping[str, Any], target: OrderStatus,
-                        filled: Qty, now_ms: int) -> Transition:
-    """A finished order: only its ``filled_size`` can move, up to a final record's."""
-    if target is not order.status or filled <= order.filled_size:
+def _relink(order: OwnOrder, record_id: str, target: OrderStatus, filled: Qty, size: Qty,
+            updated_at: int, now_ms: int) -> Transition:
+    """Linked to someone else's order: ours is ``record_id``; everything from its record."""
+    before = _snap(order)
+    other = order.order_id or ""
+    order.order_id = record_id
+    order.status = target
+    order.filled_size = filled
+    order.remaining = 0 if target.finished else max(size - filled, 0)
+    order.reason = target.value if target.finished else ""
+    order.trade_ids = ()
+    order.exchange_updated_at = updated_at
+    order.confirmed_by = "exchange"
+    order.corrected += 1
+    transition = _finish_transition(order, before, Change.RELINKED, now_ms, order.last_sequence)
+    return replace(transition, other_order_id=other)
+
+
+def _reconcile_finished(order: OwnOrder, target: OrderStatus, filled: Qty, updated_at: int,
+                        now_ms: int) -> Transition:
+    """A finished order: corrected when the exchange's final record disagrees with it.
+
+    Finished the same way: only a larger ``filled_size`` is taken. Finished
+    another way (``canceled`` against ``filled``): the record's status and
+    ``filled_size``. A record still active changes nothing (the stream said
+    ``done`` for this very orderId).
+    """
+    if not target.finished:
+        return _unchanged(order)
+    if target is order.status and filled <= order.filled_size:
         return _unchanged(order)
     before = _snap(order)
-    order.filled_size = filled
-    updated = record.get("updatedAt")
-    if isinstance(updated, int) and not isinstance(updated, bool):
-        order.exchange_updated_at = max(order.exchange_updated_at, updated)
+    if target is not order.status:
+        order.status = target
+        order.reason = target.value
+        order.filled_size = filled
+    else:
+        order.filled_size = filled
+    order.exchange_updated_at = max(order.exchange_updated_at, updated_at)
     order.corrected += 1
     return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)

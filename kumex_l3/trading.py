@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 
 from kumex_l3 import keys, order_store
 from kumex_l3.errors import KumexError
-from kumex_l3.orders import OrderStatus, OwnOrder, reconcile
+from kumex_l3.orders import Change, OrderStatus, OwnOrder, reconcile
 from kumex_l3.rest import (
     ApiError,
     CannotCancel,
@@ -172,7 +172,7 @@ class Trader:
         if not registered:
             raise ClientOidInUse(symbol, coid)
         try:
-            return await self.rest.place_order(
+            placed = await self.rest.place_order(
                 client_oid=coid, symbol=symbol, side=side, size=size, leverage=leverage,
                 price=price, order_type=order_type, time_in_force=time_in_force,
                 post_only=post_only, hidden=hidden, reduce_only=reduce_only, remark=remark)
@@ -193,6 +193,21 @@ class Trader:
                 _log.warning("order %s %s: outcome unknown (%s); left pending", symbol, coid,
                              type(exc).__name__)
             raise
+        await self.confirm(symbol, coid, placed.order_id)
+        return placed
+
+    async def confirm(self, symbol: str, client_oid: str, order_id: str) -> None:
+        """Our own REST reply named ``order_id``: link or confirm the hash; on a conflict
+        (the stream linked it to another order), ask the exchange and relink it."""
+        transition = await order_store.confirm_order_id(self.redis, symbol, client_oid,
+                                                        order_id, now_ms=self._clock_ms())
+        if transition is None or transition.change is not Change.CONFLICT:
+            return
+        _log.warning("order %s %s: the stream linked it to another order than our REST reply "
+                     "named (%s): asking the exchange", symbol, client_oid, order_id)
+        record = await self.rest.get_order_by_client_oid(client_oid, symbol)
+        if record is not None:
+            await self.adopt(symbol, client_oid, record)
 
     async def resolve_after_timeout(self, symbol: str, client_oid: str, *,
                                     resend: bool = False) -> Resolution:

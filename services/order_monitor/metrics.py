@@ -6,6 +6,13 @@ metric                                                  what
 ``kumex_order_monitor_messages_read_total{symbol}``     stream entries read (data and control)
 ``kumex_order_monitor_own_messages_total{symbol}``      messages about own orders, applied
 ``kumex_order_monitor_invalid_messages_total{symbol}``  entries that could not be read
+``kumex_order_monitor_clientoid_conflicts_total{symbol}``  another order claimed one of our
+                                                        clientOids (never linked; the
+                                                        exchange is asked)
+``kumex_order_monitor_relinked_total{symbol}``          orders linked to someone else's,
+                                                        relinked from our account's record
+``kumex_order_monitor_fenced_total{symbol}``            saves refused: the lease was not
+                                                        ours any more (nothing written)
 ``kumex_order_monitor_implausible_total{symbol}``       messages skipped: a sequence
                                                         implausibly far from the stream's
                                                         (the book dead-letters them)
@@ -46,6 +53,13 @@ class MonitorMetrics:
                            ["symbol"], registry=reg)
         self.invalid = Counter(p + "invalid_messages", "Entries that could not be read",
                                ["symbol"], registry=reg)
+        self.clientoid_conflicts = Counter(p + "clientoid_conflicts", "Other orders that "
+                                           "claimed one of our clientOids", ["symbol"],
+                                           registry=reg)
+        self.relinked = Counter(p + "relinked", "Orders relinked from our account's record",
+                                ["symbol"], registry=reg)
+        self.fenced = Counter(p + "fenced", "Saves refused: the lease was not ours any more",
+                              ["symbol"], registry=reg)
         self.implausible = Counter(p + "implausible", "Messages skipped: a sequence "
                                    "implausibly far from the stream's", ["symbol"],
                                    registry=reg)

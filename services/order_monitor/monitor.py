@@ -92,6 +92,8 @@ _DLQ_MAXLEN: Final = 10_000
 #: Saves retried when the hash changed under us (another writer) before giving up.
 _SAVE_ATTEMPTS: Final = 4
 _GAP_CTLS: Final = frozenset({"gap", "connected"})
+#: An entry pending this long for another consumer is a straggler of a previous owner.
+_STRAGGLER_IDLE_MS: Final = 2000
 #: Reconciliations are at least this far apart (a feed reconnecting in a loop, or
 #: history full of ``ctl=connected``, must not flood the exchange): one owed meanwhile
 #: runs at the first housekeeping after the interval.
@@ -186,8 +188,12 @@ class SymbolMonitor:
         *,
         holds: Callable[[], bool] = lambda: True,
         clock_ms: Callable[[], int] = _wall_ms,
+        fence: order_store.Fence | None = None,
     ) -> None:
         self.redis = redis
+        #: Every save is fenced by this lease (key, value) on the server: a monitor paused
+        #: past its lease writes nothing (and stops: :class:`LeaseLost`).
+        self.fence = fence
         self.symbol = symbol
         self.settings = settings
         self.metrics = metrics
@@ -262,15 +268,20 @@ class SymbolMonitor:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def take_over_pending(self) -> int:
+    async def take_over_pending(self, min_idle_ms: int = 0) -> int:
         """Claim every pending entry of the group (a dead owner's) for this consumer;
-        forget consumers left with nothing pending. Returns the entries claimed."""
+        forget consumers left with nothing pending. Returns the entries claimed.
+
+        ``min_idle_ms``: only entries delivered at least that long ago (while
+        consuming: a previous owner paused in a blocking read was handed entries
+        after this replica took over; they are claimed here, never lost).
+        """
         claimed = 0
         start: bytes | str = "0-0"
         while True:
             response = await self.redis.xautoclaim(
-                self.stream, self.group, self.consumer, min_idle_time=0, start_id=start,
-                count=self.settings.batch_size)
+                self.stream, self.group, self.consumer, min_idle_time=min_idle_ms,
+                start_id=start, count=self.settings.batch_size)
             claimed += len(response[1])
             start = response[0]
             if _s(start) == "0-0":
@@ -441,9 +452,16 @@ class SymbolMonitor:
         if not batch:
             return []
         batch.sort(key=lambda item: item[1][0][0].sequence)
-        written = await order_store.save_many(
-            self.redis, batch, finished_ttl_s=self.settings.finished_ttl_s,
-            events_maxlen=self.settings.events_maxlen)
+        try:
+            written = await order_store.save_many(
+                self.redis, batch, finished_ttl_s=self.settings.finished_ttl_s,
+                events_maxlen=self.settings.events_maxlen, fence=self.fence,
+                writer=self.consumer)
+        except order_store.Fenced:
+            self.metrics.fenced.labels(self.symbol).inc()
+            log.warning("the lease is not ours any more: nothing written",
+                        extra=kv(symbol=self.symbol))
+            raise LeaseLost(self.symbol) from None
         stale = []
         for (order, steps), ok in zip(batch, written, strict=True):
             if not ok:
@@ -452,7 +470,27 @@ class SymbolMonitor:
             for transition, _ in steps:
                 assert transition.change is not None
                 self.metrics.changes.labels(self.symbol, transition.change.value).inc()
+                if transition.change is Change.CONFLICT or transition.change is Change.RELINKED:
+                    self._contested(order, transition)
         return stale
+
+    def _contested(self, order: OwnOrder, transition: Transition) -> None:
+        """Another order claimed our clientOid, or ours was relinked: say so; ask the exchange
+        (a conflict is resolved by our account's own record, :func:`kumex_l3.orders.reconcile`).
+        """
+        if transition.change is Change.CONFLICT:
+            self.metrics.clientoid_conflicts.labels(self.symbol).inc()
+            log.warning("another order claims our clientOid: not linked, asking the exchange",
+                        extra=kv(symbol=self.symbol, clientOid=order.client_oid,
+                                 orderId=order.order_id, other=transition.other_order_id,
+                                 sequence=transition.sequence))
+            self._recheck.add(order.client_oid)
+            self.reconcile_due = True
+        else:
+            self.metrics.relinked.labels(self.symbol).inc()
+            log.warning("our order was linked to someone else's: relinked from our record",
+                        extra=kv(symbol=self.symbol, clientOid=order.client_oid,
+                                 orderId=order.order_id, was=transition.other_order_id))
 
     async def _reload_stale(self, orders: dict[str, OwnOrder], todo: Mapping[str, _T],
                             stale: list[str]) -> dict[str, _T]:
@@ -497,8 +535,20 @@ class SymbolMonitor:
         if now >= self._next_refresh:
             await self.refresh()
             self._next_refresh = now + self.settings.refresh_s
+            await self._claim_stragglers()
         await self.maybe_reconcile()
         await self.expire_unseen()
+
+    async def _claim_stragglers(self) -> None:
+        """Entries a paused previous owner was handed after this replica took over: claim
+        and handle them. They come after messages already applied to the same orders,
+        which a replay at a lower sequence would not correct: reconcile every order."""
+        idle = max(2 * self.settings.block_ms, _STRAGGLER_IDLE_MS)
+        if not await self.take_over_pending(min_idle_ms=idle):
+            return
+        self.metrics.gaps.labels(self.symbol, "straggler").inc()
+        await self.reprocess_pending()
+        self.reconcile_due = self._recheck_all = True
 
     async def refresh(self) -> None:
         """Rebuild the orderId index and the pending list from Redis; update the gauges."""
@@ -597,10 +647,14 @@ class SymbolMonitor:
 
         async def one(order: OwnOrder) -> None:
             async with gate:
+                record = None
                 if order.order_id:
                     record = await lookup.get_order(order.order_id)
-                else:
-                    record = await lookup.get_order_by_client_oid(order.client_oid)
+                if record is None:
+                    # Unknown orderId: not our account's order (someone else's took our
+                    # clientOid), or none yet: our account's order with this clientOid.
+                    record = await lookup.get_order_by_client_oid(order.client_oid,
+                                                                  self.symbol)
             if record is not None and record.symbol != self.symbol:
                 record = None
             out[order.client_oid] = record

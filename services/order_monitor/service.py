@@ -81,7 +81,9 @@ class OrderMonitor:
         backoff = Backoff(initial=0.5, factor=2.0, max_delay=15.0)
         while self.leases.holds(symbol):
             monitor = SymbolMonitor(self.redis, symbol, self.settings, self.metrics,
-                                    self.lookup, holds=lambda: self.leases.holds(symbol))
+                                    self.lookup, holds=lambda: self.leases.holds(symbol),
+                                    fence=(self.leases.key(symbol),
+                                           self.leases.owner.to_json()))
             self.monitors[symbol] = monitor
             try:
                 await monitor.run()

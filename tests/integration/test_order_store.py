@@ -10,7 +10,7 @@ import redis.asyncio
 
 from kumex_l3 import keys, order_store
 from kumex_l3.messages import DataMessage, parse_message
-from kumex_l3.orders import OrderStatus, OwnOrder, apply
+from kumex_l3.orders import Change, OrderStatus, OwnOrder, apply, reconcile
 
 SYM = "XBTUSDM"
 OID = "629727c9edde6b0001f422a7"
@@ -175,3 +175,68 @@ async def test_works_with_a_decoding_client(redis_url: str) -> None:
         assert await order_store.active(client, SYM) == ["d1"]
     finally:
         await client.aclose()
+
+
+async def test_registration_keeps_the_stream_head_and_a_received_before_it_is_not_ours(
+        redis_client: redis.asyncio.Redis) -> None:
+    """Someone used our clientOid on the stream before we registered it (the head was at
+    500): that received is not ours; the first one after the registration is."""
+    await redis_client.set(keys.stream_head(SYM), "500")
+    assert await reg(redis_client)
+    order = await order_store.load(redis_client, SYM, "c1")
+    assert order is not None and order.after_sequence == 500
+    assert not apply(order, msg("received", 480, orderId="f" * 24, clientOid="c1"), T0).changed
+    assert apply(order, msg("received", 501, orderId=OID, clientOid="c1"), T0).changed
+    assert order.order_id == OID
+
+
+async def test_a_conflict_is_recorded_never_overwriting_and_a_relink_drops_the_old_index(
+        redis_client: redis.asyncio.Redis) -> None:
+    assert await reg(redis_client)
+    order = await order_store.load(redis_client, SYM, "c1")
+    assert order is not None
+    foreign = "f" * 24
+    linked = apply(order, msg("received", 1, orderId=foreign, clientOid="c1"), T0)
+    assert await order_store.save_change(redis_client, order, linked, stream_id="1-0")
+    # Our REST reply names our own orderId: a conflict, recorded, nothing overwritten.
+    conflict = await order_store.confirm_order_id(redis_client, SYM, "c1", OID, now_ms=T0)
+    assert conflict is not None and conflict.change is Change.CONFLICT
+    stored = await order_store.load(redis_client, SYM, "c1")
+    assert stored is not None and (stored.order_id, stored.conflicts) == (foreign, 1)
+    (_, event) = await events(redis_client)
+    assert (event["change"], event["orderId"], event["conflictOrderId"]) == (
+        "conflict", foreign, OID)
+    # Our account's record says which is ours: relinked, the foreign index gone.
+    record = {"id": OID, "clientOid": "c1", "symbol": SYM, "size": 10, "filledSize": 10,
+              "status": "done", "isActive": False, "cancelExist": False, "updatedAt": T0}
+    relinked = reconcile(stored, record, T0 + 1)
+    assert await order_store.save_change(redis_client, stored, relinked, stream_id=None)
+    assert await redis_client.get(keys.order_id(SYM, OID)) == b"c1"
+    assert await redis_client.get(keys.order_id(SYM, foreign)) is None
+    last = (await events(redis_client))[-1]
+    assert (last["change"], last["orderId"], last["previousOrderId"], last["status"]) == (
+        "relinked", OID, foreign, "filled")
+
+
+async def test_a_fenced_save_writes_nothing_once_the_lease_is_someone_elses(
+        redis_client: redis.asyncio.Redis) -> None:
+    """The order monitor's saves carry its lease value: a monitor paused past its lease
+    (another replica holds it now) writes nothing at all."""
+    assert await reg(redis_client)
+    lease = keys.owner(SYM, "order_monitor")
+    await redis_client.set(lease, "monitor-a")
+    order = await order_store.load(redis_client, SYM, "c1")
+    assert order is not None
+    step = apply(order, msg("received", 1, orderId=OID, clientOid="c1"), T0)
+    assert await order_store.save_many(redis_client, [(order, [(step, "1-0")])],
+                                       fence=(lease, "monitor-a"), writer="a")
+    assert (await events(redis_client))[-1]["by"] == "a"
+    await redis_client.set(lease, "monitor-b")
+    step = apply(order, msg("open", 2, orderId=OID, side="buy", price="31570.0", size="10",
+                            orderTime=1), T0)
+    with pytest.raises(order_store.Fenced):
+        await order_store.save_many(redis_client, [(order, [(step, "2-0")])],
+                                    fence=(lease, "monitor-a"), writer="a")
+    stored = await order_store.load(redis_client, SYM, "c1")
+    assert stored is not None and stored.status is OrderStatus.RECEIVED
+    assert len(await events(redis_client)) == 1

@@ -18,6 +18,7 @@ from kumex_l3.orders import (
     OrderStatus,
     OwnOrder,
     apply,
+    confirm,
     exchange_status,
     expire_if_unseen,
     reconcile,
@@ -152,13 +153,47 @@ def test_received_before_rest_reply_links_the_order_id() -> None:
     assert (o.order_id, o.status, o.updated_at) == (OID, OrderStatus.RECEIVED, T0 + 5)
 
 
-def test_received_of_another_client_oid_or_a_second_order_id_is_ignored() -> None:
+def test_received_of_another_client_oid_is_ignored_a_second_order_id_is_a_conflict() -> None:
     o = new()
     assert not apply(o, received(7, coid="someone-else"), T0).changed
     assert o.last_sequence == 0  # not about this order: untouched
     apply(o, received(8), T0)
     t = apply(o, received(9, oid=OTHER), T0)  # the same clientOid on another order
-    assert not t.changed and o.order_id == OID
+    assert t.changed and t.change is Change.CONFLICT and t.other_order_id == OTHER
+    assert (o.order_id, o.status, o.conflicts) == (OID, OrderStatus.RECEIVED, 1)
+    assert t.fields == ("conflicts",)
+    assert not apply(o, received(9, oid=OTHER), T0).changed  # a replay: not a second one
+    # Finished, our clientOid reused by someone: still reported, still not linked.
+    run(o, done(10, "canceled"))
+    late = apply(o, received(11, oid="f" * 24), T0)
+    assert late.change is Change.CONFLICT and o.order_id == OID and o.conflicts == 2
+
+
+def test_a_received_before_the_registration_is_not_ours() -> None:
+    """Someone else used the clientOid before we registered it (a guess, or a reuse):
+    that ``received`` cannot be ours; the first one after the registration is."""
+    o = OwnOrder.new(SYM, "c1", side="buy", price="31570.0", size=10, now_ms=T0,
+                     after_sequence=50)
+    assert not apply(o, received(50, oid=OTHER), T0).changed
+    assert o.order_id is None and o.status is OrderStatus.PENDING
+    t = apply(o, received(51), T0)
+    assert t.change is Change.RECEIVED and o.order_id == OID
+
+
+def test_the_rest_reply_links_confirms_or_conflicts() -> None:
+    first = new()
+    t = confirm(first, OID, T0)
+    assert t.change is Change.CONFIRMED and first.order_id == OID
+    assert (first.status, first.confirmed_by) == (OrderStatus.RECEIVED, "rest")
+    assert not apply(first, received(3), T0).changed  # the stream agrees: nothing new
+    later = new()
+    apply(later, received(3), T0)
+    assert not confirm(later, OID, T0).changed and later.confirmed_by == "rest"
+    hijacked = new()
+    apply(hijacked, received(3, oid=OTHER), T0)  # linked by the stream to someone else's
+    t = confirm(hijacked, OID, T0)
+    assert t.change is Change.CONFLICT and t.other_order_id == OID
+    assert hijacked.order_id == OTHER  # until the exchange's record says (reconcile)
 
 
 def test_received_without_client_oid_links_nothing() -> None:
@@ -393,16 +428,43 @@ def test_reconcile_never_moves_backwards() -> None:
     assert not t.changed
 
 
-def test_reconcile_ignores_finished_orders_and_foreign_records() -> None:
-    o = new(10)
-    run(o, received(1), done(2, "canceled"))
-    assert not reconcile(o, record(filledSize=10, status="done"), T0).changed
+def test_reconcile_ignores_foreign_and_unreadable_records() -> None:
     o2 = new(10)
     run(o2, received(1))
-    assert not reconcile(o2, record(id=OTHER, filledSize=3), T0).changed
-    assert not reconcile(new(10), record(clientOid="someone", filledSize=3), T0).changed
+    assert not reconcile(o2, record(clientOid="someone", filledSize=3), T0).changed
+    assert not reconcile(o2, record(id=OTHER, clientOid="", filledSize=3), T0).changed
     assert not reconcile(o2, record(filledSize="x"), T0).changed
-    assert o2.filled_size == 0
+    assert o2.filled_size == 0 and o2.order_id == OID
+
+
+def test_a_finished_order_is_not_settled_while_the_exchange_disagrees() -> None:
+    o = new(10)
+    run(o, received(1), done(2, "canceled"))
+    t = reconcile(o, record(filledSize=10, status="done", isActive=False), T0)
+    assert t.changed and (o.status, o.filled_size, o.corrected) == (OrderStatus.FILLED, 10, 1)
+    assert not reconcile(o, record(filledSize=10, status="done", isActive=False), T0).changed
+    # An active record cannot be right about an order the stream finished by its own id.
+    assert not reconcile(o, record(filledSize=3), T0).changed
+
+
+def test_an_order_linked_to_someone_elses_is_relinked_from_our_record() -> None:
+    """The hijack: another account's IOC took our clientOid first and was canceled; ours
+    was filled. Our account's record (same clientOid, our id) relinks it, finished or not,
+    and the whole state comes from the record."""
+    o = new(10)
+    run(o, received(1, oid=OTHER), done(2, "canceled", oid=OTHER))
+    assert (o.order_id, o.status) == (OTHER, OrderStatus.CANCELED)
+    ours = record(status="done", isActive=False, filledSize=10)
+    t = reconcile(o, ours, T0 + 9)
+    assert t.change is Change.RELINKED and t.other_order_id == OTHER and t.linked
+    assert (o.order_id, o.status, o.filled_size, o.remaining, o.confirmed_by) == (
+        OID, OrderStatus.FILLED, 10, 0, "exchange")
+    # Still open at the exchange: open again here, with what it filled.
+    o2 = new(10)
+    run(o2, received(1, oid=OTHER), done(2, "canceled", oid=OTHER))
+    reconcile(o2, record(filledSize=4), T0 + 9)
+    assert (o2.order_id, o2.status, o2.filled_size, o2.remaining) == (
+        OID, OrderStatus.PARTIALLY_FILLED, 4, 6)
 
 
 def test_reconcile_raises_the_fill_of_an_order_canceled_after_a_lost_match() -> None:
