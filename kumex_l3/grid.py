@@ -17,13 +17,21 @@ placement:
 A counter-order never needs more position room than its fill freed, so only
 ``max_open_orders`` can hold one back (it is then skipped, with its reason).
 
-clientOids are ``{prefix}-{n}`` with ``n`` from ``state.next_seq``: the same
-inputs give the same clientOids, and ``n`` only grows (:meth:`GridState.rebuild`
-starts above every clientOid of the prefix it is given).
+clientOids are ``{prefix}-{tag}``: ``tag`` is 16 characters (96 bits) of
+HMAC-SHA256 keyed by the grid's secret ``state.salt`` over ``n``, the order's
+number (``state.next_seq``, which only grows). The public L3 stream shows every
+order's clientOid to every account, so a clientOid that could be guessed
+before it is used could be used first, by someone else: with the salt nobody
+else knows, the next one cannot be predicted, and a new salt (a new grid, a
+lost state) never gives an old clientOid again. The same state still gives
+the same clientOids (the core stays pure; the salt is chosen by the service).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -40,8 +48,8 @@ __all__ = [
     "GridPlan",
     "GridState",
     "Side",
-    "client_oid_seq",
     "initial_orders",
+    "is_client_oid_of",
     "make_client_oid",
     "on_fill",
     "retry_refused",
@@ -54,21 +62,22 @@ OPEN_STATUSES: Final = frozenset({"pending", "received", "open", "partially_fill
 #: Statuses of an order that is over.
 DONE_STATUSES: Final = frozenset({"filled", "canceled", "rejected"})
 
-_PREFIX: Final = re.compile(r"[A-Za-z0-9_]{1,24}")
-_MAX_CLIENT_OID: Final = 40
+_PREFIX: Final = re.compile(r"[A-Za-z0-9_]{1,23}")
+#: Characters of the unguessable part of a clientOid (6 bits each: 96 bits).
+_TAG: Final = 16
+_TAG_RE: Final = re.compile(rf"[A-Za-z0-9_-]{{{_TAG}}}")
 
 
-def make_client_oid(prefix: str, seq: int) -> str:
-    """``{prefix}-{seq}``."""
-    return f"{prefix}-{seq}"
+def make_client_oid(prefix: str, seq: int, salt: str) -> str:
+    """``{prefix}-{tag}``: the ``seq``-th clientOid of a grid keyed by ``salt`` (module doc)."""
+    digest = hmac.new(salt.encode(), f"{prefix}:{seq}".encode(), hashlib.sha256).digest()
+    return f"{prefix}-{base64.urlsafe_b64encode(digest).decode()[:_TAG]}"
 
 
-def client_oid_seq(prefix: str, client_oid: str) -> int | None:
-    """The ``n`` of a clientOid ``{prefix}-{n}``, or None when it is not of this prefix."""
-    head, sep, tail = client_oid.rpartition("-")
-    if not sep or head != prefix or not (tail.isascii() and tail.isdigit()):
-        return None
-    return int(tail)
+def is_client_oid_of(prefix: str, client_oid: str) -> bool:
+    """Whether ``client_oid`` has the shape of one of the grid ``prefix``'s."""
+    head, tail = client_oid[:len(prefix) + 1], client_oid[len(prefix) + 1:]
+    return head == prefix + "-" and _TAG_RE.fullmatch(tail) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +115,7 @@ class GridConfig:
         if self.leverage < 1:
             raise ValueError("leverage must be >= 1")
         if not _PREFIX.fullmatch(self.client_oid_prefix):
-            raise ValueError("client_oid_prefix must be 1 to 24 characters of [A-Za-z0-9_]")
+            raise ValueError("client_oid_prefix must be 1 to 23 characters of [A-Za-z0-9_]")
 
     @property
     def step(self) -> Decimal:
@@ -118,8 +127,8 @@ class GridConfig:
         return self.centre + self.step * level
 
     def owns(self, client_oid: str) -> bool:
-        """Whether ``client_oid`` is one of this grid's (``{prefix}-{n}``)."""
-        return client_oid_seq(self.client_oid_prefix, client_oid) is not None
+        """Whether ``client_oid`` is one of this grid's (``{prefix}-{tag}``)."""
+        return is_client_oid_of(self.client_oid_prefix, client_oid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,20 +155,20 @@ class GridOrder:
 
 @dataclass(frozen=True, slots=True)
 class GridState:
-    """Own orders by clientOid, the position (contracts, + long) and the next clientOid number."""
+    """Own orders by clientOid, the position (contracts, + long), the next clientOid number
+    and the secret the clientOids are made with (``salt``: keep it, never log it)."""
 
     orders: Mapping[str, GridOrder] = field(default_factory=dict)
     position: int = 0
     next_seq: int = 1
+    salt: str = field(default="", repr=False)
 
     @classmethod
-    def rebuild(cls, orders: Iterable[GridOrder], *, position: int, prefix: str,
+    def rebuild(cls, orders: Iterable[GridOrder], *, position: int, salt: str,
                 next_seq: int = 1) -> GridState:
-        """A state from stored orders; ``next_seq`` goes above every clientOid of ``prefix``."""
-        by_oid = {o.client_oid: o for o in orders}
-        seqs = [s for oid in by_oid if (s := client_oid_seq(prefix, oid)) is not None]
-        return cls(orders=by_oid, position=position,
-                   next_seq=max([next_seq, *(s + 1 for s in seqs)]))
+        """A state from stored orders, with the grid's ``salt`` and next clientOid number."""
+        return cls(orders={o.client_oid: o for o in orders}, position=position,
+                   next_seq=next_seq, salt=salt)
 
     def open_orders(self) -> list[GridOrder]:
         """Orders that may still fill, in insertion order."""
@@ -252,11 +261,8 @@ def _place(config: GridConfig, state: GridState, side: Side, price: Decimal, siz
     if refusal is not None:
         return state, Decision("skip", f"{what} ({why}): {refusal}", side=side, price=price,
                                size=size)
-    coid = make_client_oid(config.client_oid_prefix, state.next_seq)
-    if len(coid) > _MAX_CLIENT_OID:
-        return state, Decision("skip", f"{what} ({why}): clientOid {coid!r} too long",
-                               side=side, price=price, size=size)
-    if coid in state.orders:  # cannot happen after rebuild(); never reuse one anyway
+    coid = make_client_oid(config.client_oid_prefix, state.next_seq, state.salt)
+    if coid in state.orders:  # 96 bits: never seen; never reuse one anyway
         return state, Decision("skip", f"{what} ({why}): clientOid {coid} already used",
                                side=side, price=price, size=size)
     order = GridOrder(coid, side, price, size)

@@ -12,6 +12,7 @@ import logging
 
 import redis.asyncio as aioredis
 
+from kumex_l3.access import Guard
 from kumex_l3.config import redact_url
 from kumex_l3.errors import KumexError
 from kumex_l3.logs import kv
@@ -31,7 +32,12 @@ async def _run(settings: StrategySettings, stop: asyncio.Event) -> int:
                            settings.api_passphrase, timeout=settings.request_timeout)
     metrics = StrategyMetrics()
     strategy = GridStrategy(settings, redis, rest, metrics=metrics)
-    server, server_task = await start_server(make_app(strategy.status, metrics.registry),
+    guard = Guard(settings.api_token, settings.http_host)
+    if guard.policy == "off":
+        _log.warning("STRATEGY_API_TOKEN is not set and the HTTP server listens beyond the "
+                     "loopback interface: /state is not served",
+                     extra=kv(host=settings.http_host))
+    server, server_task = await start_server(make_app(strategy.status, metrics.registry, guard),
                                              settings.http_host, settings.http_port,
                                              name="strategy-http")
     _log.info("strategy starting", extra=kv(

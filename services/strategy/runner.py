@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from decimal import ROUND_FLOOR, Decimal
@@ -285,7 +286,9 @@ class GridStrategy:
         adopted = 0
         for coid, record in exchange.items():
             known = hashes.get(coid)
-            if known is None or known.status is OrderStatus.PENDING:
+            # Unknown, not sent as far as the hash knows, or known only from our REST
+            # reply (no stream message yet): the exchange's record says more.
+            if known is None or known.status in (OrderStatus.PENDING, OrderStatus.RECEIVED):
                 await self._adopt(coid, record, hashes)
             adopted += 1
         if self._has_credentials and not self.dry_run:
@@ -298,6 +301,9 @@ class GridStrategy:
                 if found is not None:
                     await self._adopt(coid, found, hashes)
 
+        # A grid keeps its salt for life; one without (new, or state lost) draws one:
+        # its clientOids can then never be those of an earlier life.
+        salt = stored.salt or secrets.token_urlsafe(24)
         if stored.exists:
             filled = dict(stored.filled)
             position, next_seq = stored.position, stored.next_seq
@@ -314,7 +320,7 @@ class GridStrategy:
                   for coid, o in hashes.items() if o.price]
         orders += [GridOrder(coid, "buy" if p.side == "buy" else "sell", p.price, p.size)
                    for coid, p in stored.plans.items() if coid not in hashes]
-        self.state = GridState.rebuild(orders, position=position, prefix=self.prefix,
+        self.state = GridState.rebuild(orders, position=position, salt=salt,
                                        next_seq=next_seq)
         _log.info("state rebuilt", extra=kv(
             symbol=self.symbol, ownOrders=len(hashes), openOrders=self.state.open_count,
@@ -327,7 +333,7 @@ class GridStrategy:
             await save_progress(
                 self.redis, self.key, last_event_id=self.last_event_id,
                 position=self.state.position, next_seq=self.state.next_seq, centre=centre,
-                filled=None if stored.exists else filled)
+                salt=salt, filled=None if stored.exists else filled)
             for coid, plan in stored.plans.items():
                 _log.info("completing an order planned by a previous run",
                           extra=kv(clientOid=coid, plan=plan.encode()))

@@ -20,11 +20,14 @@ variable                         default                 meaning
 ``STRATEGY_MAX_OPEN_ORDERS``     20                      limit of open (or pending) own orders
 ``STRATEGY_LEVERAGE``            5                       leverage sent with each order
 ``STRATEGY_DRY_RUN``             false                   decide and log, send and write nothing
-``STRATEGY_CLIENT_OID_PREFIX``   grid                    clientOids are ``{prefix}-{n}``;
-                                                         ``[A-Za-z0-9_]``, at most 24
+``STRATEGY_CLIENT_OID_PREFIX``   grid                    clientOids are ``{prefix}-{16 chars}``
+                                                         (unguessable); ``[A-Za-z0-9_]``, at
+                                                         most 23
 ``BOOK_URL``                     http://127.0.0.1:8080   the book service, for the centre price
                                                          (also ``STRATEGY_BOOK_URL``)
-``STRATEGY_HTTP_HOST``           0.0.0.0                 address of /healthz, /metrics, /state
+``STRATEGY_HTTP_HOST``           127.0.0.1               address of /healthz, /metrics, /state
+``STRATEGY_API_TOKEN``           (none)                  token /state asks for; without one,
+                                                         /state only on a loopback address
 ``STRATEGY_HTTP_PORT``           8083                    port of the same (0 = any free port)
 ``STRATEGY_REQUEST_TIMEOUT``     10.0                    seconds for one REST call
 ``STRATEGY_RESOLVE_AFTER``       5.0                     seconds after a timed-out order before
@@ -43,12 +46,12 @@ from decimal import Decimal
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from kumex_l3.config import CommonSettings, check_http_url
+from kumex_l3.config import CommonSettings, OptionalSecret, check_http_url
 
 __all__ = ["ENV_PREFIX", "StrategySettings"]
 
 ENV_PREFIX = "STRATEGY_"
-_PREFIX = re.compile(r"[A-Za-z0-9_]{1,24}")
+_PREFIX = re.compile(r"[A-Za-z0-9_]{1,23}")
 
 
 class StrategySettings(CommonSettings):
@@ -70,8 +73,12 @@ class StrategySettings(CommonSettings):
     book_url: str = Field("http://127.0.0.1:8080",
                           validation_alias=AliasChoices("STRATEGY_BOOK_URL", "BOOK_URL",
                                                         "book_url"))
-    http_host: str = "0.0.0.0"
+    #: Loopback by default: set a wider address (compose: 0.0.0.0) to be reached from afar.
+    http_host: str = "127.0.0.1"
     http_port: int = Field(8083, ge=0, le=65535)
+    #: Token ``/state`` asks for (``Authorization: Bearer`` or ``?token=``); without it
+    #: ``/state`` is served on a loopback address only (:mod:`kumex_l3.access`).
+    api_token: OptionalSecret = None
     request_timeout: float = Field(10.0, gt=0)
     resolve_after: float = Field(5.0, ge=0)
     read_block: float = Field(1.0, gt=0, le=10)
@@ -81,7 +88,7 @@ class StrategySettings(CommonSettings):
     @classmethod
     def _check_prefix(cls, value: str) -> str:
         if not _PREFIX.fullmatch(value):
-            raise ValueError("must be 1 to 24 characters of [A-Za-z0-9_]")
+            raise ValueError("must be 1 to 23 characters of [A-Za-z0-9_]")
         return value
 
     @field_validator("book_url")

@@ -8,7 +8,10 @@ field               what
 ``lastEventId``     the last entry of ``kumex:{SYM}:order-events`` acted upon: a restart
                     reads on from there and never reacts to an event twice
 ``position``        contracts, + long: the sum of the fills acted upon
-``nextSeq``         the next clientOid number (``{prefix}-{n}``)
+``nextSeq``         the next clientOid number (the ``n`` a clientOid is made from)
+``salt``            the grid's secret: clientOids are ``{prefix}-{HMAC(salt, n)}``, so
+                    that nobody reading the public feed can predict the next one
+                    (:mod:`kumex_l3.grid`); drawn at the grid's first start
 ``centre``          the grid's centre price
 ``filled:{coid}``   the filled size of an order already acted upon (counter-orders placed)
 ``plan:{coid}``     ``side price size``: an order decided but maybe not yet registered or
@@ -81,6 +84,7 @@ class StoredState:
     last_event_id: str = "0-0"
     position: int = 0
     next_seq: int = 1
+    salt: str = ""
     centre: Decimal | None = None
     filled: dict[str, int] = field(default_factory=dict)
     plans: dict[str, PlannedOrder] = field(default_factory=dict)
@@ -99,6 +103,7 @@ async def load_state(redis: aioredis.Redis, key: str) -> StoredState:
         state.last_event_id = data.get("lastEventId") or "0-0"
         state.position = int(data.get("position") or 0)
         state.next_seq = int(data.get("nextSeq") or 1)
+        state.salt = data.get("salt") or ""
         centre = data.get("centre")
         state.centre = Decimal(centre) if centre else None
         for name, value in data.items():
@@ -118,6 +123,7 @@ async def save_progress(
     last_event_id: str | None = None,
     position: int | None = None,
     next_seq: int | None = None,
+    salt: str | None = None,
     centre: Decimal | None = None,
     filled: Mapping[str, int] | None = None,
     plans: Mapping[str, PlannedOrder] | None = None,
@@ -130,6 +136,8 @@ async def save_progress(
         mapping["position"] = str(position)
     if next_seq is not None:
         mapping["nextSeq"] = str(next_seq)
+    if salt is not None:
+        mapping["salt"] = salt
     if centre is not None:
         mapping["centre"] = f"{centre:f}"
     for coid, size in (filled or {}).items():

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from kumex_l3 import keys, order_store
+from kumex_l3.grid import make_client_oid
 from kumex_l3.orders import OrderStatus
 from kumex_l3.rest import (
     DuplicateClientOid,
@@ -77,6 +78,11 @@ async def _own_active(rest: KumexRestClient, prefix: str) -> list[Any]:
             if o.client_oid.startswith(prefix + "-")]
 
 
+def _oid(strategy: GridStrategy, n: int) -> str:
+    """The grid's ``n``-th clientOid (keyed by its secret salt: not guessable from outside)."""
+    return make_client_oid(strategy.prefix, n, strategy.state.salt)
+
+
 def _settings(sandbox: SandboxProcess, redis_url: str, centre: Decimal,
               **overrides: Any) -> StrategySettings:
     values: dict[str, Any] = {
@@ -116,7 +122,9 @@ async def test_trader_registers_before_sending_and_marks_refusals(
     assert rejected is not None and rejected.status is OrderStatus.REJECTED
     assert rejected.reason.startswith("300000")
     events: Any = await redis.xrange(keys.order_events(SYMBOL))
-    assert [(e[b"clientOid"], e[b"status"]) for _, e in events] == [(b"tr-2", b"rejected")]
+    # tr-1's orderId was confirmed from the reply; tr-2 was refused.
+    assert [(e[b"clientOid"], e[b"change"]) for _, e in events] == [
+        (b"tr-1", b"confirmed"), (b"tr-2", b"rejected")]
     # wait_for returns at once for a final order.
     got = await trader.wait_for(SYMBOL, "tr-2", {"open"}, timeout=SAFETY_S)
     assert got.status is OrderStatus.REJECTED
@@ -236,7 +244,9 @@ async def test_grid_is_placed_and_adopted_on_restart_without_duplicates(
     assert sorted(o.id for o in await _own_active(rest, "gt")) == sorted(o.id for o in live)
     assert second.state.open_count == 4 and second.state.next_seq == 5
     # The exchange's records were adopted: orderId known, status open.
-    for coid in ("gt-1", "gt-2", "gt-3", "gt-4"):
+    coids = sorted(_oid(second, n) for n in range(1, 5))
+    assert sorted(o.client_oid for o in live) == coids
+    for coid in coids:
         order = await order_store.load(redis, SYMBOL, coid)
         assert order is not None and order.status is OrderStatus.OPEN and order.order_id
 
@@ -245,8 +255,10 @@ async def test_grid_is_placed_and_adopted_on_restart_without_duplicates(
     third = GridStrategy(settings, redis, rest)
     await third.start()
     assert sorted(o.id for o in await _own_active(rest, "gt")) == sorted(o.id for o in live)
-    assert third.state.open_count == 4 and third.state.next_seq == 5
-    assert sorted(await order_store.active(redis, SYMBOL)) == ["gt-1", "gt-2", "gt-3", "gt-4"]
+    assert third.state.open_count == 4
+    assert sorted(await order_store.active(redis, SYMBOL)) == coids
+    # The lost salt is drawn again: nothing the third life places can be an old clientOid.
+    assert third.state.salt != second.state.salt and _oid(third, 1) not in coids
 
     await third.shutdown()
     assert await _own_active(rest, "gt") == []
@@ -304,18 +316,19 @@ async def test_fill_events_give_counter_orders_once_across_restarts(
     metrics = StrategyMetrics()
     strategy = GridStrategy(settings, redis, rest, metrics=metrics)
     async with _running(strategy):
-        buy = strategy.state.orders["gf-1"]
+        gf1, gf5 = _oid(strategy, 1), _oid(strategy, 5)
+        buy = strategy.state.orders[gf1]
         assert buy.side == "buy" and buy.price == centre - step
         # The buy fills 2 of 3 (as the monitor would report it).
-        await _event(redis, "gf-1", "partially_filled", 2)
+        await _event(redis, gf1, "partially_filled", 2)
         async with asyncio.timeout(SAFETY_S):
-            while "gf-5" not in strategy.state.orders:
+            while gf5 not in strategy.state.orders:
                 await asyncio.sleep(0.02)
-        counter = strategy.state.orders["gf-5"]
+        counter = strategy.state.orders[gf5]
         assert (counter.side, counter.price, counter.size) == ("sell", centre, 2)
         assert strategy.state.position == 2
         # Decided first, then registered and sent: wait for the exchange to know it.
-        placed = await _at_exchange(rest, "gf-5")
+        placed = await _at_exchange(rest, gf5)
         assert (placed.side, placed.price, placed.size) == ("sell", centre, 2)
     # Shutdown cancelled every own order.
     assert await _own_active(rest, "gf") == []
@@ -326,7 +339,7 @@ async def test_fill_events_give_counter_orders_once_across_restarts(
     again = GridStrategy(settings, redis, rest)
     await again.start()
     live_after = await _own_active(rest, "gf")
-    assert "gf-5" not in {o.client_oid for o in live_after}
+    assert gf5 not in {o.client_oid for o in live_after}
     assert again.state.position == 2
     sells_at_centre = [o for o in live_after if o.side == "sell" and o.price == centre]
     assert sells_at_centre == []
@@ -345,7 +358,7 @@ async def test_a_rate_limited_counter_order_is_sent_again_under_a_new_client_oid
         # Every REST call answers 429 for a moment: the counter-order to this fill is
         # refused (never accepted), so the grid decides it again once the wait is over.
         _control(sandbox, "/sandbox/rest-error", {"status": 429, "seconds": 1.0})
-        await _event(redis, "gr-1", "filled", 3)
+        await _event(redis, _oid(strategy, 1), "filled", 3)
 
         async def answered() -> list[Any]:
             try:
@@ -355,10 +368,10 @@ async def test_a_rate_limited_counter_order_is_sent_again_under_a_new_client_oid
             return [o for o in active if (o.side, o.price, o.size) == ("sell", centre, 3)]
 
         (placed,) = await eventually(answered, "the counter-order accepted at last")
-        # gr-5 and any retry that still fell in the window were refused: never at the
+        # The 5th and any retry that still fell in the window were refused: never at the
         # exchange, each marked rejected; the one accepted is a later clientOid.
         refused = [c for c, o in strategy.state.orders.items() if o.status == "rejected"]
-        assert "gr-5" in refused and placed.client_oid not in refused
+        assert _oid(strategy, 5) in refused and placed.client_oid not in refused
         for coid in refused:
             assert await rest.get_order_by_client_oid(coid, SYMBOL) is None
             stored = await order_store.load(redis, SYMBOL, coid)
@@ -382,21 +395,22 @@ async def test_a_counter_order_the_exchange_never_saw_is_sent_again(
     async with _running(strategy):
         # A 500 window: the counter-order's outcome is unknown, so it is left pending...
         _control(sandbox, "/sandbox/rest-error", {"status": 500, "seconds": 0.5})
-        await _event(redis, "gu-1", "filled", 3)
+        gu5, gu6 = _oid(strategy, 5), _oid(strategy, 6)
+        await _event(redis, _oid(strategy, 1), "filled", 3)
         async with asyncio.timeout(SAFETY_S):
-            while "gu-5" not in strategy.state.orders:
+            while gu5 not in strategy.state.orders:
                 await asyncio.sleep(0.02)
         await eventually(lambda: metrics.registry.get_sample_value(
             "kumex_strategy_order_timeouts_total") == 1, "the unknown outcome")
-        assert await rest.get_order_by_client_oid("gu-5", SYMBOL) is None
+        assert await rest.get_order_by_client_oid(gu5, SYMBOL) is None
         # ...until the order monitor rejects it as never seen on the stream: the grid
         # asks the exchange, which has no such order, and decides it again.
         await redis.xadd(keys.order_events(SYMBOL), {
-            "clientOid": "gu-5", "orderId": "", "status": "rejected", "filledSize": "0",
+            "clientOid": gu5, "orderId": "", "status": "rejected", "filledSize": "0",
             "sequence": "1", "reason": "unseen", "change": "unseen"})
-        placed = await _at_exchange(rest, "gu-6")
+        placed = await _at_exchange(rest, gu6)
         assert (placed.side, placed.price, placed.size) == ("sell", centre, 3)
-        again = strategy.state.orders["gu-6"]
+        again = strategy.state.orders[gu6]
         assert (again.side, again.price, again.size) == ("sell", centre, 3)
     assert metrics.registry.get_sample_value("kumex_strategy_orders_retried_total") == 1
 
@@ -485,14 +499,16 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
                              step_ticks=5, size=3)
         strategy = GridStrategy(settings, redis, rest)
         strategy_task = asyncio.create_task(strategy.run(strategy_stop))
+        await eventually(lambda: strategy.ready, "the strategy started")
+        ge1, ge2, ge3 = (_oid(strategy, n) for n in (1, 2, 3))
 
         async def grid_open() -> bool:
-            orders = await order_store.load_many(redis, SYMBOL, ["ge-1", "ge-2"])
+            orders = await order_store.load_many(redis, SYMBOL, [ge1, ge2])
             return len(orders) == 2 and all(o.status is OrderStatus.OPEN
                                             for o in orders.values())
 
         await eventually(grid_open, "the grid open on the stream")
-        buy = await order_store.load(redis, SYMBOL, "ge-1")
+        buy = await order_store.load(redis, SYMBOL, ge1)
         assert buy is not None and buy.side == "buy" and Decimal(buy.price) == centre - step
 
         # Another user sells into every bid down to the grid's buy and 2 of it (FIFO).
@@ -514,19 +530,22 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
                                     time_in_force="IOC")
 
         async def counter_open() -> bool:
-            order = await order_store.load(redis, SYMBOL, "ge-3")
+            order = await order_store.load(redis, SYMBOL, ge3)
             return order is not None and order.status is OrderStatus.OPEN
 
-        await eventually(counter_open, "the counter-order open on the stream")
-        counter = await order_store.load(redis, SYMBOL, "ge-3")
+        try:
+            await eventually(counter_open, "the counter-order open on the stream")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{await _explain(redis, rest, strategy)}") from None
+        counter = await order_store.load(redis, SYMBOL, ge3)
         assert counter is not None
         assert (counter.side, Decimal(counter.price), int(counter.size)) == ("sell", centre, 2)
-        filled = await order_store.load(redis, SYMBOL, "ge-1")
+        filled = await order_store.load(redis, SYMBOL, ge1)
         assert filled is not None and filled.status is OrderStatus.PARTIALLY_FILLED
         assert int(filled.filled_size) == 2
         assert strategy.state.position == 2
         live = {o.client_oid for o in await _own_active(rest, "ge")}
-        assert live == {"ge-1", "ge-2", "ge-3"}
+        assert live == {ge1, ge2, ge3}
 
         # Stop: cancel all, confirmed at the exchange, then on the stream by the monitor.
         strategy_stop.set()
@@ -534,7 +553,7 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
         assert await _own_active(rest, "ge") == []
 
         async def all_canceled() -> bool:
-            orders = await order_store.load_many(redis, SYMBOL, ["ge-1", "ge-2", "ge-3"])
+            orders = await order_store.load_many(redis, SYMBOL, [ge1, ge2, ge3])
             return all(o.status is OrderStatus.CANCELED for o in orders.values())
 
         await eventually(all_canceled, "cancels on the stream")
@@ -546,6 +565,21 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
         services_stop.set()
         assert await feed == 0
         assert await monitor == 0
+
+
+async def _explain(redis: aioredis.Redis, rest: KumexRestClient,
+                   strategy: GridStrategy) -> str:
+    """What the grid, Redis and the exchange hold: for a failure's message."""
+    lines = [f"grid: {c} {o.side} {o.size}@{o.price} {o.status} filled={o.filled}"
+             for c, o in strategy.state.orders.items()]
+    for coid in strategy.state.orders:
+        lines.append(f"hash {coid}: {await redis.hgetall(keys.order(SYMBOL, coid))}")
+    for _, fields in await redis.xrange(keys.order_events(SYMBOL)):
+        lines.append(f"event: {fields}")
+    for record in await rest.active_orders(SYMBOL):
+        lines.append(f"exchange: {record.client_oid} {record.side} {record.size}@"
+                     f"{record.price} filled={record.filled_size}")
+    return "\n".join(lines)
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch,

@@ -14,8 +14,8 @@ from kumex_l3.grid import (
     GridOrder,
     GridPlan,
     GridState,
-    client_oid_seq,
     initial_orders,
+    is_client_oid_of,
     make_client_oid,
     on_fill,
     retry_refused,
@@ -41,7 +41,8 @@ def test_initial_grid_layout() -> None:
     plan = initial_orders(config, GridState())
     assert _prices(plan, "buy") == [Decimal("29999.5"), Decimal("29999.0"), Decimal("29998.5")]
     assert _prices(plan, "sell") == [Decimal("30000.5"), Decimal("30001.0"), Decimal("30001.5")]
-    assert [d.client_oid for d in plan.places] == [f"g1-{i}" for i in range(1, 7)]
+    assert [d.client_oid for d in plan.places] == [make_client_oid("g1", i, "")
+                                                   for i in range(1, 7)]
     assert all(d.size == 2 and d.reason for d in plan.places)
     assert plan.state.open_count == 6
     assert plan.state.next_seq == 7
@@ -81,7 +82,7 @@ def test_buy_fill_places_a_sell_one_step_higher_for_the_filled_size() -> None:
     partial = on_fill(config, plan.state, Fill(buy.client_oid, 1))
     (counter,) = partial.places
     assert (counter.side, counter.price, counter.size) == ("sell", buy.price + config.step, 1)
-    assert counter.client_oid == "g1-7"
+    assert counter.client_oid == make_client_oid("g1", 7, "")
     assert partial.state.position == 1
     assert partial.state.orders[buy.client_oid].status == "partially_filled"
     assert buy.client_oid in counter.reason
@@ -175,24 +176,34 @@ def test_over_fill_is_counted_at_the_order_size() -> None:
     assert "counted 2" in over.decisions[0].reason
 
 
-def test_client_oids_and_rebuild() -> None:
-    assert make_client_oid("g1", 12) == "g1-12"
-    assert client_oid_seq("g1", "g1-12") == 12
-    assert client_oid_seq("g1", "g1-x") is None
-    assert client_oid_seq("g1", "g1-a-3") is None
-    assert client_oid_seq("g", "g1-3") is None
-    orders = [GridOrder("g1-7", "buy", Decimal(1), 1, 0, "open"),
+def test_client_oids_are_unguessable_and_never_repeat_across_salts() -> None:
+    """``{prefix}-{16 characters}``: 96 bits keyed by the grid's salt. Knowing every
+    earlier clientOid and the prefix says nothing of the next one; another salt (another
+    grid, a lost state) never gives an earlier one again."""
+    one = [make_client_oid("g1", n, "salt-a") for n in range(1, 2001)]
+    other = [make_client_oid("g1", n, "salt-b") for n in range(1, 2001)]
+    assert len(set(one)) == 2000 and not set(one) & set(other)
+    assert all(len(c) == 19 and c.startswith("g1-") and is_client_oid_of("g1", c)
+               for c in one)
+    assert make_client_oid("g1", 7, "salt-a") == one[6]  # deterministic: a pure core
+    assert max(len(make_client_oid("x" * 23, 10**9, "s")) for _ in range(1)) <= 40
+    assert not is_client_oid_of("g1", "g1-12")  # the old, guessable shape
+    assert not is_client_oid_of("g", one[0])
+    assert not is_client_oid_of("g1", one[0] + "x")
+    orders = [GridOrder(one[6], "buy", Decimal(1), 1, 0, "open"),
               GridOrder("other-99", "sell", Decimal(2), 1, 0, "open")]
-    state = GridState.rebuild(orders, position=3, prefix="g1", next_seq=2)
-    assert state.next_seq == 8 and state.position == 3
-    assert GridState.rebuild([], position=0, prefix="g1", next_seq=40).next_seq == 40
+    state = GridState.rebuild(orders, position=3, salt="salt-a", next_seq=8)
+    assert state.next_seq == 8 and state.position == 3 and state.salt == "salt-a"
+    assert "salt-a" not in repr(state)
+    plan = initial_orders(_config(levels=1), state)
+    assert [d.client_oid for d in plan.places] == [one[7], one[8]]
 
 
 @pytest.mark.parametrize("overrides", [
     {"tick_size": Decimal(0)}, {"centre": Decimal(0)}, {"centre": Decimal("30000.05")},
     {"step_ticks": 0}, {"levels": 0}, {"size": 0}, {"max_position": -1},
     {"max_open_orders": -1}, {"leverage": 0}, {"client_oid_prefix": "a-b"},
-    {"client_oid_prefix": ""}, {"client_oid_prefix": "x" * 25},
+    {"client_oid_prefix": ""}, {"client_oid_prefix": "x" * 24},
 ])
 def test_config_validation(overrides: dict[str, object]) -> None:
     with pytest.raises(ValueError):
