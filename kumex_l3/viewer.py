@@ -433,6 +433,8 @@ class WatchOptions:
     #: Seconds between two reads of the own orders from Redis.
     own_interval: float = 2.0
     timeout: float = 5.0
+    #: The book's ``BOOK_API_TOKEN``, for its ``own`` list (:mod:`kumex_l3.access`).
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
@@ -457,6 +459,10 @@ def ws_url(base_url: str, symbol: str, depth: int) -> str:
     elif base.startswith("http://"):
         base = "ws://" + base[len("http://"):]
     return f"{base}/ws/book/{symbol}?depth={depth}"
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 async def fetch_own_ids(client: aioredis.Redis, symbol: str) -> frozenset[str]:
@@ -526,8 +532,8 @@ class _Viewer:
         while True:
             try:
                 async with ws_connect(self.url, open_timeout=self.options.timeout,
-                                      ping_interval=20, ping_timeout=20,
-                                      max_size=2**24) as ws:
+                                      ping_interval=20, ping_timeout=20, max_size=2**24,
+                                      additional_headers=_auth(self.options.token)) as ws:
                     self.state.connection = None
                     self.redraw()
                     async for raw in ws:
@@ -711,6 +717,9 @@ def build_parser(prog: str = "python -m kumex_l3 watch") -> argparse.ArgumentPar
                         help="Redis holding the own orders (default: $REDIS_URL, if set)")
     parser.add_argument("--once", action="store_true",
                         help="print one frame (from GET /book) and exit")
+    parser.add_argument("--token", default=None,
+                        help="the book's BOOK_API_TOKEN, for the own orders it pushes "
+                             "(default: $BOOK_API_TOKEN, if set)")
     return parser
 
 
@@ -718,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``kumex-watch SYMBOL [...]``: the exit status (see :func:`watch`, :func:`watch_once`)."""
     args = build_parser().parse_args(None if argv is None else list(argv))
     options = WatchOptions(symbol=args.symbol, url=args.url.rstrip("/"), depth=args.depth,
-                           l3=args.l3, redis_url=args.redis_url or os.environ.get("REDIS_URL"))
+                           l3=args.l3, redis_url=args.redis_url or os.environ.get("REDIS_URL"),
+                           token=args.token or os.environ.get("BOOK_API_TOKEN"))
     try:
         if args.once:
             return asyncio.run(watch_once(options))

@@ -13,6 +13,20 @@ per ``BOOK_WS_THROTTLE_SECONDS`` (always the latest: nothing queues up), and
 client that cannot take a message within ``BOOK_WS_SEND_TIMEOUT_SECONDS`` is
 dropped. On a replica that does not own the symbol, the socket relays the
 owner's WebSocket.
+
+Every wait is bounded, per peer:
+
+* a proxied request has one deadline for all of it (``BOOK_PROXY_TIMEOUT_SECONDS``:
+  the pool, the connection, the answer and its body), a connection pool of its
+  own per owner (``BOOK_PROXY_CONNECTIONS``: one slow owner cannot starve the
+  requests for another's symbols), and a bound on the body relayed
+  (``BOOK_PROXY_MAX_BYTES``); an owner URL read from Redis is used only if it
+  matches ``BOOK_PEER_URL_PATTERN``;
+* a relayed WebSocket pings the owner (``BOOK_WS_RELAY_PING_SECONDS``) and
+  follows ownership: when the symbol moves (here, or to another replica) the
+  relay is dropped and started again where it is now;
+* at most ``BOOK_WS_MAX_CLIENTS`` WebSocket clients a replica; past it a new
+  one is closed with 1013 ("try again later").
 """
 
 from __future__ import annotations
@@ -22,8 +36,10 @@ import contextlib
 import json
 import logging
 import pathlib
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Final
 
@@ -36,6 +52,7 @@ from starlette.websockets import WebSocketState
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import WebSocketException
 
+from kumex_l3.access import Guard, presented_token
 from kumex_l3.logs import kv
 from kumex_l3.metrics import metrics_router
 from services.book.consumer import SymbolConsumer
@@ -54,6 +71,12 @@ REPLICA_HEADER: Final = "x-kumex-replica"
 
 _JSON: Final = "application/json"
 _RELAY_RETRY_S: Final = 1.0
+#: How often a relay looks at who owns its symbol now.
+_RELAY_WATCH_S: Final = 1.0
+#: Owners' connection pools kept at most (the least recently used is closed).
+_PEERS_MAX: Final = 64
+#: Close code of a WebSocket refused because the replica has enough clients.
+CLOSE_TRY_AGAIN: Final = 1013
 
 Depth = Annotated[int, Query(ge=1, le=1000, description="levels per side")]
 Symbol = Annotated[str, Path(min_length=1, max_length=40)]
@@ -100,8 +123,47 @@ class _SlowClient(Exception):
 _STATIC = pathlib.Path(__file__).with_name("static")
 
 
-def _unavailable(detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=503)
+def _unavailable(detail: str, status: int = 503) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+class _Peers:
+    """The other replicas, as far as proxying goes: which owner URLs are acceptable, and
+    one connection pool per owner (:attr:`BookSettings.proxy_connections`)."""
+
+    def __init__(self, settings: BookSettings) -> None:
+        self._settings = settings
+        self._pattern = re.compile(settings.peer_url_pattern)
+        self._clients: OrderedDict[str, httpx.AsyncClient] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def allowed(self, url: str) -> bool:
+        """Whether ``url`` has the shape every replica's URL must have."""
+        return self._pattern.fullmatch(url) is not None
+
+    def client(self, url: str) -> httpx.AsyncClient:
+        """The pool for the owner at ``url`` (made on first use)."""
+        client = self._clients.get(url)
+        if client is not None:
+            self._clients.move_to_end(url)
+            return client
+        n = self._settings.proxy_connections
+        client = httpx.AsyncClient(
+            timeout=self._settings.proxy_timeout_seconds,
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        self._clients[url] = client
+        while len(self._clients) > _PEERS_MAX:
+            _, old = self._clients.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(old.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return client
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) -> FastAPI:
@@ -110,14 +172,20 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
     symbols = frozenset(settings.symbols)
     replica = settings.replica
     holder: dict[str, Any] = {}
+    guard = Guard(settings.api_token, settings.host)
+    if guard.policy == "off":
+        log.warning("BOOK_API_TOKEN is not set and the book listens beyond the loopback "
+                    "interface: own orders are not pushed on the WebSocket",
+                    extra=kv(host=settings.host))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=False,
                                               health_check_interval=30)
-        http = httpx.AsyncClient(timeout=settings.proxy_timeout_seconds)
+        peers = _Peers(settings)
         service = BookService(settings, client, metrics)
-        holder["service"], holder["http"] = service, http
+        holder["service"], holder["peers"] = service, peers
+        holder["ws_clients"] = 0
         await service.start()
         log.info("book service started",
                  extra=kv(replica=replica, url=settings.url, symbols=",".join(settings.symbols)))
@@ -125,7 +193,7 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
             yield
         finally:
             await service.stop()
-            await http.aclose()
+            await peers.aclose()
             await client.aclose()
             log.info("book service stopped", extra=kv(replica=replica))
 
@@ -153,11 +221,36 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
             return _unavailable(f"no replica serves {symbol} at the moment")
         if owner.id == replica:
             return _unavailable(f"{symbol} book is starting on this replica")
-        http: httpx.AsyncClient = holder["http"]
+        peers: _Peers = holder["peers"]
+        if not peers.allowed(owner.url):
+            metrics.proxied.labels(symbol, "refused_url").inc()
+            log.warning("owner URL refused: it does not match BOOK_PEER_URL_PATTERN",
+                        extra=kv(symbol=symbol, owner=owner.id, url=owner.url[:200]))
+            return _unavailable(f"{symbol}: its owner {owner.id} advertises a URL this "
+                                "replica does not proxy to")
+        limit = settings.proxy_max_bytes
+        deadline = settings.proxy_timeout_seconds
         try:
-            upstream = await http.get(owner.url + request.url.path,
-                                      params=request.query_params,
-                                      headers={PROXY_HEADER: replica})
+            async with asyncio.timeout(deadline), peers.client(owner.url).stream(
+                    "GET", owner.url + request.url.path, params=request.query_params,
+                    headers={PROXY_HEADER: replica}) as upstream:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in upstream.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        metrics.proxied.labels(symbol, "too_large").inc()
+                        log.warning("owner's answer over the bound: not relayed",
+                                    extra=kv(symbol=symbol, owner=owner.id, limit=limit))
+                        return _unavailable(f"{symbol}: its owner {owner.id} answered more "
+                                            f"than {limit} bytes", 502)
+                    chunks.append(chunk)
+        except TimeoutError:
+            metrics.proxied.labels(symbol, "timeout").inc()
+            log.warning("proxy to the owner ran out of time",
+                        extra=kv(symbol=symbol, owner=owner.id, deadline=deadline))
+            return _unavailable(f"{symbol}: its owner {owner.id} did not answer within "
+                                f"{deadline:g} s")
         except httpx.HTTPError as exc:
             metrics.proxied.labels(symbol, "error").inc()
             log.warning("proxy to the owner failed: %s", exc or type(exc).__name__,
@@ -167,7 +260,7 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
         headers = {PROXY_HEADER: replica}
         if REPLICA_HEADER in upstream.headers:
             headers[REPLICA_HEADER] = upstream.headers[REPLICA_HEADER]
-        return Response(upstream.content, status_code=upstream.status_code, headers=headers,
+        return Response(b"".join(chunks), status_code=upstream.status_code, headers=headers,
                         media_type=upstream.headers.get("content-type", _JSON))
 
     async def serve(request: Request, symbol: str,
@@ -235,14 +328,28 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
         if symbol not in symbols:
             await websocket.close(code=1008, reason=f"unknown symbol {symbol}")
             return
-        await websocket.accept()
-        metrics.ws_clients.labels(symbol).inc()
-        session = _WsSession(websocket, symbol, depth, service(), settings, metrics,
-                             proxied=bool(websocket.headers.get(PROXY_HEADER)))
+        if holder["ws_clients"] >= settings.ws_max_clients:
+            metrics.ws_refused.inc()
+            # Accepted, then closed: a close code the client can read (not an HTTP 403).
+            await websocket.accept()
+            await websocket.close(code=CLOSE_TRY_AGAIN, reason=(
+                f"try again later: {settings.ws_max_clients} WebSocket clients already"))
+            return
+        holder["ws_clients"] += 1
         try:
-            await session.run()
+            await websocket.accept()
+            metrics.ws_clients.labels(symbol).inc()
+            token = presented_token(websocket.headers, websocket.query_params)
+            session = _WsSession(websocket, symbol, depth, service(), holder["peers"],
+                                 settings, metrics,
+                                 proxied=bool(websocket.headers.get(PROXY_HEADER)),
+                                 own=guard.allows(token), token=token)
+            try:
+                await session.run()
+            finally:
+                metrics.ws_clients.labels(symbol).dec()
         finally:
-            metrics.ws_clients.labels(symbol).dec()
+            holder["ws_clients"] -= 1
 
     return app
 
@@ -251,25 +358,24 @@ class _WsSession:
     """One WebSocket client: pushes local changes, or relays the owner's socket."""
 
     def __init__(self, websocket: WebSocket, symbol: str, depth: int, service: BookService,
-                 settings: BookSettings, metrics: BookMetrics, *, proxied: bool) -> None:
+                 peers: _Peers, settings: BookSettings, metrics: BookMetrics, *,
+                 proxied: bool, own: bool = False, token: str | None = None) -> None:
         self.ws = websocket
+        #: Whether this client may see the user's own orders (and the token it showed,
+        #: passed on to the owner when relaying).
+        self.own = own
+        self.token = token
         self.symbol = symbol
         self.depth = depth
         self.service = service
+        self.peers = peers
         self.settings = settings
         self.metrics = metrics
         self.proxied = proxied
         self._last: bytes | str | None = None
 
     async def run(self) -> None:
-        pusher = asyncio.create_task(self._push())
-        listener = asyncio.create_task(self._listen())
-        try:
-            await asyncio.wait({pusher, listener}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pusher, listener):
-                task.cancel()
-            pushed, _ = await asyncio.gather(pusher, listener, return_exceptions=True)
+        pushed, _ = await _first_of(self._push(), self._listen())
         if isinstance(pushed, _SlowClient):
             self.metrics.ws_dropped.labels(self.symbol).inc()
             log.info("slow WebSocket client dropped", extra=kv(symbol=self.symbol))
@@ -320,7 +426,8 @@ class _WsSession:
         sent_at = float("-inf")
         while consumer.active and self.service.local(self.symbol) is consumer:
             changed = consumer.changed
-            body = consumer.ws_body(self.depth) if consumer.serving else consumer.status_body()
+            body = (consumer.ws_body(self.depth, own=self.own) if consumer.serving
+                    else consumer.status_body())
             if body != self._last:
                 wait = sent_at + throttle - time.monotonic()
                 if wait > 0:
@@ -335,24 +442,61 @@ class _WsSession:
             owner = await self.service.owner_of(self.symbol)
         except (redis.exceptions.RedisError, OSError):
             owner = None
-        if owner is None or owner.url is None or owner.id == self.service.owner.id:
+        if (owner is None or owner.url is None or owner.id == self.service.owner.id
+                or not self.peers.allowed(owner.url)):
             await self._send(_status(self.symbol, f"no replica serves {self.symbol} right now"))
             await asyncio.sleep(_RELAY_RETRY_S)
             return
         url = ("ws" + owner.url[4:] if owner.url.startswith("http") else owner.url)
         url = f"{url}/ws/book/{self.symbol}?depth={self.depth}"
+        headers = {PROXY_HEADER: self.service.owner.id}
+        if self.own and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        ping = self.settings.ws_relay_ping_seconds
         try:
-            async with ws_connect(url, additional_headers={PROXY_HEADER: self.service.owner.id},
+            async with ws_connect(url, additional_headers=headers,
                                   open_timeout=self.settings.proxy_timeout_seconds,
-                                  ping_interval=None) as upstream:
-                async for message in upstream:
-                    await self._send(message)
-                    if self.service.local(self.symbol) is not None:
-                        return  # the symbol moved here: serve it locally
+                                  ping_interval=ping, ping_timeout=ping,
+                                  max_size=self.settings.proxy_max_bytes) as upstream:
+
+                async def pump() -> None:
+                    async for message in upstream:
+                        await self._send(message)
+
+                pumped, _ = await _first_of(pump(), self._watch(owner.id))
+                if isinstance(pumped, _SlowClient):
+                    raise pumped
         except (OSError, TimeoutError, WebSocketException) as exc:
             log.info("WebSocket relay to the owner ended: %s", exc or type(exc).__name__,
                      extra=kv(symbol=self.symbol, owner=owner.id))
         await asyncio.sleep(_RELAY_RETRY_S / 4)
+
+    async def _watch(self, owner_id: str) -> None:
+        """Return when the symbol is not ``owner_id``'s any more (here, elsewhere, nobody's)."""
+        while True:
+            await asyncio.sleep(_RELAY_WATCH_S)
+            if self.service.local(self.symbol) is not None:
+                return
+            try:
+                now = await self.service.owner_of(self.symbol)
+            except (redis.exceptions.RedisError, OSError):
+                continue
+            if now is None or now.id != owner_id:
+                return
+
+
+async def _first_of(a: Coroutine[Any, Any, None],
+                    b: Coroutine[Any, Any, None]) -> tuple[object, object]:
+    """Run ``a`` and ``b`` until either ends, cancel the other: what each ended with
+    (``None``, an exception, or the cancellation)."""
+    tasks = (asyncio.create_task(a), asyncio.create_task(b))
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    return results[0], results[1]
 
 
 def _status(symbol: str, detail: str) -> str:

@@ -100,27 +100,28 @@ def peek_message_sequence(raw: bytes | str) -> int | None:
     return None if env.data is None else env.data.sequence
 
 
-def _heartbeat_connection(raw: Any) -> str | None:
-    """The ``connectId`` of a heartbeat value (``None`` when absent or unreadable)."""
+def _json_object(raw: Any) -> dict[str, Any] | None:
+    """A JSON object read from Redis (``None`` when absent or not an object)."""
     if raw is None:
         return None
     try:
         value = msgspec.json.decode(raw)
     except msgspec.DecodeError:
         return None
-    connection = value.get("connectId") if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def _heartbeat_connection(raw: Any) -> str | None:
+    """The ``connectId`` of a heartbeat value (``None`` when absent or unreadable)."""
+    value = _json_object(raw)
+    connection = value.get("connectId") if value is not None else None
     return connection if isinstance(connection, str) and connection else None
 
 
 def _due_of(raw: Any) -> dict[str, Any] | None:
     """The feed's snapshot schedule of a symbol (:func:`kumex_l3.keys.snapshot_due`)."""
-    if raw is None:
-        return None
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(value, dict) or not all(
+    value = _json_object(raw)
+    if value is None or not all(
             isinstance(value.get(k), int) for k in ("dueInMs", "at", "position", "queued")):
         return None
     return value
@@ -185,6 +186,9 @@ class SymbolConsumer:
         self.read_id = "0-0"
         #: Set once a read came back short: the book has reached the stream's end.
         self.caught_up = False
+        #: When (this process's monotonic clock) a stream read last completed: the book
+        #: is known current as of then (served only while recent: ``BOOK_MAX_AGE_SECONDS``).
+        self.confirmed_at = float("-inf")
         self.active = False
         #: Incremented whenever what the book serves may have changed.
         self.version = 0
@@ -227,9 +231,12 @@ class SymbolConsumer:
 
     @property
     def serving(self) -> bool:
-        """``True`` when the book is synced, fresh (the feed has the exchange) and has
-        caught up with the stream once."""
-        return self.active and self.sync.fresh and self.caught_up
+        """``True`` when the book is synced, fresh (the feed has the exchange), has caught
+        up with the stream once, and a stream read confirmed it current less than
+        ``BOOK_MAX_AGE_SECONDS`` ago by this process's own clock (a paused process
+        answers 503 until its consumer has read again)."""
+        return (self.active and self.sync.fresh and self.caught_up
+                and self._clock() - self.confirmed_at <= self._settings.max_age_seconds)
 
     @property
     def book(self) -> OrderBook | None:
@@ -254,6 +261,11 @@ class SymbolConsumer:
             return f"{self.symbol} book may be stale: {self.sync.stale_reason}"
         if self.sync.synced and not self.caught_up:
             return f"{self.symbol} book is catching up with the stream"
+        age = self._clock() - self.confirmed_at
+        if self.sync.fresh and age > self._settings.max_age_seconds:
+            return (f"{self.symbol} book was last confirmed current {age:.1f} s ago (more than "
+                    f"{self._settings.max_age_seconds:g} s): this replica was paused or "
+                    "cannot read the stream")
         return (f"{self.symbol} book is not synced ({self.reason or self.sync.state.value}); "
                 + self._due_text())
 
@@ -276,10 +288,13 @@ class SymbolConsumer:
         """``GET /book`` JSON at ``depth`` (call only while :attr:`serving`)."""
         return self._cached("book", depth, self._build_book)
 
-    def ws_body(self, depth: int) -> bytes:
+    def ws_body(self, depth: int, *, own: bool = True) -> bytes:
         """The WebSocket push: the ``GET /book`` body plus ``trades`` (recent matches,
-        oldest first) and ``own`` (the user's resting orders with their queue position)."""
-        return self._cached("ws", depth, self._build_ws)
+        oldest first) and, with ``own``, ``own`` (the user's resting orders with their
+        queue position; for the clients :mod:`kumex_l3.access` allows only)."""
+        if own:
+            return self._cached("ws", depth, self._build_ws)
+        return self._cached("ws-public", depth, self._build_ws_public)
 
     def l3_body(self, depth: int) -> bytes:
         """``GET /book/{symbol}/l3`` JSON at ``depth`` (call only while :attr:`serving`)."""
@@ -321,19 +336,25 @@ class SymbolConsumer:
         return _ENCODER.encode({"symbol": self.symbol, "sequence": book.sequence, "ts": book.ts,
                                 "bids": bids, "asks": asks})
 
-    def _build_ws(self, book: OrderBook, depth: int) -> bytes:
+    def _build_ws_public(self, book: OrderBook, depth: int) -> bytes:
+        return self._build_ws(book, depth, own=False)
+
+    def _build_ws(self, book: OrderBook, depth: int, *, own: bool = True) -> bytes:
         bids, asks = book.depth_rows(depth)
-        own = []
-        for order_id in sorted(self.own_ids):
+        mine = []
+        for order_id in sorted(self.own_ids) if own else ():
             pos = book.queue_position(order_id)
             if pos is not None:
-                own.append({"orderId": pos.order_id, "side": pos.side, "price": pos.price_text,
-                            "size": format_qty(pos.size), "position": pos.position,
-                            "sizeAhead": format_qty(pos.size_ahead)})
+                mine.append({"orderId": pos.order_id, "side": pos.side, "price": pos.price_text,
+                             "size": format_qty(pos.size), "position": pos.position,
+                             "sizeAhead": format_qty(pos.size_ahead)})
         trades = [{"price": t.price, "size": t.size, "side": t.side, "ts": t.ts}
                   for t in book.trades]
-        return _ENCODER.encode({"symbol": self.symbol, "sequence": book.sequence, "ts": book.ts,
-                                "bids": bids, "asks": asks, "trades": trades, "own": own})
+        body: dict[str, Any] = {"symbol": self.symbol, "sequence": book.sequence, "ts": book.ts,
+                                "bids": bids, "asks": asks, "trades": trades}
+        if own:
+            body["own"] = mine
+        return _ENCODER.encode(body)
 
     def _build_l3(self, book: OrderBook, depth: int) -> bytes:
         bids, asks = book.l3(depth)
@@ -496,6 +517,9 @@ class SymbolConsumer:
     async def _step(self) -> None:
         settings = self._settings
         block_ms = max(1, int(settings.read_block_seconds * 1000))
+        # The read shows the stream as of some time after it was sent: count from the send
+        # (a process paused before it handled the reply must not date it from its waking).
+        issued = self._clock()
         reply: Any = await self._redis.xread({self._stream: self.read_id},
                                              count=settings.read_batch, block=block_ms)
         entries: list[Any] = reply[0][1] if reply else []
@@ -503,6 +527,7 @@ class SymbolConsumer:
             outs = self.sync.on_entries(entries)
             self.read_id = _text(entries[-1][0])
             await self._handle(outs)
+        self.confirmed_at = issued
         if len(entries) < settings.read_batch and not self.caught_up:
             self.caught_up = True
             self._bump()

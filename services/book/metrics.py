@@ -83,6 +83,8 @@ class BookMetrics:
         self.ws_dropped = Counter("kumex_book_ws_dropped",
                                   "WebSocket clients dropped for being too slow", sym,
                                   registry=r)
+        self.ws_refused = Counter("kumex_book_ws_refused", "WebSocket clients refused: the "
+                                  "replica had BOOK_WS_MAX_CLIENTS already", registry=r)
 
     def add_sync_stats(self, symbol: str, now: SyncStats, before: SyncStats) -> None:
         """Add what a synchroniser counted since ``before`` (both its :class:`SyncStats`)."""

@@ -6,12 +6,13 @@ stops the service with a message naming the variable), then passed down.
 
 from __future__ import annotations
 
+import re
 import socket
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from kumex_l3.config import CommonSettings, check_http_url
+from kumex_l3.config import CommonSettings, OptionalSecret, check_http_url
 
 __all__ = ["ROLE", "BookSettings"]
 
@@ -68,8 +69,37 @@ class BookSettings(CommonSettings):
     #: ``/readyz`` turns false when an owned book that was served has not been for longer
     #: than this (a wedged book); a shorter resync keeps the replica ready.
     ready_max_unserved_seconds: float = Field(60.0, gt=0)
-    #: Timeout of a request proxied to the owning replica.
+    #: The book is served only while its consumer confirmed it current (a stream read
+    #: completed) at most this long ago, by this process's own clock: a replica paused
+    #: (SIGSTOP, a stalled VM) or cut off from Redis never serves an old book as fresh.
+    max_age_seconds: float = Field(3.0, gt=0, le=600)
+    #: Deadline of a whole request proxied to the owning replica (connect, wait, body).
     proxy_timeout_seconds: float = Field(5.0, gt=0)
+    #: Connections to one owner at most (one slow owner cannot take them all).
+    proxy_connections: int = Field(20, ge=1, le=1000)
+    #: Largest body relayed from an owner, bytes (past it: 502, nothing relayed).
+    proxy_max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    #: The URLs an owner may advertise in its lease (a regular expression matched in
+    #: full): anything else in Redis is never proxied to. The default takes a scheme,
+    #: a host and a port, nothing more (no user, path or query).
+    peer_url_pattern: str = r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?"
+    #: Token the WebSocket's ``own`` list (the user's resting orders) asks for
+    #: (``?token=`` or ``Authorization: Bearer``); without it ``own`` is pushed only
+    #: when the book listens on a loopback address (:mod:`kumex_l3.access`).
+    api_token: OptionalSecret = None
+    #: WebSocket clients per replica at most; past it a new one is closed with 1013.
+    ws_max_clients: int = Field(256, ge=1)
+    #: A relayed owner's WebSocket that answers no ping for this long is dropped.
+    ws_relay_ping_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("peer_url_pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
 
     @field_validator("public_url")
     @classmethod
@@ -86,6 +116,9 @@ class BookSettings(CommonSettings):
             self.public_url = f"http://{shown}:{self.port}"
         if self.replica_id is None:
             self.replica_id = f"{socket.gethostname()}-{self.port}"
+        if not re.fullmatch(self.peer_url_pattern, self.public_url):
+            raise ValueError(f"the replica's URL {self.public_url!r} does not match "
+                             "BOOK_PEER_URL_PATTERN: the other replicas would refuse it")
         return self
 
     @property
