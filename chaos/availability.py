@@ -45,7 +45,7 @@ import httpx
 import redis
 
 from chaos.scenarios import Outcome
-from chaos.stack import Check, Poller, verify_answers
+from chaos.stack import Check, Poller, Started, verify_answers
 from kumex_l3 import keys
 from kumex_l3.devredis import RedisServer
 from kumex_l3.lease import LeaseOwner
@@ -100,7 +100,7 @@ class Figures:
         return min((s["available"] for s in self.symbols.values()), default=0.0)
 
 
-class _Set:
+class _Set(Started):
     """Redis, the sandbox, the feeds and the book of one run (see the module docstring)."""
 
     def __init__(self, config: AvailabilityConfig) -> None:
@@ -113,16 +113,6 @@ class _Set:
         self.http: httpx.Client | None = None
         #: Feed metrics read last, per process run (a killed feed keeps its last reading).
         self.feed_readings: dict[str, dict[str, float]] = {}
-
-    def __enter__(self) -> _Set:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> _Set:
         cfg = self.config
@@ -406,6 +396,8 @@ def outage(config: AvailabilityConfig | None = None, *, seconds: float = 5.0,
         cut = time.monotonic()
         closed = run.http.post("/sandbox/disconnect", json={"seconds": seconds}).json()
         progress(f"  outage: {closed['disconnected']} connections cut, refused {seconds:g} s")
+        outcome.faults[f"outage {seconds:g} s"] = 1
+        outcome.faults["connections cut"] = int(closed["disconnected"])
         limit = seconds + len(cfg.symbols) * period + 60
         _wait(lambda: all(_status(book.url, s) == 200 for s in cfg.symbols), limit)
         time.sleep(2.0)

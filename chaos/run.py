@@ -8,8 +8,10 @@ Runs, in order (``--only`` picks some):
   500s (60 s; 12 s with ``--quick``), Redis down (30 s; 10 s), then the RSS
   bound (:func:`chaos.scenarios.network_suite`);
 * ``pytest``: the rest of ``tests/chaos/`` (bad input, fuzzing, HTTP abuse,
-  secrets...) through pytest, with ``KUMEX_FUZZ_EXAMPLES`` raised (5000;
-  the tests' own defaults with ``--quick``); each failed test is a violation;
+  secrets, a hostile account, fencing, hostile peers...) through pytest, with
+  ``KUMEX_FUZZ_EXAMPLES`` raised (5000; the tests' own defaults with
+  ``--quick``) and the owners paused 5, 15 and 40 s (``KUMEX_CHAOS_PAUSES``;
+  5 and 15 with ``--quick``); each failed test is a violation;
 * ``atheris``: the coverage-guided parser fuzzer of ``tests/chaos`` for
   ``--atheris-seconds`` (60; not with ``--quick``) when atheris is installed
   (``pip install -e '.[fuzz]'``); a crash it finds is a violation;
@@ -70,6 +72,8 @@ def _pytest_outcomes(fuzz_examples: int | None, quick: bool) -> list[Outcome]:
     env = dict(os.environ)
     if fuzz_examples is not None:
         env["KUMEX_FUZZ_EXAMPLES"] = str(fuzz_examples)
+    if not quick:
+        env.setdefault("KUMEX_CHAOS_PAUSES", "5,15,40")  # tests/chaos/test_fencing.py
     with tempfile.TemporaryDirectory(prefix="kumex-chaos-") as tmp:
         report = Path(tmp) / "junit.xml"
         command = [sys.executable, "-m", "pytest", "tests/chaos", "-q", "-p", "no:cacheprovider",

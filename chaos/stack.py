@@ -49,13 +49,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import httpx
 import redis
 
 from kumex_l3 import OrderBook, keys, parse_message
 from kumex_l3.devredis import RedisServer
+from kumex_l3.grid import is_client_oid_of
 from kumex_l3.rest import KumexRestClient
 from tests.procs import ServiceProcess, metric
 from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
@@ -64,6 +65,7 @@ __all__ = [
     "PREFIX",
     "SERVICES",
     "SYM",
+    "Attacker",
     "Check",
     "Poller",
     "Stack",
@@ -278,6 +280,96 @@ class Sweeper(threading.Thread):
         self.join(timeout=30)
 
 
+def _grid_shaped(client_oid: str) -> bool:
+    """Whether ``client_oid`` looks like one of the grid's, in its shape or the old one."""
+    tail = client_oid[len(PREFIX) + 1:]
+    return is_client_oid_of(PREFIX, client_oid) or (
+        client_oid.startswith(PREFIX + "-") and tail.isdigit())
+
+
+class Attacker(threading.Thread):
+    """Another account (demo key 2) that tries to take the grid's orders over.
+
+    It reads the public L3 feed like anyone may, and for every ``received``
+    that shows one of the grid's clientOids it sends at once, under the same
+    clientOid, an IOC order of its own (a buy far below the market: canceled at
+    once, never filled). It also sends, under clientOids it guesses (the
+    ``{prefix}-{n}`` shape grids used to have), orders ahead of the grid. If
+    the grid's order monitor linked any of those to the grid's own orders, the
+    grid's hashes would follow the attacker's canceled orders.
+    """
+
+    def __init__(self, base_url: str, *, price: str = "1000.0") -> None:
+        super().__init__(daemon=True, name="chaos-attacker")
+        self.base_url = base_url
+        self.price = price
+        self.halt = threading.Event()
+        self.copies = 0
+        self.guesses = 0
+        self.errors = 0
+        self._guess = 1
+        self._copied: set[str] = set()
+
+    def run(self) -> None:
+        from websockets.sync.client import connect as ws_connect
+
+        with httpx.Client(base_url=self.base_url, timeout=5, auth=KcAuth(DEMO_KEY_2)) as api:
+            while not self.halt.is_set():
+                try:
+                    token = api.post("/api/v1/bullet-public").json()["data"]
+                    server = token["instanceServers"][0]
+                    url = f"{server['endpoint']}?token={token['token']}&connectId=attacker"
+                    with ws_connect(url, open_timeout=10) as ws:
+                        ws.recv(timeout=10)  # welcome
+                        ws.send(json.dumps({"id": "1", "type": "subscribe", "response": True,
+                                            "topic": f"/contractMarket/level3v2:{SYM}"}))
+                        self._listen(ws, api)
+                except Exception:
+                    self.errors += 1
+                    self.halt.wait(0.5)
+
+    def _listen(self, ws: Any, api: httpx.Client) -> None:
+        last_ping = time.monotonic()
+        while not self.halt.is_set():
+            if time.monotonic() - last_ping > 5:
+                ws.send(json.dumps({"id": str(time.time_ns()), "type": "ping"}))
+                last_ping = time.monotonic()
+            try:
+                frame = json.loads(ws.recv(timeout=0.5))
+            except TimeoutError:
+                continue
+            data = frame.get("data") if isinstance(frame, dict) else None
+            if frame.get("subject") != "received" or not isinstance(data, dict):
+                continue
+            coid = str(data.get("clientOid") or "")
+            tail = coid[len(PREFIX) + 1:]
+            if coid.startswith(PREFIX + "-") and tail.isdigit():
+                # The old shape ({prefix}-{n}): the next ones are n+1, n+2...
+                self._guess = max(self._guess, int(tail))
+            if _grid_shaped(coid) and coid not in self._copied:
+                self._copied.add(coid)  # its own copy shows the same clientOid: once
+                self._order(api, coid)
+                self.copies += 1
+                for _ in range(2):  # and guesses ahead, in the old guessable shape
+                    self._guess += 1
+                    guess = f"{PREFIX}-{self._guess}"
+                    self._copied.add(guess)  # its own: never copied when seen on the feed
+                    self._order(api, guess)
+                    self.guesses += 1
+
+    def _order(self, api: httpx.Client, coid: str) -> None:
+        try:
+            api.post("/api/v1/orders", json={
+                "clientOid": coid, "symbol": SYM, "side": "buy", "price": self.price,
+                "size": 1, "leverage": "5", "timeInForce": "IOC"})
+        except httpx.HTTPError:
+            self.errors += 1
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=30)
+
+
 # ---------------------------------------------------------------------- the stack
 
 
@@ -311,7 +403,27 @@ class StackConfig:
     poll_interval: float = 0.05
 
 
-class Stack:
+class Started:
+    """A context manager over ``start()``: a start that fails half-way is closed again."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Stack(Started):
     """Sandbox, Redis and the four services as real processes (see the module docstring)."""
 
     def __init__(self, config: StackConfig | None = None, *,
@@ -337,16 +449,6 @@ class Stack:
         self.last_forgotten = 0
 
     # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> Stack:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> Stack:
         cfg = self.config
@@ -556,6 +658,24 @@ class Stack:
     def redis_client(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis.url, socket_timeout=5,
                                     socket_connect_timeout=5)
+
+    def last_event_id(self) -> str:
+        """The id of the last own-order event so far ("0-0": none)."""
+        client = self.redis_client()
+        try:
+            tail: Any = client.xrevrange(keys.order_events(SYM), count=1)
+        finally:
+            client.close()
+        return _text(tail[0][0]) if tail else "0-0"
+
+    def order_events_after(self, after: str) -> list[dict[str, str]]:
+        """The own-order events after id ``after``, fields decoded."""
+        client = self.redis_client()
+        try:
+            entries: Any = client.xrange(keys.order_events(SYM), f"({after}", "+")
+        finally:
+            client.close()
+        return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
 
     def redis_restart(self, *, persist: bool) -> None:
         """Restart Redis; without ``persist`` it comes back empty (append-only off).

@@ -35,12 +35,9 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """The session server's URL, after a FLUSHALL: every test starts from empty."""
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
-    return redis_server.url
+    from tests.procs import flush_redis  # after the root is on sys.path (above)
+
+    return flush_redis(redis_server.url)
 
 
 @pytest.fixture

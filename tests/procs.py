@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
 import httpx
+import redis
 
 from kumex_l3.devredis import free_port
 
@@ -232,3 +233,13 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def flush_redis(url: str) -> str:
+    """Empty the Redis server at ``url`` (FLUSHALL) and return ``url``."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return url

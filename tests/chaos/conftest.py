@@ -25,7 +25,7 @@ import redis
 from kumex_l3 import OrderBook, keys
 from kumex_l3.devredis import RedisServer
 from tests.chaos.corpus import Frame
-from tests.procs import ServiceProcess, metric, wait_for
+from tests.procs import ServiceProcess, flush_redis, metric, wait_for
 from tests.sandbox_proc import SandboxProcess
 from tests.truth import assert_answers_were_true, assert_l3_equals_engine
 
@@ -298,11 +298,7 @@ def chaos_stack(redis_server: RedisServer) -> Iterator[ChaosStack]:
     Tests take it through :func:`stack`, which shows the processes' logs when
     the test fails.
     """
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
+    flush_redis(redis_server.url)
     stack = ChaosStack(redis_server.url)
     try:
         try:

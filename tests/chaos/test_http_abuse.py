@@ -36,7 +36,7 @@ from kumex_l3 import keys
 from kumex_l3.devredis import RedisServer
 from kumex_l3.synthetic import StreamGenerator
 from tests.chaos.conftest import SYM, book_process
-from tests.procs import metric, wait_for
+from tests.procs import flush_redis, metric, wait_for
 
 #: Examples schemathesis generates per operation and mode (positive, negative): 40 in CI,
 #: a tenth of ``KUMEX_FUZZ_EXAMPLES`` when that is set higher (``make chaos``).
@@ -102,11 +102,7 @@ def _json(obj: Any) -> str:
 
 @pytest.fixture(scope="module")
 def book(redis_server: RedisServer) -> Iterator[BookUnderTest]:
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
+    flush_redis(redis_server.url)
     under_test = BookUnderTest(redis_server.url)
     try:
         with under_test.proc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -19,6 +20,8 @@ from kumex_l3 import keys
 from tests.procs import ROOT, read_shared, wait_for
 
 SYM = "XBTUSDM"
+#: The example clientOid of the README's walkthrough.
+GRID_OID = re.compile(r"grid-[A-Za-z0-9_-]{16}")
 SERVICE_PORTS = (8080, 8081, 8082, 8083, 8090)
 
 
@@ -96,6 +99,12 @@ def _exercise(demo: subprocess.Popen[bytes], log: IO[bytes], redis_url: str,
             # set is live (the grid's orders fill and are replaced), so an empty answer
             # is asked again until one comes: the active set can be empty for a moment.
             for line in _readme_redis_commands():
+                # The README's clientOid is an example (they are unguessable): use a
+                # live one of the grid's.
+                if GRID_OID.search(line):
+                    live = wait_for(lambda: r.srandmember(keys.orders_active(SYM)),
+                                    "an own order in the active set")
+                    line = GRID_OID.sub(str(live), line)
                 args = shlex.split(line)[1:]
                 wait_for(lambda args=args: r.execute_command(*args),
                          f"an answer to the README command: {line}")

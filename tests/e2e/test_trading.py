@@ -42,7 +42,7 @@ from kumex_l3.rest import (
     ServerError,
 )
 from kumex_l3.trading import Trader
-from tests.procs import ServiceProcess, metric, wait_for
+from tests.procs import ServiceProcess, flush_redis, metric, wait_for
 from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
 
 SYM = "XBTUSDM"
@@ -112,9 +112,7 @@ def _empty_the_book(sandbox: SandboxProcess) -> None:
 
 @pytest.fixture(scope="class")
 def stack(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    client.close()
+    flush_redis(redis_server.url)
     env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "5",
            "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "0"}
     failed_before = request.session.testsfailed

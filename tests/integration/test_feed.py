@@ -860,6 +860,11 @@ async def test_two_lines_cover_each_others_drops(
           f"stream, {covered:g} covered by the other line")
 
 
+async def _snapshots_served(http: httpx.AsyncClient) -> int:
+    counts = (await http.get("/sandbox/state")).json()["faults"]["counts"]
+    return int(counts.get("snapshots_served", 0))
+
+
 async def _writer_id(client: redis.asyncio.Redis, symbol: str = "XBTUSDM") -> str | None:
     raw = await client.get(keys.owner(symbol, ROLE))
     return None if raw is None else LeaseOwner.from_json(raw).id
@@ -884,6 +889,7 @@ async def test_kill_9_of_the_writing_feed_costs_no_gap(
         await http.post("/sandbox/flow/resume", json={"rate": 300})
         await eventually(lambda: _longer(_stream_sequences(redis_client), 200),
                          "the flow in the stream")
+        served = await _snapshots_served(http)
         writer.kill()
         await eventually(lambda: _equals(_writer_id(redis_client), "feed-b"),
                          "feed-b taking over")
@@ -892,6 +898,8 @@ async def test_kill_9_of_the_writing_feed_costs_no_gap(
                          "the flow after the takeover")
         await http.post("/sandbox/flow/pause")
         await _settled(http, redis_client)
+        # Taken over mid-session: the stream just goes on, no snapshot is spent.
+        assert await _snapshots_served(http) == served
     seqs = [s for s in await _stream_sequences(redis_client) if s > start]
     assert seqs == list(range(start + 1, start + 1 + len(seqs))), "no hole, nothing twice"
     samples = await standby.metrics()

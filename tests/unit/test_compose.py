@@ -380,3 +380,15 @@ def test_dockerignore_keeps_the_context_small() -> None:
     # What the image build needs must stay in the context.
     for needed in ("pyproject.toml", "README.md", "kumex_l3", "services"):
         assert needed not in patterns
+
+
+def test_only_the_book_is_published_and_the_sandbox_control_on_loopback(
+        services: dict[str, dict[str, Any]]) -> None:
+    """Exposure: the book is the one public face; the sandbox's control API (faults,
+    journal) only on this machine; the others (their /metrics, the strategy's /state)
+    are reached on the compose network or with `docker compose exec`."""
+    published = {name for name, spec in services.items() if spec.get("ports")}
+    assert published == {"book", "sandbox"}
+    assert all(str(p).startswith("127.0.0.1:") for p in services["sandbox"]["ports"])
+    assert services["book"]["environment"]["BOOK_API_TOKEN"] == "${BOOK_API_TOKEN:-}"
+    assert services["feed"]["deploy"]["replicas"] == "${FEED_REPLICAS:-2}"
