@@ -525,9 +525,15 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
                     ahead += int(resting["size"])
         async with KumexRestClient(sandbox.base_url, DEMO_KEY_2.key, DEMO_KEY_2.secret,
                                    DEMO_KEY_2.passphrase, timeout=10.0) as taker:
-            await taker.place_order(client_oid="taker-1", symbol=SYMBOL, side="sell",
-                                    price=centre - step, size=ahead + 2, leverage=2,
-                                    time_in_force="IOC")
+            placed = await taker.place_order(client_oid="taker-1", symbol=SYMBOL, side="sell",
+                                             price=centre - step, size=ahead + 2, leverage=2,
+                                             time_in_force="IOC")
+            sold = await taker.get_order(placed.order_id)
+        # The fill happened at the exchange, or the stream cannot be blamed for what follows.
+        ours = await rest.get_order(buy.order_id)
+        assert ours is not None and ours.filled_size == 2, (
+            f"the taker's IOC sell of {ahead + 2} at {centre - step} did not fill 2 of the "
+            f"grid's buy: taker {sold}, grid buy {ours}, bids read {book['bids'][:8]}")
 
         async def counter_open() -> bool:
             order = await order_store.load(redis, SYMBOL, ge3)
