@@ -19,15 +19,20 @@ error the book is no longer known and must be rebuilt from a snapshot.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 
+import msgspec
 from sortedcontainers import SortedList
 
 from kumex_l3.errors import IntegrityError, MessageError, SequenceGap
 from kumex_l3.messages import (
+    _DECODE_ERRORS,
+    _FRAME,
+    MAX_MESSAGE_BYTES,
+    TOPIC_PREFIX,
     Control,
     DataMessage,
     Done,
@@ -38,6 +43,7 @@ from kumex_l3.messages import (
     Snapshot,
     Update,
     format_qty,
+    parse_message,
     parse_price,
     parse_qty,
     parse_snapshot,
@@ -52,6 +58,9 @@ __all__ = [
     "QueuePosition",
     "Trade",
 ]
+
+#: The messages :meth:`OrderBook.apply` takes.
+_DATA_KINDS: Final = frozenset({Received, Open, Update, Match, Done})
 
 #: Trades an :class:`OrderBook` remembers (:attr:`OrderBook.trades`).
 RECENT_TRADES: Final = 50
@@ -119,39 +128,40 @@ class BookStats:
     unknown_update: int = 0
 
 
-class _Order:
-    __slots__ = ("order_id", "price", "side", "size", "ts")
-
-    def __init__(self, order_id: str, side: str, price: Decimal, size: Qty, ts: int) -> None:
-        self.order_id = order_id
-        self.side = side
-        self.price = price
-        self.size = size
-        self.ts = ts
+class _Order(msgspec.Struct, gc=False):
+    # A C-built struct: three times cheaper to make than a __slots__ class, and, holding
+    # no containers, never tracked by the garbage collector.
+    order_id: str
+    side: str
+    price: Decimal
+    size: Qty
+    ts: int
 
 
 class _Level:
-    __slots__ = ("orders", "price", "size", "text")
+    __slots__ = ("last_ts", "orders", "price", "size", "text")
 
     def __init__(self, price: Decimal, text: str) -> None:
         self.price = price
         self.text = text
         self.orders: dict[str, _Order] = {}
         self.size: Qty = 0
+        #: No order of this level has a later ts (an upper bound: a removal leaves it).
+        self.last_ts = 0
 
     def add(self, order: _Order) -> None:
-        orders = self.orders
-        if orders and order.ts < next(reversed(orders.values())).ts:
-            # Rare: an order whose ts is earlier than the back of the queue.
-            # Queue priority is by ts; keep arrival order among equal ts.
-            queue = list(orders.values())
+        if order.ts >= self.last_ts:
+            self.orders[order.order_id] = order
+            self.last_ts = order.ts
+        else:
+            # Rare: an order whose ts is earlier than one already queued. Queue
+            # priority is by ts; keep arrival order among equal ts.
+            queue = list(self.orders.values())
             i = len(queue)
             while i > 0 and queue[i - 1].ts > order.ts:
                 i -= 1
             queue.insert(i, order)
             self.orders = {o.order_id: o for o in queue}
-        else:
-            orders[order.order_id] = order
         self.size += order.size
 
 
@@ -192,10 +202,12 @@ class _Side:
         level.add(order)
 
     def remove(self, order: _Order) -> None:
+        """Take a resting order off its level (the level too, when it was the last)."""
         level = self.levels[order.price]
-        del level.orders[order.order_id]
+        orders = level.orders
+        del orders[order.order_id]
         level.size -= order.size
-        if not level.orders:
+        if not orders:
             del self.levels[order.price]
             self.prices.remove(order.price)
 
@@ -208,8 +220,8 @@ class OrderBook:
     parsed messages with :meth:`apply`.
     """
 
-    __slots__ = ("_asks", "_bids", "_index", "_sides", "sequence", "stats", "symbol", "trades",
-                 "ts")
+    __slots__ = ("_asks", "_bids", "_index", "_matches", "_sides", "sequence",
+                 "stats", "symbol", "ts")
 
     def __init__(self, symbol: str, sequence: int = 0, ts: int = 0) -> None:
         self.symbol = symbol
@@ -222,8 +234,7 @@ class OrderBook:
         self._asks = _Side(is_bid=False)
         self._sides = {"buy": self._bids, "sell": self._asks}
         self._index: dict[str, _Order] = {}
-        #: The last :data:`RECENT_TRADES` matches, oldest first (not part of checkpoints).
-        self.trades: deque[Trade] = deque(maxlen=RECENT_TRADES)
+        self._matches: deque[Match] = deque(maxlen=RECENT_TRADES)
 
     # ------------------------------------------------------------------ building
 
@@ -284,9 +295,14 @@ class OrderBook:
                     # Saved in queue order: append as is, even if ts are not monotonic.
                     level.orders[order_id] = order
                     level.size += order.size
+                    level.last_ts = max(level.last_ts, order.ts)
             book.stats = BookStats(**state.get("stats", {}))
+            bid, ask = book._bids.best(), book._asks.best()
         except (KeyError, TypeError, ValueError) as exc:
             raise MessageError(f"bad checkpoint: {exc!r}") from None
+        if bid is not None and ask is not None and bid >= ask:
+            # apply() counts on a book that is never crossed.
+            raise MessageError(f"bad checkpoint: crossed, bid {bid} >= ask {ask}")
         return book
 
     # ------------------------------------------------------------------ applying
@@ -296,61 +312,174 @@ class OrderBook:
 
         Raises ``SequenceGap`` when messages were skipped, ``IntegrityError`` when
         the message contradicts the book, ``MessageError`` for a message of
-        another symbol or a non-data envelope.
+        another symbol or a non-data envelope. After an error the book is as it
+        was before the message.
         """
-        if isinstance(msg, Control):
-            raise MessageError(f"{msg.type} is not a data message")
-        if msg.symbol != self.symbol:
-            raise MessageError(f"message for {msg.symbol} applied to the {self.symbol} book")
-        seq = msg.sequence
-        if seq != self.sequence + 1:
-            if seq <= self.sequence:
-                self.stats.stale += 1
-                return False
-            raise SequenceGap(self.symbol, self.sequence + 1, seq)
-        kind = type(msg)
-        if kind is Open:
-            self._open(msg)  # type: ignore[arg-type]
-        elif kind is Match:
-            self._match(msg)  # type: ignore[arg-type]
-        elif kind is Done:
-            order = self._index.pop(msg.order_id, None)  # type: ignore[union-attr]
-            if order is None:
-                self.stats.unknown_done += 1
-            else:
-                self._sides[order.side].remove(order)
-        elif kind is Update:
-            self._update(msg)  # type: ignore[arg-type]
-        elif kind is not Received:
-            raise MessageError(f"cannot apply {kind.__name__}")
-        self.sequence = seq
-        self.ts = msg.ts
-        self.stats.applied += 1
+        if type(msg) not in _DATA_KINDS:
+            if isinstance(msg, Control):
+                raise MessageError(f"{msg.type} is not a data message")
+            raise MessageError(f"cannot apply {type(msg).__name__}")
+        if msg.symbol != self.symbol:  # type: ignore[union-attr]
+            raise MessageError(f"message for {msg.symbol} applied to the "  # type: ignore[union-attr]
+                               f"{self.symbol} book")
+        if msg.sequence <= self.sequence:  # type: ignore[union-attr]
+            self.stats.stale += 1
+            return False
+        self._change((msg,))  # type: ignore[arg-type]
         return True
 
+    def apply_many(self, frames: Sequence[bytes | str], *, contiguous: bool = False,
+                   applied_ts: list[int] | None = None) -> int:
+        """Parse and apply raw frames in order, until one cannot be; how many were taken.
+
+        Each frame taken is exactly ``apply(parse_message(frame))`` (applied, or
+        skipped as already applied). It stops at the first frame that would raise
+        (a malformed frame, another symbol, a gap, a contradiction) and leaves that
+        frame and the rest untouched: when the result is below ``len(frames)``, the
+        caller takes ``frames[result]`` through :func:`parse_message` and
+        :meth:`apply`, which raise the error, and goes on as it sees fit.
+
+        ``contiguous``: stop at a frame already applied too, so that every frame
+        taken moved the book by one sequence. ``applied_ts`` receives the ``ts`` of
+        each message applied, in order.
+        """
+        symbol = self.symbol
+        own_topic = TOPIC_PREFIX + symbol
+        decode = _FRAME.decode
+        msgs: list[DataMessage] = []
+        append = msgs.append
+        if frames and max(map(len, frames)) > MAX_MESSAGE_BYTES:
+            # parse_message refuses it before decoding: the batch ends before it.
+            frames = frames[:next(i for i, f in enumerate(frames) if len(f) > MAX_MESSAGE_BYTES)]
+        for frame in frames:
+            try:
+                envelope = decode(frame)
+            except _DECODE_ERRORS:
+                # Not the common shape (a control frame, or not valid): the careful
+                # path parses it, or says what is wrong (and the batch ends here).
+                try:
+                    msg: Any = parse_message(frame)
+                except MessageError:
+                    break
+                if type(msg) not in _DATA_KINDS or msg.symbol != symbol:
+                    break
+            else:
+                msg = envelope.data
+                topic = envelope.topic
+                if msg.symbol != symbol or (topic is not None and topic != own_topic):
+                    break
+            append(msg)
+        return self._change(msgs, stop=True, contiguous=contiguous, applied_ts=applied_ts)
+
+    def _change(self, msgs: Sequence[DataMessage], *, stop: bool = False,
+                contiguous: bool = False, applied_ts: list[int] | None = None) -> int:
+        """Apply parsed messages of this symbol in order; how many were taken.
+
+        A message at or below the book's sequence is counted stale and skipped
+        (with ``contiguous``, it ends the run). ``applied_ts`` receives the ``ts``
+        of each message applied.
+        The first one that cannot be applied raises ``SequenceGap`` or
+        ``IntegrityError``, or with ``stop`` ends the run; either way the book is
+        left as it was after the message before it (every check comes before a
+        change).
+        """
+        index = self._index
+        sides = self._sides
+        stats = self.stats
+        expected = self.sequence + 1
+        ts = self.ts
+        taken = stale = 0
+        try:
+            for msg in msgs:
+                seq = msg.sequence
+                if seq != expected:
+                    if seq > expected:
+                        raise SequenceGap(self.symbol, expected, seq)
+                    if contiguous:
+                        break
+                    stale += 1
+                    taken += 1
+                    continue
+                kind = type(msg)
+                if kind is Received:
+                    pass  # an order that rests nowhere yet: only its sequence counts
+                elif kind is Done:
+                    order = index.pop(msg.order_id, None)  # type: ignore[union-attr]
+                    if order is None:
+                        stats.unknown_done += 1
+                    else:
+                        sides[order.side].remove(order)
+                elif kind is Open:
+                    self._open(msg)  # type: ignore[arg-type]
+                elif kind is Match:
+                    self._match(msg)  # type: ignore[arg-type]
+                else:  # Update
+                    order = index.get(msg.order_id)  # type: ignore[union-attr]
+                    qty = msg.qty  # type: ignore[union-attr]
+                    if order is None:
+                        stats.unknown_update += 1
+                    elif qty == 0:
+                        del index[order.order_id]
+                        sides[order.side].remove(order)
+                    else:
+                        sides[order.side].levels[order.price].size += qty - order.size
+                        order.size = qty
+                expected = seq + 1
+                ts = msg.ts
+                taken += 1
+        except (SequenceGap, IntegrityError):
+            if not stop:
+                raise
+        finally:
+            stats.applied += taken - stale
+            stats.stale += stale
+            if applied_ts is not None:
+                nxt = self.sequence + 1
+                for m in msgs[:taken]:
+                    if m.sequence == nxt:
+                        applied_ts.append(m.ts)
+                        nxt += 1
+            self.sequence = expected - 1
+            self.ts = ts
+        return taken
+
     def _open(self, msg: Open) -> None:
-        if msg.order_id in self._index:
-            raise IntegrityError(self.symbol, msg.sequence, f"order {msg.order_id} opened twice")
+        order_id = msg.order_id
+        if order_id in self._index:
+            raise IntegrityError(self.symbol, msg.sequence, f"order {order_id} opened twice")
         price = msg.price_value
-        if msg.side == "buy":
-            ask = self._asks.best()
-            if ask is not None and price >= ask:
-                raise IntegrityError(self.symbol, msg.sequence,
-                                     f"open buy {msg.order_id} at {price} crosses ask {ask}")
+        side = self._bids if msg.side == "buy" else self._asks
+        level = side.levels.get(price)
+        if level is None:
+            # Only a new level can cross: the book is never crossed, so a price that
+            # already rests on this side is beyond the other side's best.
+            if side is self._bids:
+                ask = self._asks.best()
+                if ask is not None and price >= ask:
+                    raise IntegrityError(self.symbol, msg.sequence,
+                                         f"open buy {order_id} at {price} crosses ask {ask}")
+            else:
+                bid = self._bids.best()
+                if bid is not None and price <= bid:
+                    raise IntegrityError(self.symbol, msg.sequence,
+                                         f"open sell {order_id} at {price} crosses bid {bid}")
+            level = side.levels[price] = _Level(price, msg.price)
+            side.prices.add(price)
+        ts = msg.ts
+        order = _Order(order_id, msg.side, price, msg.qty, ts)
+        self._index[order_id] = order
+        if ts >= level.last_ts:  # _Level.add's common case, inline
+            level.orders[order_id] = order
+            level.last_ts = ts
+            level.size += order.size
         else:
-            bid = self._bids.best()
-            if bid is not None and price <= bid:
-                raise IntegrityError(self.symbol, msg.sequence,
-                                     f"open sell {msg.order_id} at {price} crosses bid {bid}")
-        order = _Order(msg.order_id, msg.side, price, msg.qty, msg.ts)
-        self._index[msg.order_id] = order
-        self._sides[msg.side].insert(order, msg.price)
+            level.add(order)
 
     def _match(self, msg: Match) -> None:
         maker = self._index.get(msg.maker_order_id)
         if maker is None:  # a hidden maker, or one that rested before our snapshot window
             self.stats.unknown_match += 1
-            self.trades.append(Trade(msg.price, msg.size, msg.side, msg.ts, msg.trade_id))
+            self._matches.append(msg)
             return
         if maker.side == msg.side:
             raise IntegrityError(self.symbol, msg.sequence,
@@ -366,27 +495,21 @@ class OrderBook:
         if msg.remain_qty is not None and msg.remain_qty != remain:
             raise IntegrityError(self.symbol, msg.sequence,
                                  f"remainSize {msg.remain_size} disagrees with book {remain}")
-        self.trades.append(Trade(msg.price, msg.size, msg.side, msg.ts, msg.trade_id))
+        self._matches.append(msg)
+        side = self._sides[maker.side]
         if remain == 0:
             del self._index[maker.order_id]
-            self._sides[maker.side].remove(maker)
+            side.remove(maker)
         else:
             maker.size = remain
-            self._sides[maker.side].levels[maker.price].size -= size
-
-    def _update(self, msg: Update) -> None:
-        order = self._index.get(msg.order_id)
-        if order is None:
-            self.stats.unknown_update += 1
-            return
-        if msg.qty == 0:
-            del self._index[order.order_id]
-            self._sides[order.side].remove(order)
-            return
-        self._sides[order.side].levels[order.price].size += msg.qty - order.size
-        order.size = msg.qty
+            side.levels[maker.price].size -= size
 
     # ------------------------------------------------------------------ reading
+
+    @property
+    def trades(self) -> list[Trade]:
+        """The last :data:`RECENT_TRADES` matches, oldest first (not part of checkpoints)."""
+        return [Trade(m.price, m.size, m.side, m.ts, m.trade_id) for m in self._matches]
 
     def __len__(self) -> int:
         """Number of resting orders."""

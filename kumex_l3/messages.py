@@ -112,6 +112,32 @@ def parse_qty(text: str, *, allow_zero: bool = False) -> Qty:
     return value
 
 
+#: Exact values of the price and size texts seen lately, so that the common case (a
+#: price or size the book saw a moment ago) is one dict lookup. A value enters only
+#: once :func:`parse_price` or :func:`parse_qty` accepted its text; the memo is
+#: emptied when it reaches :data:`_MEMO_MAX` texts (a hostile stream of distinct
+#: texts costs what it would without the memo, never unbounded memory).
+_PRICES: Final[dict[str, Decimal]] = {}
+_SIZES: Final[dict[str, Qty]] = {}
+_MEMO_MAX: Final = 1 << 16
+
+
+def _price(text: str) -> Decimal:
+    value = parse_price(text)
+    if len(_PRICES) >= _MEMO_MAX:
+        _PRICES.clear()
+    _PRICES[text] = value
+    return value
+
+
+def _size(text: str) -> Qty:
+    value = parse_qty(text)
+    if len(_SIZES) >= _MEMO_MAX:
+        _SIZES.clear()
+    _SIZES[text] = value
+    return value
+
+
 def format_qty(qty: Qty) -> str:
     """Text of a size computed by the book (``"10"``, ``"0.5"``), never in exponent form."""
     if isinstance(qty, int):
@@ -144,8 +170,8 @@ class Open(_Data, kw_only=True, gc=False, rename="camel"):
     qty: int | Decimal = msgspec.field(default=0, name="__qty")
 
     def __post_init__(self) -> None:
-        self.price_value = parse_price(self.price)
-        self.qty = parse_qty(self.size)
+        self.price_value = _PRICES.get(self.price) or _price(self.price)
+        self.qty = _SIZES.get(self.size) or _size(self.size)
 
 
 class Update(_Data, kw_only=True, gc=False, rename="camel"):
@@ -174,8 +200,8 @@ class Match(_Data, kw_only=True, gc=False, rename="camel"):
     remain_qty: int | Decimal | None = msgspec.field(default=None, name="__remain_qty")
 
     def __post_init__(self) -> None:
-        self.price_value = parse_price(self.price)
-        self.qty = parse_qty(self.size)
+        self.price_value = _PRICES.get(self.price) or _price(self.price)
+        self.qty = _SIZES.get(self.size) or _size(self.size)
         if self.remain_size is not None:
             self.remain_qty = parse_qty(self.remain_size, allow_zero=True)
 
@@ -228,10 +254,61 @@ _DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
 _ANY: Final = msgspec.json.Decoder()
 
 
+# The common case in one pass: the whole frame decoded at once, the subject (a field
+# of the envelope, beside ``data``) choosing the data's type. The envelope's fields
+# are those of _Envelope, with the same types, so a frame this accepts is one the
+# two-pass path accepts too; anything else (control frames, every malformed frame)
+# takes the two-pass path, which names the reason.
+class _Frame(msgspec.Struct, gc=False, kw_only=True, tag_field="subject"):
+    type: Literal["message"]  # a control frame with a subject takes the two-pass path
+    id: str | int | None = None
+    topic: str | None = None
+    code: int | str | None = None
+
+
+class _ReceivedFrame(_Frame, tag="received"):
+    data: Received
+
+
+class _OpenFrame(_Frame, tag="open"):
+    data: Open
+
+
+class _UpdateFrame(_Frame, tag="update"):
+    data: Update
+
+
+class _MatchFrame(_Frame, tag="match"):
+    data: Match
+
+
+class _DoneFrame(_Frame, tag="done"):
+    data: Done
+
+
+_FRAME: Final = msgspec.json.Decoder(
+    _ReceivedFrame | _OpenFrame | _UpdateFrame | _MatchFrame | _DoneFrame)
+#: Topics already found to be the L3 topic of their symbol (topic -> symbol), bounded.
+_TOPICS: Final[dict[str, str]] = {}
+
+
 def parse_message(raw: bytes | bytearray | memoryview | str) -> Message:
     """Parse one raw WebSocket frame (see the module docstring). Raises ``MessageError``."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        frame = _FRAME.decode(raw)
+    except _DECODE_ERRORS:
+        return _parse_in_two_passes(raw)
+    msg: DataMessage = frame.data
+    topic = frame.topic
+    if topic is None or _TOPICS.get(topic) == msg.symbol:
+        return msg
+    return _parse_in_two_passes(raw)
+
+
+def _parse_in_two_passes(raw: bytes | bytearray | memoryview | str) -> Message:
+    """The envelope, then its data by subject: every frame, with the reason of a refusal."""
     try:
         env = _ENVELOPE.decode(raw)
     except _DECODE_ERRORS as exc:
@@ -258,6 +335,10 @@ def parse_message(raw: bytes | bytearray | memoryview | str) -> Message:
         and len(topic) == len(TOPIC_PREFIX) + len(msg.symbol)
     ):
         raise MessageError(f"{subject}: topic {topic!r} does not match symbol {msg.symbol!r}")
+    if topic is not None:
+        if len(_TOPICS) >= _MEMO_MAX:
+            _TOPICS.clear()
+        _TOPICS[topic] = msg.symbol
     return msg
 
 

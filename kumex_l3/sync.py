@@ -64,6 +64,9 @@ from kumex_l3.keys import FIELD_CTL, FIELD_MSG
 from kumex_l3.messages import Control, DataMessage, Snapshot, parse_message, parse_snapshot
 from kumex_l3.sequence import MAX_SEQUENCE_JUMP, SequenceGuard, Verdict
 
+#: The ``msg`` field's name as Redis clients without decoding give it.
+_FIELD_MSG_BYTES: Final = FIELD_MSG.encode()
+
 __all__ = [
     "CTL_CONNECTED",
     "CTL_DISCONNECTED",
@@ -304,11 +307,58 @@ class Synchronizer:
         return self._drain()
 
     def on_entries(self, entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> list[Output]:
-        """A batch of stream entries ``(id, fields)``, in stream order."""
-        for stream_id, fields in entries:
-            sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
-            self._entry(sid, fields)
+        """A batch of stream entries ``(id, fields)``, in stream order.
+
+        The same as :meth:`on_entry` for each, faster: while the book is fresh, a
+        run of messages that each follow the last goes to the book in one
+        :meth:`~kumex_l3.book.OrderBook.apply_many`; the entry it stops at (and
+        every control entry) takes the one-by-one path.
+        """
+        batch = entries if isinstance(entries, list) else list(entries)
+        i, n = 0, len(batch)
+        while i < n:
+            if self.fresh:
+                i += self._run(batch, i)
+                if i >= n:
+                    break
+            stream_id, fields = batch[i]
+            self._entry(_text(stream_id), fields)
+            i += 1
         return self._drain()
+
+    def _run(self, batch: list[tuple[Any, Mapping[Any, Any]]], start: int) -> int:
+        """Apply the messages of ``batch`` from ``start`` that follow the book; how many."""
+        book = self.book
+        assert book is not None
+        if self._guard.position != book.sequence:
+            return 0
+        raws: list[bytes | str] = []
+        for _, fields in itertools.islice(batch, start, None):
+            raw = fields.get(FIELD_MSG)
+            if raw is None:
+                raw = fields.get(_FIELD_MSG_BYTES)
+                if raw is None:
+                    break
+            raws.append(raw)
+        if not raws:
+            return 0
+        taken = book.apply_many(raws, contiguous=True, applied_ts=self.applied_ts)
+        if taken:
+            # What _message and _applied do for each of them, for the run at once.
+            self._guard.advance(book.sequence)
+            stats = self.stats
+            stats.messages += taken
+            stats.applied += taken
+            sid = _text(batch[start + taken - 1][0])
+            self.last_stream_id = self.last_applied_id = sid
+            out = self._out
+            if out and type(last := out[-1]) is Applied:
+                last.count += taken
+                last.sequence = book.sequence
+                last.stream_id = sid
+            else:
+                out.append(Applied(taken, book.sequence, sid))
+        return taken
 
     def on_message(self, raw: bytes | str, stream_id: str) -> list[Output]:
         """One raw level3v2 message (the ``msg`` field) from entry ``stream_id``."""

@@ -24,6 +24,7 @@ coverage-guided counterpart, run as a script.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from kumex_l3 import OrderBook, parse_message, parse_snapshot
 from kumex_l3.errors import IntegrityError, MessageError, SequenceGap
 from kumex_l3.messages import Control, DataMessage
 from kumex_l3.sequence import CORROBORATION_WINDOW, MAX_SEQUENCE_JUMP
-from kumex_l3.sync import DeadLetter, Synchronizer
+from kumex_l3.sync import Applied, DeadLetter, Output, Synchronizer
 from kumex_l3.synthetic import StreamGenerator
 from kumex_l3.wsclient import Session, WsError, classify
 from tests.chaos import corpus
@@ -362,7 +363,7 @@ def test_synchroniser_with_noise_in_the_stream(seed: int, noise: list[tuple[int,
     # Two far messages close to each other corroborate: the stream moved (a rebase, and
     # then every clean message is far); that case has its own tests (tests/unit/test_sync.py).
     far = sorted(f for _, text in noise if (f := _far(text)) is not None)
-    assume(all(b == a or b - a > CORROBORATION_WINDOW for a, b in zip(far, far[1:], strict=False)))
+    assume(all(b == a or b - a > CORROBORATION_WINDOW for a, b in itertools.pairwise(far)))
     gen = StreamGenerator(SYM, seed=seed, start_sequence=_CLEAN_FROM, target_orders=60,
                           levels=20)
     gen.take(200)
@@ -388,6 +389,75 @@ def test_synchroniser_with_noise_in_the_stream(seed: int, noise: list[tuple[int,
         assert sync.book.sequence == json.loads(texts[-1])["data"]["sequence"]
 
 
+def _expanded(outs: list[Output]) -> list[object]:
+    """Outputs with each ``Applied`` run spelled out message by message."""
+    flat: list[object] = []
+    for o in outs:
+        if isinstance(o, Applied):
+            flat += [("applied", o.sequence - o.count + k + 1) for k in range(o.count)]
+        else:
+            flat.append(o)
+    return flat
+
+
+_CONTROLS: Final = [{"ctl": "connected", "connectId": "c2"},
+                    {"ctl": "disconnected", "reason": "test"},
+                    {"ctl": "gap", "first": "1100", "last": "1105"}]
+
+
+@_stream_settings
+@given(seed=st.integers(0, 2**32 - 1),
+       noise=st.lists(st.tuples(st.integers(0, 299), envelopes() | mutated()
+                                | st.sampled_from(VALID) | st.integers(0, 299)
+                                | st.sampled_from(range(len(_CONTROLS))).map(str)),
+                      max_size=12),
+       cuts=st.lists(st.integers(1, 320), max_size=8), as_bytes=st.booleans())
+def test_entries_in_batches_are_entries_one_by_one(
+        seed: int, noise: list[tuple[int, str | int]], cuts: list[int], as_bytes: bool) -> None:
+    """``on_entries`` (the book's batch path) over any batches says and does what
+    ``on_entry`` says and does for each entry: same outputs (an ``Applied`` run
+    counted message by message), same book, statistics, ids and ``ts`` collected."""
+    gen = StreamGenerator(SYM, seed=seed, start_sequence=1_000, target_orders=60, levels=20)
+    gen.take(200)
+    gen.flush()
+    snapshot = gen.snapshot()
+    texts = gen.take(300)
+    fields: list[dict[Any, Any]] = [{"msg": t} for t in texts]
+    for at, item in sorted(noise, key=lambda n: n[0], reverse=True):
+        if isinstance(item, int):
+            fields.insert(at, {"msg": texts[item]})  # a replay, ahead of or behind its place
+        elif len(item) == 1:
+            fields.insert(at, dict(_CONTROLS[int(item)]))
+        else:
+            fields.insert(at, {"msg": item})
+    if as_bytes:
+        fields = [{k.encode(): v.encode() for k, v in f.items()} for f in fields]
+    entries = [(f"1-{i}".encode() if as_bytes else f"1-{i}", f) for i, f in enumerate(fields)]
+
+    def synchroniser() -> Synchronizer:
+        sync = Synchronizer(SYM, collect_ts=True)
+        sync.start()
+        sync.on_snapshot(snapshot)
+        return sync
+
+    one, many = synchroniser(), synchroniser()
+    want: list[Output] = []
+    for stream_id, f in entries:
+        want += one.on_entry(stream_id.decode() if isinstance(stream_id, bytes) else stream_id, f)
+    got: list[Output] = []
+    bounds = sorted({0, len(entries), *(c for c in cuts if c < len(entries))})
+    for lo, hi in itertools.pairwise(bounds):
+        got += many.on_entries(entries[lo:hi])
+    assert _expanded(got) == _expanded(want)
+    assert many.stats == one.stats
+    assert (many.state, many.stale_reason, many.max_sequence) == \
+        (one.state, one.stale_reason, one.max_sequence)
+    assert (many.last_stream_id, many.last_applied_id) == (one.last_stream_id, one.last_applied_id)
+    assert many.applied_ts == one.applied_ts
+    if one.book is not None and many.book is not None:
+        assert many.book.to_state() == one.book.to_state()
+
+
 # --------------------------------------------------------------------------- atheris
 
 
@@ -404,3 +474,61 @@ def test_atheris_script_runs(tmp_path: Path) -> None:
                           check=False, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _outcome(book: OrderBook, frame: str) -> str:
+    """What ``apply(parse_message(frame))`` does: applied, stale, or the error's class."""
+    try:
+        return "applied" if book.apply(parse_message(frame)) else "stale"
+    except (MessageError, SequenceGap, IntegrityError) as exc:
+        return type(exc).__name__
+
+
+@_stream_settings
+@given(seed=st.integers(0, 2**32 - 1),
+       noise=st.lists(st.tuples(st.integers(0, 299), envelopes() | mutated()
+                                | st.sampled_from(VALID) | st.integers(0, 299)), max_size=12),
+       cuts=st.lists(st.integers(1, 320), max_size=6))
+def test_apply_many_is_apply_of_each_frame(seed: int, noise: list[tuple[int, str | int]],
+                                           cuts: list[int]) -> None:
+    """``apply_many`` over any frames (hostile ones, replays of the stream's own frames
+    ahead of or behind their place), cut into any batches, ends where ``apply`` frame by
+    frame ends, and stops exactly at each frame that ``apply`` refuses."""
+    gen = StreamGenerator(SYM, seed=seed, start_sequence=1_000, target_orders=60, levels=20)
+    gen.take(200)
+    gen.flush()
+    snapshot = gen.snapshot()
+    texts = gen.take(300)
+    frames = list(texts)
+    for at, item in sorted(noise, key=lambda n: n[0], reverse=True):
+        frames.insert(at, texts[item] if isinstance(item, int) else item)
+    one = OrderBook.from_snapshot(snapshot)
+    expected = [_outcome(one, f) for f in frames]
+
+    many = OrderBook.from_snapshot(snapshot)
+    got: list[str] = []
+    bounds = sorted({0, len(frames), *(c for c in cuts if c < len(frames))})
+    for lo, hi in itertools.pairwise(bounds):
+        i = lo
+        while i < hi:
+            before = many.stats.stale
+            taken = many.apply_many(frames[i:hi])
+            # Each frame taken is one apply takes; which were stale is not reported,
+            # their number is.
+            took = expected[i:i + taken]
+            assert set(took) <= {"applied", "stale"}, took
+            assert took.count("stale") == many.stats.stale - before
+            got += took
+            i += taken
+            if i < hi:
+                outcome = _outcome(many, frames[i])
+                assert outcome not in ("applied", "stale"), (
+                    f"apply_many stopped at a frame that apply takes: {frames[i][:200]}")
+                got.append(outcome)
+                i += 1
+    assert got == expected
+    assert many.to_state() == one.to_state()
+    many.check()

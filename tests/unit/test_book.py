@@ -15,12 +15,18 @@ from kumex_l3.synthetic import StreamGenerator
 
 
 class Feed:
-    """Writes raw messages for one symbol with consecutive sequences."""
+    """Writes raw messages for one symbol with consecutive sequences.
 
-    def __init__(self, book: OrderBook) -> None:
+    ``batch`` sends each through :meth:`OrderBook.apply_many` instead of ``apply``:
+    a frame it stops at must have left the book as it was, and ``apply`` then
+    raises the error (the documented way to learn it).
+    """
+
+    def __init__(self, book: OrderBook, *, batch: bool = False) -> None:
         self.book = book
         self.seq = book.sequence
         self.ts = 1_000
+        self.batch = batch
 
     def raw(self, subject: str, seq: int | None = None, **data: Any) -> str:
         if seq is None:
@@ -32,15 +38,22 @@ class Feed:
                            "subject": subject, "data": body})
 
     def send(self, subject: str, seq: int | None = None, **data: Any) -> bool:
-        return self.book.apply(parse_message(self.raw(subject, seq, **data)))
+        raw = self.raw(subject, seq, **data)
+        if not self.batch:
+            return self.book.apply(parse_message(raw))
+        before, stale = self.book.to_state(), self.book.stats.stale
+        if self.book.apply_many([raw]) == 1:
+            return self.book.stats.stale == stale
+        assert self.book.to_state() == before, "apply_many changed the book, then stopped"
+        return self.book.apply(parse_message(raw))
 
     def open(self, oid: str, side: str, price: str, size: str, **kw: Any) -> bool:
         return self.send("open", side=side, price=price, size=size, orderId=oid, **kw)
 
 
-@pytest.fixture
-def feed() -> Feed:
-    return Feed(OrderBook("XBTUSDM", sequence=100))
+@pytest.fixture(params=["apply", "apply_many"])
+def feed(request: pytest.FixtureRequest) -> Feed:
+    return Feed(OrderBook("XBTUSDM", sequence=100), batch=request.param == "apply_many")
 
 
 def test_open_depth_and_best(feed: Feed) -> None:
@@ -227,3 +240,23 @@ def test_recent_trades_are_kept_including_hidden_makers(feed: Feed) -> None:
               takerOrderId="t2", tradeId="x2")
     assert [(t.price, t.size, t.side, t.trade_id) for t in feed.book.trades] == [
         ("200", "2", "buy", "x1"), ("150", "1", "sell", "x2")]
+
+
+def test_apply_many_stops_where_apply_would_raise() -> None:
+    """Each kind of refusal ends a batch at that frame, with the frames before it applied."""
+    book = OrderBook("XBTUSDM", sequence=100)
+    feed = Feed(book)
+    ok = [feed.raw("open", side="buy", price="10", size="1", orderId=f"o{i}") for i in range(3)]
+    huge = feed.raw("received", orderId="x" * 70_000, clientOid="c")
+    other = Feed(OrderBook("ETHUSDTM", sequence=103)).raw("done", orderId="o", reason="filled")
+    wrong_topic = ok[0].replace('"sequence": 101', '"sequence": 104').replace(
+        "level3v2:XBTUSDM", "level3v2:ETHUSDTM")
+    for bad in (huge, other, wrong_topic, '{"type":"welcome","id":"1"}', "{not json",
+                feed.raw("received", seq=110, orderId="g", clientOid="g"),
+                feed.raw("open", seq=104, side="sell", price="9", size="1", orderId="x")):
+        book = OrderBook("XBTUSDM", sequence=100)
+        assert book.apply_many([*ok, bad, ok[0]]) == 3, bad[:80]
+        assert book.sequence == 103 and len(book) == 3
+        with pytest.raises((MessageError, SequenceGap, IntegrityError)):
+            book.apply(parse_message(bad))
+        assert book.sequence == 103 and len(book) == 3
