@@ -4,6 +4,9 @@ Commands:
 
 * ``watch SYMBOL [--url URL] [--depth N] [--l3] [--redis-url URL] [--once]``:
   the book, live in the terminal (see :mod:`kumex_l3.viewer`).
+* ``replay CAPTURE [--snapshot FILE] [--symbol SYM] [--every N --samples CSV
+  --depth K | --order ID] [--out JSON]``: rebuild a book from a capture, as fast
+  as it goes (see :mod:`kumex_l3.replay`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from kumex_l3 import viewer
+from kumex_l3 import replay, viewer
 
 __all__ = ["main"]
 
 _COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "watch": (viewer.main, "watch a book of the book service live in the terminal"),
+    "replay": (replay.main, "rebuild a book from a capture (FEED_CAPTURE) and a snapshot"),
 }
 
 

@@ -32,14 +32,13 @@ knowledge of the replayed state.
 from __future__ import annotations
 
 import asyncio
-import gzip
-import io
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
 
 from kumex_l3 import (
     Control,
@@ -50,32 +49,26 @@ from kumex_l3 import (
     SequenceGap,
     parse_message,
 )
+from kumex_l3.replay import read_lines
 from services.sandbox.hub import Hub
 
 __all__ = ["Replayer", "read_capture"]
 
 _log = logging.getLogger(__name__)
 
-_GZIP_MAGIC: Final = b"\x1f\x8b"
 #: Poll period while waiting for clients (backpressure, subscribers).
 _POLL_S: Final = 0.002
 #: Most messages published between two yields to the event loop.
 _CHUNK: Final = 64
 
 
-def _open(path: Path) -> IO[str]:
-    with path.open("rb") as probe:
-        magic = probe.read(2)
-    if magic == _GZIP_MAGIC:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open(encoding="utf-8", newline="")
+def read_capture(path: str | Path) -> Generator[str, None, None]:
+    """The lines of a capture (gzip or plain) without their line terminators.
 
-
-def read_capture(path: str | Path) -> Iterator[str]:
-    """The lines of a capture (gzip or plain) without their line terminators."""
-    with _open(Path(path)) as lines:
-        for line in lines:
-            yield line.rstrip("\r\n")
+    Bytes that are not UTF-8 become U+FFFD: such a line does not parse and is skipped.
+    """
+    for line in read_lines(path):
+        yield line.decode("utf-8", errors="replace")
 
 
 class Replayer:
@@ -204,7 +197,7 @@ class Replayer:
                 run.clear()
 
         try:
-            with _open(self.source) as lines:
+            with contextlib.closing(read_capture(self.source)) as lines:
                 for line in lines:
                     self.lines += 1
                     msg = self._parse(line)

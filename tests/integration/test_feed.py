@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import io
 import json
 import logging
@@ -43,7 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.websockets import WebSocketDisconnect
 
-from kumex_l3 import keys, parse_message, parse_snapshot
+from kumex_l3 import OrderBook, keys, parse_message, parse_snapshot
 from kumex_l3.backoff import Backoff
 from kumex_l3.devredis import RedisServer
 from kumex_l3.lease import LeaseOwner, acquire
@@ -64,6 +65,7 @@ from services.feed.writer import ROLE, StreamWriter
 from services.sandbox.replay import read_capture
 from tests.procs import ServiceProcess, eventually
 from tests.sandbox_proc import SandboxProcess
+from tests.truth import assert_l3_equals_engine
 
 SAFETY_S = 30.0  # a ceiling against hangs, never a measurement
 _ROOT = Path(__file__).resolve().parents[2]
@@ -725,6 +727,77 @@ async def test_feed_process_against_the_sandbox(
     for symbol in symbols:
         stream = [e["msg"] for e in await _entries(redis_client, symbol) if "msg" in e]
         assert [t for t in captured if f'level3v2:{symbol}"' in t] == stream
+
+
+async def test_a_feed_capture_replays_to_the_exchange_book(
+    sandbox: SandboxProcess, redis_url: str, redis_client: redis.asyncio.Redis,
+    feed_process: Callable[[dict[str, str]], FeedProcess], tmp_path: Path,
+) -> None:
+    """FEED_CAPTURE, then ``python -m kumex_l3 replay`` from a snapshot taken while it ran:
+    the replayed book is the engine's, order by order; the samples follow the book."""
+    symbol = "XBTUSDM"
+    capture = tmp_path / "capture.jsonl.gz"
+    feed = feed_process({
+        "REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url,
+        "KUMEX_SYMBOLS": f"{symbol},ETHUSDTM", "FEED_SNAPSHOT_PER_MIN": "60",
+        "FEED_CAPTURE": str(capture), "FEED_LINES": "1",
+    })
+    await eventually(feed.ready, "the feed to be ready")
+    await eventually(lambda: _has_snapshot(redis_client, symbol), "the feed's first snapshot")
+    await _step(sandbox, 300)
+    async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+        snap = (await http.get(f"/sandbox/snapshot/{symbol}")).json()
+        (tmp_path / "snapshot.json").write_text(json.dumps(snap))
+        await _step(sandbox, 1500)
+        engine = (await http.get(f"/sandbox/book/{symbol}")).json()
+
+    async def written() -> bool:
+        got = _sequences(await _entries(redis_client, symbol))
+        return bool(got) and got[-1] == engine["sequence"]
+
+    await eventually(written, "every message in the stream")
+    assert feed.stop() == 0  # the capture is closed
+    resting = next(o["orderId"] for lv in engine["bids"] for o in lv["orders"])
+    done = subprocess.run(
+        [sys.executable, "-m", "kumex_l3", "replay", str(capture),
+         "--snapshot", str(tmp_path / "snapshot.json"), "--out", str(tmp_path / "out.json"),
+         "--every", "1", "--samples", str(tmp_path / "depth.csv"), "--depth", "3"],
+        capture_output=True, text=True, timeout=SAFETY_S, check=False)
+    assert done.returncode == 0, done.stderr
+    book = OrderBook.from_snapshot(json.loads((tmp_path / "out.json").read_text()))
+    bids, asks = book.l3()
+    ours = {"sequence": book.sequence, **{
+        side: [{"price": lv.text, "orders": [{"orderId": o.order_id, "size": o.size}
+                                              for o in lv.orders]} for lv in levels]
+        for side, levels in (("bids", bids), ("asks", asks))}}
+    assert_l3_equals_engine(ours, engine)
+    assert f"{symbol}: " in done.stderr and " msg/s" in done.stderr
+    # A depth sample after every message, the last one the final book's top.
+    with (tmp_path / "depth.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len({r["sequence"] for r in rows}) > 100
+    assert int(rows[-1]["sequence"]) == book.sequence
+    last = [r for r in rows if r["sequence"] == rows[-1]["sequence"]]
+    for side, levels in zip(("buy", "sell"), book.depth(3), strict=True):
+        assert [(r["price"], r["size"], int(r["orders"])) for r in last if r["side"] == side] \
+            == [(str(p), str(sz), n) for p, sz, n in levels]
+    # An order's queue place, sampled the same way.
+    done = subprocess.run(
+        [sys.executable, "-m", "kumex_l3", "replay", str(capture),
+         "--snapshot", str(tmp_path / "snapshot.json"), "--every", "1",
+         "--samples", str(tmp_path / "queue.csv"), "--order", resting],
+        capture_output=True, text=True, timeout=SAFETY_S, check=False)
+    assert done.returncode == 0, done.stderr
+    with (tmp_path / "queue.csv").open() as fh:
+        places = list(csv.DictReader(fh))
+    assert places and places[-1]["orderId"] == resting
+    assert int(places[-1]["sequence"]) == book.sequence
+    pos = book.queue_position(resting)
+    assert pos is not None and int(places[-1]["position"]) == pos.position
+
+
+async def _has_snapshot(client: redis.asyncio.Redis, symbol: str) -> bool:
+    return bool(_ctl(await _entries(client, symbol), "snapshot"))
 
 
 async def _equals(value: Awaitable[object], expected: object) -> bool:
