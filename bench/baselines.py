@@ -20,6 +20,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from order_book import SortedDict
 
 
@@ -136,3 +137,76 @@ class CSortedDictBook:
             [(p, sum(lv.values()), len(lv)) for p, lv in self.sides[s].to_dict().items()]
             for s in ("buy", "sell")
         )
+
+
+class SimpleSortedDictBook:
+    """The book a Python trader writes first: orjson to dicts, a ``SortedDict`` per side.
+
+    A dict of orders per level, an orderId index, and a check that each sequence
+    follows the last. ``float_prices`` keys the ladder by ``float`` (what such a
+    book usually does, and the fastest); otherwise by ``Decimal`` (exact).
+    """
+
+    def __init__(self, *, float_prices: bool = True) -> None:
+        from sortedcontainers import SortedDict as PySortedDict
+
+        self.sequence = 0
+        self.sides: dict[str, Any] = {"buy": PySortedDict(), "sell": PySortedDict()}
+        self.orders: dict[str, tuple[str, Any]] = {}
+        self.key: Any = float if float_prices else Decimal
+
+    def process(self, raw: bytes) -> None:
+        msg = orjson.loads(raw)
+        data = msg["data"]
+        seq = data["sequence"]
+        if self.sequence and seq != self.sequence + 1:
+            raise ValueError(f"gap: {self.sequence} then {seq}")
+        self.sequence = seq
+        subject = msg["subject"]
+        if subject == "open":
+            side, price, oid = data["side"], self.key(data["price"]), data["orderId"]
+            ladder = self.sides[side]
+            level = ladder.get(price)
+            if level is None:
+                level = ladder[price] = {}
+            level[oid] = int(data["size"])
+            self.orders[oid] = (side, price)
+        elif subject == "done":
+            self._remove(data["orderId"])
+        elif subject == "match":
+            oid = data["makerOrderId"]
+            loc = self.orders.get(oid)
+            if loc is not None:
+                level = self.sides[loc[0]][loc[1]]
+                left = level[oid] - int(data["size"])
+                if left == 0:
+                    self._remove(oid)
+                else:
+                    level[oid] = left
+        elif subject == "update":
+            oid = data["orderId"]
+            loc = self.orders.get(oid)
+            if loc is not None:
+                size = int(data["size"])
+                if size == 0:
+                    self._remove(oid)
+                else:
+                    self.sides[loc[0]][loc[1]][oid] = size
+
+    def _remove(self, order_id: str) -> None:
+        loc = self.orders.pop(order_id, None)
+        if loc is None:
+            return
+        ladder = self.sides[loc[0]]
+        level = ladder[loc[1]]
+        del level[order_id]
+        if not level:
+            del ladder[loc[1]]
+
+    def depth(self) -> tuple[list[tuple[Decimal, Decimal, int]], ...]:
+        def side(name: str, reverse: bool) -> list[tuple[Decimal, Decimal, int]]:
+            ladder = self.sides[name]
+            keys = reversed(ladder) if reverse else iter(ladder)
+            return [(Decimal(str(p)), Decimal(sum(ladder[p].values())), len(ladder[p]))
+                    for p in keys]
+        return side("buy", True), side("sell", False)
