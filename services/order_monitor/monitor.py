@@ -251,6 +251,10 @@ class SymbolMonitor:
     async def step(self) -> int:
         """Read and handle one batch of new entries (blocking up to ``block_ms``), then
         housekeeping; returns the number of entries read."""
+        if not self._holds():
+            # Never read past the lease: entries read are this consumer's to handle, and
+            # a resumed old owner would take them from the new one.
+            raise LeaseLost(self.symbol)
         response = await self.redis.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.settings.batch_size,
             block=self.settings.block_ms)
@@ -315,6 +319,8 @@ class SymbolMonitor:
         """Apply a batch to the own orders, reconcile on loss, then ``XACK`` it."""
         if not self._holds():
             raise LeaseLost(self.symbol)
+        if self._opens_with_a_gap(entries) and await self._stragglers_first():
+            return  # handled, with the entries a previous owner was handed, in stream order
         started = time.perf_counter()
         items, causes = self._scan(entries)
         if causes:
@@ -335,6 +341,38 @@ class SymbolMonitor:
         await self.redis.xack(self.stream, self.group, *(eid for eid, _ in entries))
         self.metrics.read.labels(self.symbol).inc(len(entries))
         self.metrics.batch_seconds.labels(self.symbol).observe(time.perf_counter() - started)
+
+    def _opens_with_a_gap(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]]
+                          ) -> bool:
+        """The batch's first message is beyond the next sequence (nothing changed)."""
+        for _, fields in entries:
+            raw = _field(fields, keys.FIELD_MSG) if fields else None
+            if raw is None:
+                continue
+            try:
+                data = _PEEK.decode(raw).data
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                return False
+            return data is not None and self.sequences.classify(data.sequence) is Verdict.GAP
+        return False
+
+    async def _stragglers_first(self) -> bool:
+        """Entries another consumer of the group still holds come before this batch.
+
+        A previous owner paused in a blocking read is handed the entries written
+        meanwhile (Redis serves a blocked read at once), so this replica's next
+        batch starts after them: a gap that is not one. While the lease is ours no
+        other consumer may keep entries: they are claimed and, with the batch
+        (pending too), handled again in stream order. ``True`` if there were any.
+        """
+        summary = await self.redis.xpending(self.stream, self.group)
+        others = [c for c in summary.get("consumers") or ()
+                  if _s(c["name"]) != self.consumer and int(c["pending"]) > 0]
+        if not others or not await self.take_over_pending():
+            return False
+        self.metrics.gaps.labels(self.symbol, "straggler").inc()
+        await self.reprocess_pending()
+        return True
 
     def _scan(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]]
               ) -> tuple[list[_Item], list[str]]:

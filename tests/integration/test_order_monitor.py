@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -570,3 +572,51 @@ def test_an_implausible_sequence_never_silences_gap_detection(
         wait_for(lambda: caught_up(redis_sync), "the jump", proc=mon)
         wait_for(lambda: _metric_value(mon.metrics(), gaps, cause="sequence") == 1,
                  "the jump seen as a gap", proc=mon)
+
+
+def test_entries_an_old_owner_read_after_its_lease_come_first(
+    redis_sync: redis.Redis, redis_url: str,
+) -> None:
+    """A previous owner that reads once more (resumed from a pause, or its blocked read
+    served after the lease moved) holds entries the owner's next batch starts after.
+    The owner takes them first and applies everything in stream order: each fill once,
+    none lost, with no exchange to reconcile against."""
+    env = {"REDIS_URL": redis_url, "KUMEX_BASE_URL": "http://127.0.0.1:9",
+           "MONITOR_RECONCILE_ON_START": "false"}
+    oid = "ab" * 12
+    register(redis_url, [("late-1", 10, int(time.time() * 1000))])
+
+    def add(subject: str, seq: int, **data: Any) -> None:
+        msg = envelope(subject, ts=time.time_ns(), **data)
+        msg["data"]["sequence"] = seq
+        redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_MSG: json.dumps(msg)})
+
+    def fill(seq: int) -> None:
+        add("match", seq, side="sell", price="30000.0", size="1", makerOrderId=oid,
+            takerOrderId=f"t{seq}", tradeId=f"tr{seq}")
+
+    with monitor(env) as mon:
+        mon.wait_ready()
+        add("received", 101, orderId=oid, clientOid="late-1")
+        add("open", 102, side="buy", price="30000.0", size="10", orderId=oid, orderTime=1)
+        wait_for(lambda: caught_up(redis_sync), "the order open", proc=mon)
+        assert mon.process is not None
+        os.kill(mon.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.5)  # its blocking read (100 ms) ends: nothing is handed to it
+            fill(103)
+            # The old owner's read: 103 is pending for it, the group has moved past it.
+            got = redis_sync.xreadgroup(GROUP, "old-owner", {keys.l3_stream(SYM): ">"})
+            assert len(got[0][1]) == 1
+            fill(104)
+        finally:
+            os.kill(mon.process.pid, signal.SIGCONT)
+        wait_for(lambda: caught_up(redis_sync), "the fills", proc=mon)
+        wait_for(lambda: text_hash(redis_sync, "late-1").get("filledSize") == "2",
+                 "both fills applied", proc=mon)
+        fills = [e for e in order_events(redis_sync)["late-1"]
+                 if e["change"] == "fill"]
+        assert len(fills) == 2
+        metrics = mon.metrics()
+        assert _metric_value(metrics, "kumex_order_monitor_gaps_total", cause="straggler") == 1
+        assert _metric_value(metrics, "kumex_order_monitor_gaps_total", cause="sequence") == 0
