@@ -409,11 +409,12 @@ _CONTROLS: Final = [{"ctl": "connected", "connectId": "c2"},
 @given(seed=st.integers(0, 2**32 - 1),
        noise=st.lists(st.tuples(st.integers(0, 299), envelopes() | mutated()
                                 | st.sampled_from(VALID) | st.integers(0, 299)
-                                | st.sampled_from(range(len(_CONTROLS))).map(str)),
+                                | st.sampled_from(range(len(_CONTROLS))).map(lambda i: (i,))),
                       max_size=12),
        cuts=st.lists(st.integers(1, 320), max_size=8), as_bytes=st.booleans())
 def test_entries_in_batches_are_entries_one_by_one(
-        seed: int, noise: list[tuple[int, str | int]], cuts: list[int], as_bytes: bool) -> None:
+        seed: int, noise: list[tuple[int, str | int | tuple[int]]], cuts: list[int],
+        as_bytes: bool) -> None:
     """``on_entries`` (the book's batch path) over any batches says and does what
     ``on_entry`` says and does for each entry: same outputs (an ``Applied`` run
     counted message by message), same book, statistics, ids and ``ts`` collected."""
@@ -426,8 +427,8 @@ def test_entries_in_batches_are_entries_one_by_one(
     for at, item in sorted(noise, key=lambda n: n[0], reverse=True):
         if isinstance(item, int):
             fields.insert(at, {"msg": texts[item]})  # a replay, ahead of or behind its place
-        elif len(item) == 1:
-            fields.insert(at, dict(_CONTROLS[int(item)]))
+        elif isinstance(item, tuple):
+            fields.insert(at, dict(_CONTROLS[item[0]]))
         else:
             fields.insert(at, {"msg": item})
     if as_bytes:

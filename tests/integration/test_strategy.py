@@ -511,20 +511,28 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
         buy = await order_store.load(redis, SYMBOL, ge1)
         assert buy is not None and buy.side == "buy" and Decimal(buy.price) == centre - step
 
-        # Another user sells into every bid down to the grid's buy and 2 of it (FIFO).
-        with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
-            book = http.get(f"/sandbox/book/{SYMBOL}").json()
-        ahead = 0
-        for level in book["bids"]:
-            if Decimal(level["price"]) > centre - step:
-                ahead += int(level["size"])
-            elif Decimal(level["price"]) == centre - step:
-                for resting in level["orders"]:
-                    if resting["orderId"] == buy.order_id:
-                        break
-                    ahead += int(resting["size"])
+        # Another user sells into every bid down to the grid's buy and 2 of it (FIFO). The
+        # sandbox's flow leaves hidden orders, which no book shows and which come first
+        # when their price is better: every bid above the grid's is sold first (IOC, until
+        # one fills less than it asked), then what the public book shows ahead of ours.
+        tick = Decimal(str((await rest.contract(SYMBOL))["tickSize"]))
         async with KumexRestClient(sandbox.base_url, DEMO_KEY_2.key, DEMO_KEY_2.secret,
                                    DEMO_KEY_2.passphrase, timeout=10.0) as taker:
+            for n in range(100):
+                sweep = await taker.place_order(
+                    client_oid=f"sweep-{n}", symbol=SYMBOL, side="sell", price=centre - step + tick,
+                    size=10_000, leverage=2, time_in_force="IOC")
+                swept = await taker.get_order(sweep.order_id)
+                if swept is None or swept.filled_size < 10_000:
+                    break
+            with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:
+                book = http.get(f"/sandbox/book/{SYMBOL}").json()
+            assert Decimal(book["bids"][0]["price"]) == centre - step, book["bids"][:2]
+            ahead = 0
+            for resting in book["bids"][0]["orders"]:
+                if resting["orderId"] == buy.order_id:
+                    break
+                ahead += int(resting["size"])
             placed = await taker.place_order(client_oid="taker-1", symbol=SYMBOL, side="sell",
                                              price=centre - step, size=ahead + 2, leverage=2,
                                              time_in_force="IOC")
