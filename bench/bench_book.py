@@ -58,6 +58,38 @@ def timed(fn: Callable[[], None]) -> float:
 
 
 
+def profile(sample: list[bytes]) -> None:
+    """ns a message by subject: parse_message, then apply of the parsed message."""
+    clock = time.perf_counter_ns
+    start = clock()
+    for _ in range(100_000):
+        clock()
+    overhead = (clock() - start) / 100_000
+    parse_ns: dict[str, list[float]] = {}
+    apply_ns: dict[str, list[float]] = {}
+    book = OrderBook("XBTUSDM")
+    gc.collect()
+    gc.disable()
+    try:
+        for raw in sample:
+            t0 = clock()
+            msg = parse_message(raw)
+            t1 = clock()
+            book.apply(msg)
+            t2 = clock()
+            kind = type(msg).__name__.lower()
+            parse_ns.setdefault(kind, []).append(t1 - t0 - overhead)
+            apply_ns.setdefault(kind, []).append(t2 - t1 - overhead)
+    finally:
+        gc.enable()
+    print()
+    print(f"{'per subject (apply one by one), ns':44} {'share':>6} {'parse':>7} {'apply':>7}")
+    for kind, values in sorted(parse_ns.items(), key=lambda kv: -len(kv[1])):
+        share = len(values) / len(sample)
+        print(f"{kind:44} {share:6.1%} {sum(values) / len(values):7.0f} "
+              f"{sum(apply_ns[kind]) / len(values):7.0f}")
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
@@ -140,6 +172,7 @@ def main() -> None:
           f"book holds {len(ours)} orders at sequence {ours.sequence}")
 
     sample = stream[: min(len(stream), 300_000)]
+    profile(sample)
 
     def decode(fn: Callable[[bytes], object]) -> float:
         def run() -> None:
