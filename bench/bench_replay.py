@@ -93,7 +93,7 @@ def main() -> int:
                 wait_until(lambda: subscribed(sandbox), "the feed to subscribe")
                 snap = http.get(f"/sandbox/snapshot/{SYM}").json()
                 snapshot.write_text(json.dumps(snap))
-                first = int(snap["data"]["sequence"])
+                first = int(snap.get("data", snap)["sequence"])
                 target = first + args.messages
                 print(f"snapshot at sequence {first:,}; capturing {args.messages:,} messages "
                       "of the engine's flow ...", flush=True)
@@ -122,7 +122,8 @@ def main() -> int:
             str(work / "depth.csv"), "--depth", "5")
         print(f"after: {load()}")
         ours = OrderBook.from_snapshot(json.loads(out.read_text()))
-        theirs = OrderBook.from_snapshot(json.loads(final.read_text())["data"])
+        exchange = json.loads(final.read_text())
+        theirs = OrderBook.from_snapshot(exchange.get("data", exchange))
         same = ours.sequence == theirs.sequence and ours.l3() == theirs.l3()
         print()
         print(f"{'replay of the capture (one process)':44} {'msg/s':>12} {'wall s':>8}")
