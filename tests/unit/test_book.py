@@ -201,6 +201,11 @@ def test_bad_checkpoint_is_a_message_error() -> None:
         OrderBook.from_state({"v": 1, "symbol": "X"})
     with pytest.raises(MessageError):
         OrderBook.from_state({"v": 99})
+    # apply() counts on a book that is never crossed: a crossed checkpoint is refused.
+    crossed = {"v": 1, "symbol": "X", "sequence": 5, "ts": 1,
+               "bids": [["b", "101", "1", 1]], "asks": [["a", "100", "1", 2]]}
+    with pytest.raises(MessageError, match="crossed"):
+        OrderBook.from_state(crossed)
 
 
 @settings(max_examples=40, deadline=None)
