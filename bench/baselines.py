@@ -86,6 +86,18 @@ class NaiveListBook:
         return side("buy", True), side("sell", False)
 
 
+def _remove(sides: dict[str, Any], where: dict[str, tuple[str, Any]], order_id: str) -> None:
+    """Take an order off its level of a ladder keyed by price (the level too when empty)."""
+    loc = where.pop(order_id, None)
+    if loc is None:
+        return
+    ladder = sides[loc[0]]
+    level = ladder[loc[1]]
+    del level[order_id]
+    if not level:
+        del ladder[loc[1]]
+
+
 class CSortedDictBook:
     def __init__(self) -> None:
         self.sequence = 0
@@ -123,14 +135,7 @@ class CSortedDictBook:
                 self.sides[loc[0]][loc[1]][data["orderId"]] = Decimal(data["size"])
 
     def _remove(self, order_id: str) -> None:
-        loc = self.where.pop(order_id, None)
-        if loc is None:
-            return
-        ladder = self.sides[loc[0]]
-        level = ladder[loc[1]]
-        del level[order_id]
-        if not level:
-            del ladder[loc[1]]
+        _remove(self.sides, self.where, order_id)
 
     def depth(self) -> tuple[list[tuple[Decimal, Decimal, int]], ...]:
         return tuple(  # type: ignore[return-value]
@@ -194,14 +199,7 @@ class SimpleSortedDictBook:
                     self.sides[loc[0]][loc[1]][oid] = size
 
     def _remove(self, order_id: str) -> None:
-        loc = self.orders.pop(order_id, None)
-        if loc is None:
-            return
-        ladder = self.sides[loc[0]]
-        level = ladder[loc[1]]
-        del level[order_id]
-        if not level:
-            del ladder[loc[1]]
+        _remove(self.sides, self.orders, order_id)
 
     def depth(self) -> tuple[list[tuple[Decimal, Decimal, int]], ...]:
         def side(name: str, reverse: bool) -> list[tuple[Decimal, Decimal, int]]:

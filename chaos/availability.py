@@ -45,11 +45,11 @@ import httpx
 import redis
 
 from chaos.scenarios import Outcome
-from chaos.stack import Check, Poller, Started, verify_answers
+from chaos.stack import Check, Poller, verify_answers
 from kumex_l3 import keys
 from kumex_l3.devredis import RedisServer
 from kumex_l3.lease import LeaseOwner
-from tests.procs import ServiceProcess, metric
+from tests.procs import ServiceProcess, Started, metric
 from tests.sandbox_proc import SandboxProcess
 
 __all__ = ["AvailabilityConfig", "Figures", "availability", "outage"]

@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import httpx
 import redis
@@ -58,7 +58,7 @@ from kumex_l3 import OrderBook, keys, parse_message
 from kumex_l3.devredis import RedisServer
 from kumex_l3.grid import is_client_oid_of
 from kumex_l3.rest import KumexRestClient
-from tests.procs import ServiceProcess, metric
+from tests.procs import ServiceProcess, Started, metric
 from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
 
 __all__ = [
@@ -401,26 +401,6 @@ class StackConfig:
     safety_s: float = 90.0
     #: Book polls a second at most (0: no poller).
     poll_interval: float = 0.05
-
-
-class Started:
-    """A context manager over ``start()``: a start that fails half-way is closed again."""
-
-    def start(self) -> Self:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Stack(Started):

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 
@@ -120,22 +120,23 @@ def parse_qty(text: str, *, allow_zero: bool = False) -> Qty:
 _PRICES: Final[dict[str, Decimal]] = {}
 _SIZES: Final[dict[str, Qty]] = {}
 _MEMO_MAX: Final = 1 << 16
+_V = TypeVar("_V")
+
+
+def _remember(memo: dict[str, _V], text: str, value: _V) -> _V:
+    """``value`` kept in ``memo`` under ``text`` (the memo emptied when full)."""
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    memo[text] = value
+    return value
 
 
 def _price(text: str) -> Decimal:
-    value = parse_price(text)
-    if len(_PRICES) >= _MEMO_MAX:
-        _PRICES.clear()
-    _PRICES[text] = value
-    return value
+    return _remember(_PRICES, text, parse_price(text))
 
 
 def _size(text: str) -> Qty:
-    value = parse_qty(text)
-    if len(_SIZES) >= _MEMO_MAX:
-        _SIZES.clear()
-    _SIZES[text] = value
-    return value
+    return _remember(_SIZES, text, parse_qty(text))
 
 
 def format_qty(qty: Qty) -> str:
@@ -336,9 +337,7 @@ def _parse_in_two_passes(raw: bytes | bytearray | memoryview | str) -> Message:
     ):
         raise MessageError(f"{subject}: topic {topic!r} does not match symbol {msg.symbol!r}")
     if topic is not None:
-        if len(_TOPICS) >= _MEMO_MAX:
-            _TOPICS.clear()
-        _TOPICS[topic] = msg.symbol
+        _remember(_TOPICS, topic, msg.symbol)
     return msg
 
 

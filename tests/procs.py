@@ -46,7 +46,27 @@ _LOG_TAIL = 20_000
 _T = TypeVar("_T")
 
 
-class ServiceProcess:
+class Started:
+    """A context manager over ``start()``: a start that fails half-way is closed again."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ServiceProcess(Started):
     """``python -m module`` on ``host:port``, with its output kept in a temporary file.
 
     ``env`` goes over the parent's environment minus the variables starting
@@ -164,15 +184,8 @@ class ServiceProcess:
 
     # ------------------------------------------------------------------ with
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None = None,  # type: ignore[override]
+                 exc: BaseException | None = None, tb: TracebackType | None = None) -> None:
         try:
             self.stop()
         finally:
