@@ -2,7 +2,7 @@
 #
 #   make venv    create .venv and install the project (editable, extras test,bench)
 #   make test    lint (ruff, mypy --strict) then pytest
-#   make lint    ruff and mypy only
+#   make lint    ruff, and mypy --strict on kumex_l3 and services
 #   make bench   run the benchmarks
 #   make demo    start Redis and show which services are built
 #   make clean   remove caches and build output (make distclean: also .venv)
@@ -36,7 +36,7 @@ lint: venv
 	@echo "==> ruff"
 	@"$(BIN)/ruff" check kumex_l3 services tests bench scripts chaos
 	@echo "==> mypy (strict)"
-	@"$(BIN)/mypy" kumex_l3
+	@"$(BIN)/mypy" kumex_l3 services
 
 # Browser tests drive Debian's chromium (never a downloaded browser): install it when missing.
 browser:

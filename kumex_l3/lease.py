@@ -43,6 +43,7 @@ import redis.asyncio
 import redis.exceptions
 
 from kumex_l3 import keys
+from kumex_l3.backoff import Backoff
 from kumex_l3.logs import kv
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "read_owners",
     "release",
     "renew",
+    "supervise",
 ]
 
 log = logging.getLogger(__name__)
@@ -369,3 +371,51 @@ class LeaseManager:
             raise
         except Exception:
             log.exception("lease callback failed", extra=kv(symbol=symbol))
+
+
+def _always() -> bool:
+    return True
+
+
+async def supervise(
+    run: Callable[[], Awaitable[None]],
+    *,
+    what: str,
+    symbol: str,
+    backoff: Backoff,
+    holds: Callable[[], bool] = _always,
+    stop_on: tuple[type[Exception], ...] = (),
+    on_failure: Callable[[Exception], None] | None = None,
+    healthy_after_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Run a symbol's worker while its lease is held; start it again after a failure.
+
+    ``run()`` is awaited while ``holds()``; it returning, or raising one of
+    ``stop_on`` (``LeaseLost``), ends the supervision; cancellation goes through.
+    Any other error is counted (``on_failure``), logged (a traceback unless it is
+    a connection or Redis error) and followed by a new run after
+    ``backoff.next_delay()``. A run that lasted ``healthy_after_s`` (default: the
+    backoff's longest delay) was a success: the next failure starts small again.
+    """
+    healthy = backoff.max_delay if healthy_after_s is None else healthy_after_s
+    while holds():
+        started = clock()
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except stop_on:
+            return
+        except Exception as exc:
+            if clock() - started >= healthy:
+                backoff.reset()
+            if on_failure is not None:
+                on_failure(exc)
+            delay = backoff.next_delay()
+            log.error(f"{what} failed; starting it again", extra=kv(
+                symbol=symbol, error=repr(exc), retry_s=round(delay, 2)),
+                exc_info=not isinstance(exc, OSError | redis.exceptions.RedisError))
+            await asyncio.sleep(delay)
+        else:
+            return

@@ -21,7 +21,7 @@ import redis.exceptions
 
 from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
-from kumex_l3.lease import LeaseManager, LeaseOwner, read_owner
+from kumex_l3.lease import LeaseManager, LeaseOwner, read_owner, supervise
 from kumex_l3.logs import kv
 from kumex_l3.tasks import cancel_and_wait
 from services.book.consumer import SymbolConsumer
@@ -171,15 +171,10 @@ class BookService:
             await consumer.stop(checkpoint=checkpoint)
 
     async def _supervise(self, symbol: str) -> None:
-        backoff = Backoff(initial=1.0, factor=2.0, max_delay=30.0)
-        while True:
+        async def run() -> None:
             consumer = SymbolConsumer(symbol, self.redis, self.settings, self.metrics)
             self._consumers[symbol] = consumer
-            try:
-                await consumer.run()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("book consumer failed; starting it again",
-                              extra=kv(symbol=symbol))
-            await asyncio.sleep(backoff.next_delay())
+            await consumer.run()
+
+        await supervise(run, what="book consumer", symbol=symbol,
+                        backoff=Backoff(initial=1.0, factor=2.0, max_delay=30.0))

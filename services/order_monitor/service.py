@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from kumex_l3.backoff import Backoff
 from kumex_l3.config import redact_url
-from kumex_l3.lease import LeaseManager, LeaseOwner
+from kumex_l3.lease import LeaseManager, LeaseOwner, supervise
 from kumex_l3.logs import kv
 from kumex_l3.rest import KumexRestClient
 from kumex_l3.service import start_server
@@ -78,28 +78,18 @@ class OrderMonitor:
 
     async def _supervise(self, symbol: str) -> None:
         """Run the symbol's consumer while the lease is held; restart it after an error."""
-        backoff = Backoff(initial=0.5, factor=2.0, max_delay=15.0)
-        while self.leases.holds(symbol):
+        async def run() -> None:
             monitor = SymbolMonitor(self.redis, symbol, self.settings, self.metrics,
                                     self.lookup, holds=lambda: self.leases.holds(symbol),
                                     fence=(self.leases.key(symbol),
                                            self.leases.owner.to_json()))
             self.monitors[symbol] = monitor
-            try:
-                await monitor.run()
-            except asyncio.CancelledError:
-                raise
-            except LeaseLost:
-                return
-            except Exception as exc:
-                self.metrics.errors.labels(symbol).inc()
-                delay = backoff.next_delay()
-                log.error("consumer failed, restarting",
-                          extra=kv(symbol=symbol, error=repr(exc), retry_s=round(delay, 2)),
-                          exc_info=not isinstance(exc, OSError | aioredis.RedisError))
-                await asyncio.sleep(delay)
-            else:  # pragma: no cover - run() only returns by raising
-                return
+            await monitor.run()
+
+        await supervise(run, what="order monitor consumer", symbol=symbol,
+                        backoff=Backoff(initial=0.5, factor=2.0, max_delay=15.0),
+                        holds=lambda: self.leases.holds(symbol), stop_on=(LeaseLost,),
+                        on_failure=lambda _: self.metrics.errors.labels(symbol).inc())
 
     # ------------------------------------------------------------------ running
 
