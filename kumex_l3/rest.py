@@ -6,25 +6,7 @@ and turns every failure into one of the errors below, in one table
 ``raise ... from exc``. JSON numbers are decoded as :class:`~decimal.Decimal`
 (never through a float).
 
-Errors (all :class:`~kumex_l3.errors.KumexError`)::
-
-    RestError                   a REST call failed (``method``, ``path``)
-    ├── ApiError                the exchange answered with an error code
-    │   │                       (``code``, ``msg``, ``http_status``)
-    │   ├── AuthError           4000xx: header missing, clock skew, unknown key,
-    │   │                       wrong passphrase, bad signature
-    │   ├── InvalidParameter    400100, 300000
-    │   ├── TooManyOrders       300001
-    │   ├── DuplicateClientOid  300018
-    │   ├── CannotCancel        100004
-    │   │   └── OrderNotFound   100004 with HTTP 404: no such order
-    │   ├── InvalidSymbol       200003
-    │   ├── RateLimited         429000 / HTTP 429 (``retry_after`` seconds, or None)
-    │   ├── ServerError         500000 / HTTP 5xx
-    │   └── UnexpectedResponse  not the venue's envelope (no code, not JSON)
-    └── TransportError          no answer (``maybe_sent``)
-        ├── RequestTimeout      no answer in time
-        └── ConnectionFailed    the connection failed or broke
+Errors: the :class:`~kumex_l3.errors.RestError` branch of :mod:`kumex_l3.errors`.
 
 Every error says whether the exchange certainly did *not* act on the request
 (:attr:`RestError.refused`): true for an answered error code (the venue
@@ -56,7 +38,23 @@ import httpx
 from pydantic import SecretStr
 
 from kumex_l3.backoff import Backoff
-from kumex_l3.errors import KumexError
+from kumex_l3.errors import (
+    ApiError,
+    AuthError,
+    CannotCancel,
+    ConnectionFailed,
+    DuplicateClientOid,
+    InvalidParameter,
+    InvalidSymbol,
+    OrderNotFound,
+    RateLimited,
+    RequestTimeout,
+    RestError,
+    ServerError,
+    TooManyOrders,
+    TransportError,
+    UnexpectedResponse,
+)
 from kumex_l3.signing import Credentials, signed_headers
 
 __all__ = [
@@ -92,99 +90,6 @@ _MAX_PAGES: Final = 1000
 
 
 # ---------------------------------------------------------------------- errors
-
-
-class RestError(KumexError):
-    """A REST call failed; ``method`` and ``path`` name it (never headers or secrets)."""
-
-    #: True when the exchange certainly did not act on the request.
-    refused: bool = False
-
-    def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
-        where = f"{method} {path}: " if method else ""
-        super().__init__(f"{where}{message}")
-        self.method = method
-        self.path = path
-
-
-class ApiError(RestError):
-    """The exchange answered with an error ``code`` (``msg``, ``http_status``)."""
-
-    refused = True
-
-    def __init__(self, code: str, msg: str, http_status: int, *, method: str = "",
-                 path: str = "") -> None:
-        super().__init__(f"{code} {msg} (HTTP {http_status})", method=method, path=path)
-        self.code = code
-        self.msg = msg
-        self.http_status = http_status
-
-
-class AuthError(ApiError):
-    """4000xx: the request's authentication was refused (or no credentials are configured)."""
-
-
-class InvalidParameter(ApiError):
-    """400100 / 300000: a parameter is malformed or outside the contract."""
-
-
-class TooManyOrders(ApiError):
-    """300001: the user has too many active orders on the contract."""
-
-
-class DuplicateClientOid(ApiError):
-    """300018: an active order with this clientOid exists already."""
-
-
-class CannotCancel(ApiError):
-    """100004: the order cannot be cancelled in its state (done, or unknown)."""
-
-
-class OrderNotFound(CannotCancel):
-    """100004 with HTTP 404: the exchange knows no such order."""
-
-
-class InvalidSymbol(ApiError):
-    """200003: no such contract."""
-
-
-class RateLimited(ApiError):
-    """429000: the rate limit was exceeded; ``retry_after`` in seconds when the venue said."""
-
-    def __init__(self, code: str, msg: str, http_status: int, *, method: str = "",
-                 path: str = "", retry_after: float | None = None) -> None:
-        super().__init__(code, msg, http_status, method=method, path=path)
-        self.retry_after = retry_after
-
-
-class ServerError(ApiError):
-    """500000 / HTTP 5xx: the exchange failed; it may have acted before failing."""
-
-    refused = False
-
-
-class UnexpectedResponse(ApiError):
-    """An answer that is not the venue's envelope; what happened is not known."""
-
-    refused = False
-
-
-class TransportError(RestError):
-    """No answer came; ``maybe_sent`` says whether the request may have reached the exchange."""
-
-    def __init__(self, message: str, *, maybe_sent: bool, method: str = "",
-                 path: str = "") -> None:
-        super().__init__(message, method=method, path=path)
-        self.maybe_sent = maybe_sent
-        self.refused = not maybe_sent
-
-
-class RequestTimeout(TransportError):
-    """No answer within the timeout: distinct from a refusal (the request may have acted)."""
-
-
-class ConnectionFailed(TransportError):
-    """The connection could not be made, or broke before the answer."""
 
 
 #: Error code -> error class: the one table of the venue's codes (kumex-api.md §1).

@@ -13,12 +13,7 @@ store (:mod:`kumex_l3.order_store`):
 * :meth:`Trader.wait_for` and :meth:`Trader.follow` read the order-events
   stream (``XREAD BLOCK``) and the order's hash: no REST polling.
 
-Errors of the SDK itself (beyond :mod:`kumex_l3.rest`'s)::
-
-    KumexError
-    └── TradingError
-        ├── ClientOidInUse    the clientOid is registered already (never sent twice)
-        └── UnknownOrder      no order is registered under that clientOid
+Errors: the :class:`~kumex_l3.errors.TradingError` branch of :mod:`kumex_l3.errors`.
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ from typing import Any, Final, Literal
 import redis.asyncio as aioredis
 
 from kumex_l3 import keys, order_store
-from kumex_l3.errors import KumexError
+from kumex_l3.errors import ClientOidInUse, TradingError, UnknownOrder
 from kumex_l3.orders import Change, OrderStatus, OwnOrder, reconcile
 from kumex_l3.rest import (
     ApiError,
@@ -66,28 +61,6 @@ FINAL_STATUSES: Final = frozenset(
 _READ_COUNT: Final = 200
 _MAX_BLOCK_MS: Final = 1000
 _SAVE_ATTEMPTS: Final = 5
-
-
-class TradingError(KumexError):
-    """A trading request could not be carried out by the SDK."""
-
-
-class ClientOidInUse(TradingError):
-    """An order is registered under this clientOid already: nothing was sent."""
-
-    def __init__(self, symbol: str, client_oid: str) -> None:
-        super().__init__(f"{symbol}: clientOid {client_oid} is registered already")
-        self.symbol = symbol
-        self.client_oid = client_oid
-
-
-class UnknownOrder(TradingError):
-    """No order is registered under this clientOid (never, or its hash expired)."""
-
-    def __init__(self, symbol: str, client_oid: str) -> None:
-        super().__init__(f"{symbol}: no order registered as {client_oid}")
-        self.symbol = symbol
-        self.client_oid = client_oid
 
 
 def new_client_oid() -> str:

@@ -29,19 +29,8 @@ must keep reading: a ``pong`` is noticed when the reader gets to it, so a
 consumer that lags behind by more than ``pingTimeout`` is treated as a dead
 connection (the feed's reader only appends to memory, so it never lags).
 
-Errors (all :class:`WsError`, a :class:`~kumex_l3.errors.KumexError`; third
-party errors are translated with ``raise ... from exc``)::
-
-    WsError
-    ├── TokenError        bullet-public failed: HTTP error, refusal, bad reply
-    ├── ConnectError      the socket could not be opened (refused, handshake)
-    ├── WelcomeTimeout    no ``welcome`` within ``welcome_timeout``
-    ├── SubscribeError    an ``error`` reply to a subscribe (``topic``, ``code``, ``text``)
-    ├── AckTimeout        no ``ack`` within ``subscribe_timeout`` (``topics``)
-    ├── ServerError       any other ``error`` frame (e.g. 401 token is invalid)
-    ├── PingTimeout       no ``pong`` within ``pingTimeout``: the connection is dead
-    └── ConnectionLost    the socket closed (``code``, ``reason``)
-
+Errors: the :class:`~kumex_l3.errors.WsError` branch of :mod:`kumex_l3.errors`
+(third-party errors are translated with ``raise ... from exc``).
 Every one of them is worth a reconnect with a fresh token (:func:`is_retryable`).
 Tokens never appear in errors or logs.
 """
@@ -68,7 +57,17 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
 
-from kumex_l3.errors import KumexError
+from kumex_l3.errors import (
+    AckTimeout,
+    ConnectError,
+    ConnectionLost,
+    PingTimeout,
+    SubscribeError,
+    TokenError,
+    WelcomeTimeout,
+    WsError,
+    WsServerError,
+)
 from kumex_l3.messages import TOPIC_PREFIX
 from kumex_l3.tasks import cancel_and_wait
 
@@ -85,7 +84,6 @@ __all__ = [
     "IdSource",
     "InstanceServer",
     "PingTimeout",
-    "ServerError",
     "Session",
     "SubscribeError",
     "TokenError",
@@ -93,6 +91,7 @@ __all__ = [
     "WsClient",
     "WsError",
     "WsOptions",
+    "WsServerError",
     "classify",
     "connect_url",
     "is_retryable",
@@ -111,69 +110,6 @@ _log = logging.getLogger(__name__)
 BULLET_PATH: Final = "/api/v1/bullet-public"
 _OK_CODE: Final = "200000"
 _TEXT_LIMIT: Final = 200  # of server text quoted in an error
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class WsError(KumexError):
-    """A WebSocket session failed; reconnect with a fresh token (see the module docstring)."""
-
-
-class TokenError(WsError):
-    """``bullet-public`` failed (``status`` is the HTTP status when there was one)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ConnectError(WsError):
-    """The socket could not be opened."""
-
-
-class WelcomeTimeout(WsError):
-    """The server sent no ``welcome`` in time."""
-
-
-class SubscribeError(WsError):
-    """The server answered a subscribe with an ``error`` frame."""
-
-    def __init__(self, topic: str, code: int | None, text: str) -> None:
-        super().__init__(f"subscribe to {topic} refused: code {code}: {text}")
-        self.topic = topic
-        self.code = code
-        self.text = text
-
-
-class AckTimeout(WsError):
-    """Some subscribes got no ``ack`` in time (``topics``)."""
-
-    def __init__(self, topics: Sequence[str]) -> None:
-        super().__init__(f"no ack for {', '.join(topics)}")
-        self.topics = tuple(topics)
-
-
-class ServerError(WsError):
-    """An ``error`` frame that answers no pending subscribe (bad token, refused ping...)."""
-
-    def __init__(self, code: int | None, text: str) -> None:
-        super().__init__(f"server error: code {code}: {text}")
-        self.code = code
-        self.text = text
-
-
-class PingTimeout(WsError):
-    """No ``pong`` within ``pingTimeout`` of a ``ping``: the connection is dead."""
-
-
-class ConnectionLost(WsError):
-    """The socket closed (``code``/``reason`` of the close frame, when there was one)."""
-
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(f"connection closed: code {code} {reason!r}".rstrip())
-        self.code = code
-        self.reason = reason
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -471,7 +407,7 @@ class Session:
         """Consume one received frame; the frame for the caller, or ``None`` if handled.
 
         Raises :class:`SubscribeError` for an ``error`` answering a pending
-        subscribe, :class:`ServerError` for any other ``error``.
+        subscribe, :class:`WsServerError` for any other ``error``.
         """
         try:
             head = _HEAD.decode(text)
@@ -507,7 +443,7 @@ class Session:
             pending = self.pending.pop(frame.id, None) if frame.id is not None else None
             if pending is not None:
                 raise SubscribeError(pending[0], frame.code, frame.text)
-            raise ServerError(frame.code, frame.text)
+            raise WsServerError(frame.code, frame.text)
         return DataFrame(text, frame.topic, kind)
 
     def _pong(self, msg_id: str | None) -> None:
@@ -547,7 +483,7 @@ class Connection:
     """One open, welcomed connection. Built by :meth:`WsClient.connect`; read it until it fails.
 
     :meth:`recv` returns the next data frame's text; it raises a :class:`WsError`
-    when the connection ends (:class:`PingTimeout`, :class:`ServerError`,
+    when the connection ends (:class:`PingTimeout`, :class:`WsServerError`,
     :class:`ConnectionLost`). Iterating with ``async for`` yields the same
     texts and stops quietly only after :meth:`close`.
     """

@@ -64,7 +64,7 @@ from redis.exceptions import ResponseError
 
 from kumex_l3 import keys, order_store
 from kumex_l3.backoff import Backoff
-from kumex_l3.errors import KumexError, MessageError
+from kumex_l3.errors import KumexError, LeaseLost, MessageError
 from kumex_l3.logs import kv
 from kumex_l3.messages import Control, DataMessage, parse_message
 from kumex_l3.orders import (
@@ -109,10 +109,6 @@ class OrderLookup(Protocol):
     async def get_order_by_client_oid(self, client_oid: str,
                                       symbol: str | None = None) -> ExchangeOrder | None:
         """``GET /api/v1/orders/byClientOid``; None when unknown."""
-
-
-class LeaseLost(Exception):
-    """The replica no longer holds the symbol: stop consuming it."""
 
 
 class _PeekData(msgspec.Struct, rename="camel", gc=False):
@@ -625,6 +621,8 @@ class SymbolMonitor:
             return False
         try:
             await self.reconcile_all()
+        except LeaseLost:
+            raise  # not a failure of the exchange: this replica must stop
         except KumexError as exc:
             self.metrics.reconcile_errors.labels(self.symbol).inc()
             delay = self._retry.next_delay()

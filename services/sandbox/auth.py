@@ -7,7 +7,7 @@ where requestPath includes the query string. Key versions 2 and 3 send
 plain text.
 
 :func:`verify` checks a request in the venue's order and raises
-:class:`AuthError` with the venue's code: 400001 a header missing, 400002
+:class:`AuthRefused` with the venue's code: 400001 a header missing, 400002
 timestamp more than 5 s off, 400003 unknown key, 400004 wrong passphrase,
 400005 bad signature. The clock comes in as an argument.
 
@@ -41,7 +41,7 @@ __all__ = [
     "HEADER_TIMESTAMP",
     "MAX_SKEW_MS",
     "ApiCredential",
-    "AuthError",
+    "AuthRefused",
     "AuthResult",
     "sign",
     "sign_passphrase",
@@ -55,7 +55,7 @@ MAX_SKEW_MS = 5_000
 _REQUIRED = (HEADER_KEY, HEADER_SIGN, HEADER_TIMESTAMP, HEADER_PASSPHRASE)
 
 
-class AuthError(Exception):
+class AuthRefused(Exception):
     """A private request failed authentication: ``code``, ``msg``, ``http_status`` (401)."""
 
     def __init__(self, code: str, msg: str, http_status: int = 401) -> None:
@@ -137,22 +137,22 @@ def verify(
     for name in _REQUIRED:
         value = lowered.get(name.lower(), "").strip()
         if not value:
-            raise AuthError("400001", f"Please check the header of your request for {name}")
+            raise AuthRefused("400001", f"Please check the header of your request for {name}")
         values[name] = value
     version_text = lowered.get(HEADER_KEY_VERSION.lower(), "1").strip() or "1"
     if version_text not in {"1", "2", "3"}:
-        raise AuthError("400001", f"Invalid {HEADER_KEY_VERSION}")
+        raise AuthRefused("400001", f"Invalid {HEADER_KEY_VERSION}")
     version = int(version_text)
 
     timestamp = values[HEADER_TIMESTAMP]
     # Bounded before int(): Python refuses to convert more than 4300 digits (a 500).
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= _TIMESTAMP_DIGITS) \
             or abs(now_ms - int(timestamp)) > MAX_SKEW_MS:
-        raise AuthError("400002", f"Invalid {HEADER_TIMESTAMP}")
+        raise AuthRefused("400002", f"Invalid {HEADER_TIMESTAMP}")
 
     credential = keys.get(values[HEADER_KEY])
     if credential is None:
-        raise AuthError("400003", f"{HEADER_KEY} not exists")
+        raise AuthRefused("400003", f"{HEADER_KEY} not exists")
 
     expected_passphrase = (
         credential.passphrase
@@ -160,10 +160,10 @@ def verify(
         else sign_passphrase(credential.secret, credential.passphrase)
     )
     if not _equal(values[HEADER_PASSPHRASE], expected_passphrase):
-        raise AuthError("400004", f"Invalid {HEADER_PASSPHRASE}")
+        raise AuthRefused("400004", f"Invalid {HEADER_PASSPHRASE}")
 
     given = values[HEADER_SIGN]
     for path in (path_with_query, *alt_paths):
         if _equal(given, sign(credential.secret, timestamp, method, path, body)):
             return AuthResult(key=credential.key, user_id=credential.user_id, key_version=version)
-    raise AuthError("400005", "Signature verification failed")
+    raise AuthRefused("400005", "Signature verification failed")

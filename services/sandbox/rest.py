@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.sandbox.auth import AuthError, AuthResult, verify
+from services.sandbox.auth import AuthRefused, AuthResult, verify
 from services.sandbox.engine import EngineOrder, OrderRequest, RejectError
 from services.sandbox.exchange import Exchange
 
@@ -44,7 +44,7 @@ __all__ = [
     "CODE_INVALID_PARAMETER",
     "CODE_OK",
     "CODE_RATE_LIMITED",
-    "ApiError",
+    "ApiRefusal",
     "ApiShell",
     "api_router",
     "error_response",
@@ -66,7 +66,7 @@ _DEFAULT_PAGE_SIZE: Final = 50
 _UNSUPPORTED: Final = ("stop", "stopPrice", "stopPriceType")
 
 
-class ApiError(Exception):
+class ApiRefusal(Exception):
     """A request the API refuses: ``code``, ``msg``, ``http_status``."""
 
     def __init__(self, code: str, msg: str, http_status: int = 400) -> None:
@@ -96,8 +96,8 @@ def _decoded_spelling(path: str, query: str) -> tuple[str, ...]:
     return (f"{decoded_path}?{decoded_query}" if query else decoded_path,)
 
 
-def _invalid(msg: str) -> ApiError:
-    return ApiError(CODE_INVALID_PARAMETER, msg)
+def _invalid(msg: str) -> ApiRefusal:
+    return ApiRefusal(CODE_INVALID_PARAMETER, msg)
 
 
 def ok(data: Any) -> JSONResponse:
@@ -117,7 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map every error to the venue's envelope: never a 422, never a bare 500."""
 
     async def api_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, (ApiError, RejectError, AuthError))
+        assert isinstance(exc, (ApiRefusal, RejectError, AuthRefused))
         return error_response(exc.code, exc.msg, exc.http_status)
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -142,7 +142,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(CODE_INTERNAL, "Internal Server Error", 500)
 
-    for kind in (ApiError, RejectError, AuthError):
+    for kind in (ApiRefusal, RejectError, AuthRefused):
         app.add_exception_handler(kind, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -250,7 +250,7 @@ def _number_text(body: Mapping[str, Any], name: str) -> str | None:
 
 
 def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest]:
-    """The symbol and engine request of a ``POST /api/v1/orders`` body, or :class:`ApiError`.
+    """The symbol and engine request of a ``POST /api/v1/orders`` body, or :class:`ApiRefusal`.
 
     Numbers may come as JSON numbers or strings (clients send both); JSON
     numbers are read as :class:`~decimal.Decimal`, never through a float.
@@ -421,7 +421,7 @@ def api_router(exchange: Exchange) -> APIRouter:
         faults = exchange.faults
         if faults.refuse_snapshots:
             faults.counts["snapshots_refused"] += 1
-            raise ApiError(CODE_INTERNAL, "Internal Server Error", 500)
+            raise ApiRefusal(CODE_INTERNAL, "Internal Server Error", 500)
         client = request.client.host if request.client else "unknown"
         rate = faults.snapshot_rate_per_min
         now = time.monotonic()

@@ -45,7 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kumex_l3 import keys, order_store
 from kumex_l3.backoff import Backoff
-from kumex_l3.errors import KumexError
+from kumex_l3.errors import KumexError, StrategyError
 from kumex_l3.grid import (
     Decision,
     Fill,
@@ -90,10 +90,6 @@ _BOOK_ATTEMPTS: Final = 10
 _RETRY_AFTER_S: Final = 1.0
 _RETRY_MAX_S: Final = 30.0
 _CONFIRM_ROUNDS: Final = 3
-
-
-class StrategyError(KumexError):
-    """The strategy cannot start (no centre price, bad contract data...)."""
 
 
 def _text(value: Any) -> str:

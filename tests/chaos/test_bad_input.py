@@ -52,7 +52,7 @@ from kumex_l3.devredis import RedisServer
 from kumex_l3.messages import TOPIC_PREFIX
 from kumex_l3.sync import DeadLetter, Synchronizer
 from kumex_l3.synthetic import StreamGenerator
-from kumex_l3.wsclient import FrameKind, ServerError, Session, topic_symbol
+from kumex_l3.wsclient import FrameKind, Session, WsServerError, topic_symbol
 from services.book.consumer import peek_message_sequence
 from tests.chaos import corpus
 from tests.chaos.conftest import LINES, SIDE_SYM, SYM, BookPoller, ChaosStack
@@ -75,7 +75,7 @@ def _ws_fate(frame: Frame) -> tuple[WsFate, str | None]:
         text = frame.raw
     try:
         got = session.receive(text, 0.0)
-    except ServerError:
+    except WsServerError:
         return WsFate.DISCONNECT, None
     if got is None:
         return WsFate.CONSUMED, None

@@ -20,7 +20,7 @@ import pytest
 
 from services.sandbox.auth import (
     ApiCredential,
-    AuthError,
+    AuthRefused,
     sign,
     sign_passphrase,
     signed_headers,
@@ -145,13 +145,13 @@ def test_verify_accepts_a_good_request_with_any_header_case() -> None:
 def test_missing_header_is_400001(missing: str) -> None:
     headers = _headers()
     del headers[missing]
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(headers, "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert (info.value.code, info.value.http_status) == ("400001", 401)
 
 
 def test_unknown_key_version_is_400001() -> None:
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(_headers(version="9"), "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert info.value.code == "400001"
 
@@ -159,7 +159,7 @@ def test_unknown_key_version_is_400001() -> None:
 @pytest.mark.parametrize("offset_ms", [5001, -5001, 3_600_000])
 def test_timestamp_more_than_5_s_off_is_400002(offset_ms: int) -> None:
     headers = _headers(timestamp=NOW_MS + offset_ms)
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(headers, "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert info.value.code == "400002"
 
@@ -167,27 +167,27 @@ def test_timestamp_more_than_5_s_off_is_400002(offset_ms: int) -> None:
 def test_timestamp_not_a_number_is_400002() -> None:
     headers = _headers()
     headers["KC-API-TIMESTAMP"] = "soon"
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(headers, "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert info.value.code == "400002"
 
 
 def test_unknown_key_is_400003() -> None:
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(_headers(key="nope"), "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert info.value.code == "400003"
 
 
 def test_wrong_passphrase_is_400004() -> None:
     wrong = _b64_hmac(SECRET, "not-the-passphrase")
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(_headers(passphrase=wrong), "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert info.value.code == "400004"
 
 
 def test_version_2_refuses_a_plain_passphrase_and_version_1_wants_one() -> None:
     path = "/api/v1/orders?status=active"
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(_headers(passphrase=PASSPHRASE), "GET", path, b"", NOW_MS, KEYS)
     assert info.value.code == "400004"
     plain = _headers(passphrase=PASSPHRASE, version="1")
@@ -209,7 +209,7 @@ def test_version_2_refuses_a_plain_passphrase_and_version_1_wants_one() -> None:
 )
 def test_bad_signature_is_400005(signed: tuple[str, str, str], sent: tuple[str, str, str]) -> None:
     headers = _headers(method=signed[0], path=signed[1], body=signed[2])
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(headers, sent[0], sent[1], sent[2].encode(), NOW_MS, KEYS)
     assert info.value.code == "400005"
 
@@ -217,7 +217,7 @@ def test_bad_signature_is_400005(signed: tuple[str, str, str], sent: tuple[str, 
 def test_signature_with_another_secret_is_400005() -> None:
     headers = _headers()
     headers["KC-API-SIGN"] = _b64_hmac("other", f"{NOW_MS}GET/api/v1/orders?status=active")
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(headers, "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert info.value.code == "400005"
 
@@ -225,7 +225,7 @@ def test_signature_with_another_secret_is_400005() -> None:
 def test_alternative_path_spelling_is_accepted() -> None:
     headers = _headers(path="/api/v1/orders/byClientOid?clientOid=a b")
     raw = "/api/v1/orders/byClientOid?clientOid=a%20b"
-    with pytest.raises(AuthError):
+    with pytest.raises(AuthRefused):
         verify(headers, "GET", raw, b"", NOW_MS, KEYS)
     alt = ("/api/v1/orders/byClientOid?clientOid=a b",)
     assert verify(headers, "GET", raw, b"", NOW_MS, KEYS, alt_paths=alt).key == "k1"
@@ -280,7 +280,7 @@ def test_time_of_the_worked_example_is_far_in_the_past() -> None:
     """The documented timestamp would be refused today: 400002, not a signature error."""
     now_ms = time.time_ns() // 1_000_000
     headers = _headers(method="POST", path="/api/v1/deposit-address", body='{"currency":"XBT"}')
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(headers, "POST", "/api/v1/deposit-address", b'{"currency":"XBT"}', now_ms, KEYS)
     assert info.value.code == "400002"
 
@@ -290,7 +290,7 @@ def test_a_timestamp_of_thousands_of_digits_is_400002_not_a_crash(
     """Python will not turn 5,000 digits into an int: checked before, a clean 400002."""
     headers = _headers()
     headers["KC-API-TIMESTAMP"] = "9" * 5000
-    with pytest.raises(AuthError) as info:
+    with pytest.raises(AuthRefused) as info:
         verify(headers, "GET", "/api/v1/orders?status=active", b"", NOW_MS, KEYS)
     assert info.value.code == "400002"
     with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as http:

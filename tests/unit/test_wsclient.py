@@ -16,10 +16,10 @@ from kumex_l3.wsclient import (
     FrameKind,
     IdSource,
     PingTimeout,
-    ServerError,
     Session,
     SubscribeError,
     TokenError,
+    WsServerError,
     classify,
     connect_url,
     is_retryable,
@@ -173,7 +173,7 @@ def test_error_reply_to_a_subscribe_names_the_topic() -> None:
 
 def test_other_error_frames_are_server_errors() -> None:
     s = _session()
-    with pytest.raises(ServerError, match=r"401.*token is invalid"):
+    with pytest.raises(WsServerError, match=r"401.*token is invalid"):
         s.receive('{"id":"cid","type":"error","code":401,"data":"token is invalid"}', 0.0)
 
 
@@ -236,7 +236,7 @@ def test_a_pong_answers_older_pings_too() -> None:
 
 def test_every_ws_error_is_retryable_and_bugs_are_not() -> None:
     assert is_retryable(PingTimeout("x"))
-    assert is_retryable(ServerError(401, "token is invalid"))
+    assert is_retryable(WsServerError(401, "token is invalid"))
     assert is_retryable(ConnectionRefusedError())
     assert is_retryable(TimeoutError())
     assert not is_retryable(KeyError("bug"))
