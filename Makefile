@@ -37,6 +37,8 @@ lint: venv
 	@"$(BIN)/ruff" check kumex_l3 services tests bench scripts chaos
 	@echo "==> mypy (strict)"
 	@"$(BIN)/mypy" kumex_l3 services
+	@echo "==> import rules (the pure core, services apart)"
+	@"$(BIN)/pytest" -q -p no:cacheprovider tests/unit/test_import_rules.py
 
 # Browser tests drive Debian's chromium (never a downloaded browser): install it when missing.
 browser:

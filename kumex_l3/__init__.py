@@ -4,6 +4,17 @@ The pure core (no I/O): :func:`parse_message` and :func:`parse_snapshot` turn
 raw exchange text into typed messages; :class:`OrderBook` keeps an
 order-by-order book in strict sequence. Errors form one tree rooted at
 :class:`KumexError` (see :mod:`kumex_l3.errors`).
+
+The walls (checked by ``make lint``, tests/unit/test_import_rules.py):
+
+* the pure core, plain Python with no I/O, importing only itself: ``access``,
+  ``backoff``, ``book``, ``errors``, ``grid``, ``keys``, ``messages``, ``orders``,
+  ``sequence``, ``signing``, ``sync``, ``synthetic``;
+* the adapters wire it to Redis, HTTP and sockets: ``config``, ``lease``,
+  ``logs``, ``metrics``, ``order_store``, ``rest``, ``service``, ``tasks``,
+  ``trading``, ``wsclient``; the tools: ``devredis``, ``replay``, ``viewer``;
+* nothing here imports a service or a test, bench or chaos tool, and no service
+  imports another.
 """
 
 from kumex_l3.book import (
