@@ -32,9 +32,9 @@ import httpx
 
 from bench.common import machine
 from chaos.availability import AvailabilityConfig, Figures, availability, describe
-from kumex_l3.devredis import RedisServer
-from tests.procs import ServiceProcess, wait_for
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, wait_for
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 
 SYM = "XBTUSDM"
 _FILL = "kumex_feed_arbitration_fill_seconds"

@@ -39,7 +39,7 @@ import orjson
 from bench.baselines import CSortedDictBook, NaiveListBook, SimpleSortedDictBook
 from bench.common import machine
 from kumex_l3 import OrderBook, parse_message
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.synthetic import StreamGenerator
 
 TARGET = 500_000  # msg/s, decode + apply, one core
 

@@ -1,7 +1,7 @@
 """The market-data path end to end: sandbox -> feed -> Redis -> book, as separate processes.
 
 Everything runs here, on loopback: a throwaway ``redis-server``
-(:class:`~kumex_l3.devredis.RedisServer`), then ``python -m services.sandbox``,
+(:class:`~kumex_l3.testing.devredis.RedisServer`), then ``python -m services.sandbox``,
 ``services.feed`` and ``services.book`` as child processes, stopped on exit and
 on Ctrl-C or SIGTERM. Three figures, each printed beside its target or ceiling:
 
@@ -61,10 +61,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import machine
 from kumex_l3 import keys
-from kumex_l3.devredis import RedisServer
-from kumex_l3.synthetic import StreamGenerator
-from tests.procs import ServiceProcess
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess
+from kumex_l3.testing.sandbox_proc import SandboxProcess
+from kumex_l3.testing.synthetic import StreamGenerator
 
 SYM = "XBTUSDM"
 TARGET_MSG_S = 50_000

@@ -39,8 +39,8 @@ from bench.bench_pipeline import (
 )
 from bench.common import machine
 from kumex_l3 import OrderBook, keys, parse_message
-from kumex_l3.devredis import RedisServer
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 
 
 def stream_last_sequence(r: redis.Redis) -> int:

@@ -43,9 +43,9 @@ import redis
 
 from bench.common import machine
 from kumex_l3 import keys
-from kumex_l3.devredis import RedisServer
-from tests.procs import ServiceProcess, wait_for
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, wait_for
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
 
 SYM = "XBTUSDM"
 TICK = Decimal("0.1")

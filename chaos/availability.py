@@ -47,10 +47,10 @@ import redis
 from chaos.scenarios import Outcome
 from chaos.stack import Check, Poller, verify_answers
 from kumex_l3 import keys
-from kumex_l3.devredis import RedisServer
 from kumex_l3.lease import LeaseOwner
-from tests.procs import ServiceProcess, Started, metric
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, Started, metric
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 
 __all__ = ["AvailabilityConfig", "Figures", "availability", "outage"]
 

@@ -2,14 +2,14 @@
 
 :class:`Stack` starts, on 127.0.0.1 only:
 
-* a Redis of its own (:class:`~kumex_l3.devredis.RedisServer`, append-only by
+* a Redis of its own (:class:`~kumex_l3.testing.devredis.RedisServer`, append-only by
   default, data in a directory that survives ``stop()``/``start()``), never
   the one on port 6379 nor the test session's;
 * the sandbox exchange (journal on, seeded synthetic flow, short WebSocket
   ping interval so that a silent server is noticed in seconds);
 * ``services.feed``, ``services.book``, ``services.order_monitor`` and
   ``services.strategy`` (a grid with clientOid prefix :data:`PREFIX`, demo
-  key 1), each a :class:`tests.procs.ServiceProcess` that can be killed with
+  key 1), each a :class:`kumex_l3.testing.procs.ServiceProcess` that can be killed with
   SIGKILL and started again on the same port.
 
 Around them: a :class:`Poller` thread that keeps every ``GET /book`` answer
@@ -55,11 +55,11 @@ import httpx
 import redis
 
 from kumex_l3 import OrderBook, keys, parse_message
-from kumex_l3.devredis import RedisServer
 from kumex_l3.grid import is_client_oid_of
 from kumex_l3.rest import KumexRestClient
-from tests.procs import ServiceProcess, Started, metric
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, Started, metric
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
 
 __all__ = [
     "PREFIX",

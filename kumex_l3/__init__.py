@@ -9,12 +9,14 @@ The walls (checked by ``make lint``, tests/unit/test_import_rules.py):
 
 * the pure core, plain Python with no I/O, importing only itself: ``access``,
   ``backoff``, ``book``, ``errors``, ``grid``, ``keys``, ``messages``, ``orders``,
-  ``sequence``, ``signing``, ``sync``, ``synthetic``;
+  ``sequence``, ``signing``, ``sync``;
 * the adapters wire it to Redis, HTTP and sockets: ``config``, ``lease``,
   ``logs``, ``metrics``, ``order_store``, ``rest``, ``service``, ``tasks``,
-  ``trading``, ``wsclient``; the tools: ``devredis``, ``replay``, ``viewer``;
-* nothing here imports a service or a test, bench or chaos tool, and no service
-  imports another.
+  ``trading``, ``wsclient``; the user's tools: ``replay``, ``viewer``;
+* the development tools that tests, bench and chaos share: ``kumex_l3.testing``
+  (throwaway Redis, synthetic streams, processes, the sandbox process);
+* nothing here imports a service or a test, bench or chaos tool, nothing but the
+  development tools imports them, and no service imports another.
 """
 
 from kumex_l3.book import (

@@ -72,8 +72,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kumex_l3 import keys  # noqa: E402
-from kumex_l3.devredis import RedisServer, free_port  # noqa: E402
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess  # noqa: E402
+from kumex_l3.testing.devredis import RedisServer, free_port  # noqa: E402
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess  # noqa: E402
 
 SYM = "XBTUSDM"
 PREFIX = "soak"

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from kumex_l3.config import redact_url
-from kumex_l3.devredis import RedisServer, find_redis_cli, ping_url
+from kumex_l3.testing.devredis import RedisServer, find_redis_cli, ping_url
 
 __all__ = ["DemoService", "interpolate", "load_services", "main"]
 

@@ -1,7 +1,7 @@
 """Fixtures shared by every test: one real Redis for the whole run.
 
 The server is a throwaway ``redis-server`` on a free port (never 6379, where a
-system Redis may live), started by :mod:`kumex_l3.devredis`. Each test that
+system Redis may live), started by :mod:`kumex_l3.testing.devredis`. Each test that
 asks for ``redis_url`` (or a client built on it) starts from an empty Redis.
 Area-specific fixtures belong in ``tests/<area>/conftest.py``.
 """
@@ -16,7 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from kumex_l3.devredis import RedisServer
+from kumex_l3.testing.devredis import RedisServer
 
 # The repository root on sys.path: `bench` is not an installed package (`kumex_l3`
 # and `services` are, editable, by `make venv`; this also covers a bare pytest run).
@@ -35,7 +35,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """The session server's URL, after a FLUSHALL: every test starts from empty."""
-    from tests.procs import flush_redis  # after the root is on sys.path (above)
+    from kumex_l3.testing.procs import flush_redis  # after the root is on sys.path (above)
 
     return flush_redis(redis_server.url)
 

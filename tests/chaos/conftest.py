@@ -23,10 +23,10 @@ import pytest
 import redis
 
 from kumex_l3 import OrderBook, keys
-from kumex_l3.devredis import RedisServer
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, flush_redis, metric, wait_for
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 from tests.chaos.corpus import Frame
-from tests.procs import ServiceProcess, flush_redis, metric, wait_for
-from tests.sandbox_proc import SandboxProcess
 from tests.truth import assert_answers_were_true, assert_l3_equals_engine
 
 SYM = "XBTUSDM"

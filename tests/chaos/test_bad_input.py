@@ -48,16 +48,16 @@ import redis
 from websockets.asyncio.client import connect as ws_connect
 
 from kumex_l3 import OrderBook, keys, parse_message
-from kumex_l3.devredis import RedisServer
 from kumex_l3.messages import TOPIC_PREFIX
 from kumex_l3.sync import DeadLetter, Synchronizer
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, wait_for
+from kumex_l3.testing.synthetic import StreamGenerator
 from kumex_l3.wsclient import FrameKind, Session, WsServerError, topic_symbol
 from services.book.consumer import peek_message_sequence
 from tests.chaos import corpus
 from tests.chaos.conftest import LINES, SIDE_SYM, SYM, BookPoller, ChaosStack
 from tests.chaos.corpus import Frame, WsFate
-from tests.procs import ServiceProcess, wait_for
 
 _UNROUTED = "kumex_feed_messages_unrouted_total"
 

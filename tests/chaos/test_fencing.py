@@ -36,10 +36,10 @@ import pytest
 import redis
 
 from kumex_l3 import keys, order_store
-from kumex_l3.devredis import RedisServer
 from kumex_l3.lease import LeaseOwner
-from tests.procs import ServiceProcess, metric, wait_for
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, metric, wait_for
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 
 SYM: Final = "XBTUSDM"
 START: Final = 4_000_000

@@ -42,7 +42,7 @@ from kumex_l3.errors import IntegrityError, MessageError, SequenceGap
 from kumex_l3.messages import Control, DataMessage
 from kumex_l3.sequence import CORROBORATION_WINDOW, MAX_SEQUENCE_JUMP
 from kumex_l3.sync import Applied, DeadLetter, Output, Synchronizer
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.synthetic import StreamGenerator
 from kumex_l3.wsclient import Session, WsError, classify
 from tests.chaos import corpus
 

@@ -36,11 +36,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from kumex_l3 import keys
-from kumex_l3.devredis import RedisServer
 from kumex_l3.lease import LeaseOwner
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, flush_redis, metric, wait_for
+from kumex_l3.testing.synthetic import StreamGenerator
 from tests.chaos.conftest import book_process
-from tests.procs import ServiceProcess, flush_redis, metric, wait_for
 
 SYM: Final = "XBTUSDM"
 SLOW_SYM: Final = "XBTUSDTM"

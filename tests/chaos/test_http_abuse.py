@@ -1,6 +1,6 @@
 """HTTP and WebSocket abuse of the book service (a real process on a synced book).
 
-The book is built from :class:`~kumex_l3.synthetic.StreamGenerator` messages
+The book is built from :class:`~kumex_l3.testing.synthetic.StreamGenerator` messages
 written into Redis by the test (a stored snapshot, then the stream after it):
 no exchange, no feed.
 
@@ -33,10 +33,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from kumex_l3 import keys
-from kumex_l3.devredis import RedisServer
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import flush_redis, metric, wait_for
+from kumex_l3.testing.synthetic import StreamGenerator
 from tests.chaos.conftest import SYM, book_process
-from tests.procs import flush_redis, metric, wait_for
 
 #: Examples schemathesis generates per operation and mode (positive, negative): 40 in CI,
 #: a tenth of ``KUMEX_FUZZ_EXAMPLES`` when that is set higher (``make chaos``).

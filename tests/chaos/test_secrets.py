@@ -31,9 +31,9 @@ import httpx
 import pytest
 import redis
 
-from kumex_l3.devredis import RedisServer
-from tests.procs import ServiceProcess, metric, wait_for
-from tests.sandbox_proc import DemoKey, KcAuth, SandboxProcess
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, metric, wait_for
+from kumex_l3.testing.sandbox_proc import DemoKey, KcAuth, SandboxProcess
 
 SYM = "XBTUSDM"
 TICK = Decimal("0.1")

@@ -20,8 +20,8 @@ import redis
 from chaos.stack import Poller, verify_answers
 from kumex_l3 import keys
 from kumex_l3.lease import LeaseOwner
-from tests.procs import ServiceProcess, wait_for
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.procs import ServiceProcess, wait_for
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 
 SYMBOLS = ("XBTUSDM", "XBTUSDTM")
 START = 3_000_000

@@ -17,7 +17,7 @@ import httpx
 import redis
 
 from kumex_l3 import keys
-from tests.procs import ROOT, read_shared, wait_for
+from kumex_l3.testing.procs import ROOT, read_shared, wait_for
 
 SYM = "XBTUSDM"
 #: The example clientOid of the README's walkthrough.

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from kumex_l3 import OrderBook
-from tests.procs import ServiceProcess, metric, wait_for
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.procs import ServiceProcess, metric, wait_for
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 from tests.truth import assert_answers_were_true, assert_l3_equals_engine
 
 SYM = "XBTUSDM"

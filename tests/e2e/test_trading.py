@@ -31,7 +31,6 @@ import redis
 import redis.asyncio as aioredis
 
 from kumex_l3 import keys, order_store
-from kumex_l3.devredis import RedisServer
 from kumex_l3.orders import OrderStatus, OwnOrder
 from kumex_l3.rest import (
     DuplicateClientOid,
@@ -41,9 +40,10 @@ from kumex_l3.rest import (
     RequestTimeout,
     ServerError,
 )
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, flush_redis, metric, wait_for
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
 from kumex_l3.trading import Trader
-from tests.procs import ServiceProcess, flush_redis, metric, wait_for
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
 
 SYM = "XBTUSDM"
 TICK = Decimal("0.1")

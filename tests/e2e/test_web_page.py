@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from kumex_l3 import keys
+from kumex_l3.testing.procs import ServiceProcess, wait_for
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, KcAuth, SandboxProcess
 from tests.browser import Browser, find_chromium
-from tests.procs import ServiceProcess, wait_for
-from tests.sandbox_proc import DEMO_KEY_1, KcAuth, SandboxProcess
 
 SYM = "XBTUSDM"
 LADDER_JS = """

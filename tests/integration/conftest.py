@@ -3,7 +3,7 @@
 ``sandbox_process`` starts one ``python -m services.sandbox`` for the whole
 session (flow paused, seeded), and ``sandbox`` hands it to a test after putting
 every fault knob back to its default, so tests can share the process. A test
-that needs other start-up settings uses :class:`tests.sandbox_proc.SandboxProcess`
+that needs other start-up settings uses :class:`kumex_l3.testing.sandbox_proc.SandboxProcess`
 itself.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Generator, Iterator
 import httpx
 import pytest
 
-from tests.sandbox_proc import SANDBOX_TEST_ENV, SandboxProcess
+from kumex_l3.testing.sandbox_proc import SANDBOX_TEST_ENV, SandboxProcess
 
 #: Fault knobs as the shared sandbox started; restored before each test.
 _DEFAULT_FAULTS = {

@@ -27,8 +27,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from kumex_l3 import OrderBook, keys, parse_message
-from kumex_l3.synthetic import StreamGenerator
-from tests.procs import ServiceProcess, wait_for
+from kumex_l3.testing.procs import ServiceProcess, wait_for
+from kumex_l3.testing.synthetic import StreamGenerator
 
 SAFETY_S = 30.0  # a ceiling against a hang, never a measurement
 TAKEOVER_S = 15.0  # the documented bound for another replica to serve a dead one's symbols

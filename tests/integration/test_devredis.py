@@ -1,4 +1,4 @@
-"""The throwaway Redis of kumex_l3.devredis and the shared Redis fixtures."""
+"""The throwaway Redis of kumex_l3.testing.devredis and the shared Redis fixtures."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kumex_l3 import keys
-from kumex_l3.devredis import (
+from kumex_l3.testing.devredis import (
     RESERVED_PORT,
     RedisServer,
     RedisServerError,

@@ -46,9 +46,11 @@ from starlette.websockets import WebSocketDisconnect
 
 from kumex_l3 import OrderBook, keys, parse_message, parse_snapshot
 from kumex_l3.backoff import Backoff
-from kumex_l3.devredis import RedisServer
 from kumex_l3.lease import LeaseOwner, acquire
 from kumex_l3.logs import kv, setup_logging
+from kumex_l3.testing.devredis import RedisServer
+from kumex_l3.testing.procs import ServiceProcess, eventually
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 from kumex_l3.wsclient import (
     PingTimeout,
     SubscribeError,
@@ -63,8 +65,6 @@ from services.feed.metrics import FeedMetrics
 from services.feed.snapshots import Snapshotter, TokenBucket, parse_request, request_payload
 from services.feed.writer import ROLE, StreamWriter
 from services.sandbox.replay import read_capture
-from tests.procs import ServiceProcess, eventually
-from tests.sandbox_proc import SandboxProcess
 from tests.truth import assert_l3_equals_engine
 
 SAFETY_S = 30.0  # a ceiling against hangs, never a measurement

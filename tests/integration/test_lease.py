@@ -12,7 +12,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from kumex_l3 import keys
-from kumex_l3.devredis import free_port
 from kumex_l3.lease import (
     LeaseManager,
     LeaseOwner,
@@ -22,6 +21,7 @@ from kumex_l3.lease import (
     release,
     renew,
 )
+from kumex_l3.testing.devredis import free_port
 
 ROLE = "book"
 SYMBOLS = ("XBTUSDM", "XBTUSDTM", "ETHUSDTM")

@@ -35,15 +35,15 @@ import redis.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from kumex_l3 import keys, order_store
-from kumex_l3.synthetic import StreamGenerator
-from tests.procs import ServiceProcess, wait_for
-from tests.sandbox_proc import (
+from kumex_l3.testing.procs import ServiceProcess, wait_for
+from kumex_l3.testing.sandbox_proc import (
     DEMO_KEY_1,
     DEMO_KEY_2,
     SANDBOX_TEST_ENV,
     KcAuth,
     SandboxProcess,
 )
+from kumex_l3.testing.synthetic import StreamGenerator
 
 SYM = "XBTUSDM"
 GROUP = "order_monitor"

@@ -28,7 +28,7 @@ from kumex_l3.rest import (
     ServerError,
     TooManyOrders,
 )
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, SandboxProcess
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, SandboxProcess
 
 SYMBOL = "XBTUSDM"
 TICK = Decimal("0.1")
@@ -292,7 +292,7 @@ async def test_timeout_is_request_timeout_and_places_no_duplicate(
 
 async def test_connection_refused_is_not_sent(sandbox: SandboxProcess) -> None:
     from kumex_l3.rest import ConnectionFailed
-    from tests.sandbox_proc import free_port
+    from kumex_l3.testing.sandbox_proc import free_port
 
     async with KumexRestClient(f"http://127.0.0.1:{free_port()}", "k", "s", "p", timeout=2.0,
                                retries=0) as client:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess
 from services.sandbox.auth import (
     ApiCredential,
     AuthRefused,
@@ -26,7 +27,6 @@ from services.sandbox.auth import (
     signed_headers,
     verify,
 )
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess
 
 SECRET = "f03a5284-5c39-4aaa-9b20-dea10bdcf8e3"
 PASSPHRASE = "my-passphrase"

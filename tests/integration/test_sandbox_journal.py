@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from kumex_l3 import OrderBook, parse_message
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 
 
 def test_journal_rebuilds_the_engine_book_despite_drop_faults() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.sandbox_proc import DEMO_KEY_1, SandboxProcess
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, SandboxProcess
 
 try:
     with warnings.catch_warnings():

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.procs import wait_for
-from tests.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess
+from kumex_l3.testing.procs import wait_for
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess
 
 SYMBOL = "XBTUSDM"
 SAFETY_S = 10.0  # a ceiling against a hang, never a measurement

@@ -14,7 +14,7 @@ import httpx
 from websockets.asyncio.client import connect
 
 from kumex_l3 import OrderBook, parse_message
-from tests.sandbox_proc import SandboxProcess
+from kumex_l3.testing.sandbox_proc import SandboxProcess
 from tests.truth import assert_l3_equals_engine
 
 SYM = "XBTUSDM"

@@ -29,13 +29,13 @@ from kumex_l3.rest import (
     RateLimited,
     RequestTimeout,
 )
+from kumex_l3.testing.procs import ServiceProcess, eventually, wait_for
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, SandboxProcess
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.runner import GridStrategy
 from services.strategy.settings import StrategySettings
 from services.strategy.state import load_state, strategy_state_key
-from tests.procs import ServiceProcess, eventually, wait_for
-from tests.sandbox_proc import DEMO_KEY_1, SandboxProcess
 
 SYMBOL = "XBTUSDTM"
 #: Upper bound on waiting for a process or an event; never an assertion on speed.
@@ -467,11 +467,11 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
         sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
         rest: KumexRestClient) -> None:
     """Sandbox -> feed -> Redis -> order monitor -> order events -> strategy -> sandbox."""
+    from kumex_l3.testing.sandbox_proc import DEMO_KEY_2
     from services.feed.feed import run_feed
     from services.feed.settings import FeedSettings
     from services.order_monitor.service import run_monitor
     from services.order_monitor.settings import MonitorSettings
-    from tests.sandbox_proc import DEMO_KEY_2
 
     common: dict[str, Any] = {"redis_url": redis_url, "base_url": sandbox.base_url,
                               "symbols": [SYMBOL]}

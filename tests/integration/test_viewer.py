@@ -33,7 +33,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from kumex_l3 import OrderBook, keys, parse_message
 from kumex_l3.messages import format_qty
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.synthetic import StreamGenerator
 from kumex_l3.viewer import (
     WatchOptions,
     fetch_own_ids,
@@ -348,7 +348,7 @@ async def test_watch_once_unknown_symbol_and_no_server(service: FakeBookService)
     code, out, _ = await run_watch("XBTUSDTM", "--url", f"http://127.0.0.1:{service.port}",
                                    "--once")
     assert code == 2 and "unknown symbol XBTUSDTM" in out
-    from kumex_l3.devredis import free_port
+    from kumex_l3.testing.devredis import free_port
 
     code, out, _ = await run_watch(SYMBOL, "--url", f"http://127.0.0.1:{free_port()}", "--once")
     assert code == 2 and "NOT CONNECTED" in out and "cannot reach the book service" in out

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kumex_l3 import IntegrityError, MessageError, OrderBook, SequenceGap, parse_message
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.synthetic import StreamGenerator
 
 
 class Feed:

@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 
 from kumex_l3 import OrderBook, parse_message
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.synthetic import StreamGenerator
 from tests.reference_book import ReferenceBook
 
 # (seed, messages, target resting orders, half-band in ticks, tick decimals)

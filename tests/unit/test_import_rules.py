@@ -3,8 +3,10 @@
 * The pure core of ``kumex_l3`` imports no I/O library (no asyncio, Redis, HTTP,
   WebSocket, web framework, terminal or process library) and no other part of
   ``kumex_l3`` than the core.
-* ``kumex_l3`` imports no service, and no test, benchmark or chaos tool.
-* A service imports no other service, and no test, benchmark or chaos tool.
+* ``kumex_l3`` imports no service, and no test, benchmark or chaos tool; only the
+  development tools (``kumex_l3.testing``) import one another.
+* A service imports no other service, no test, benchmark or chaos tool, and no
+  development tool (``services/demo.py``, the demo runner, may).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: The pure core: plain Python, no I/O (see kumex_l3/__init__.py).
 CORE = frozenset({"access", "backoff", "book", "errors", "grid", "keys", "messages", "orders",
-                  "sequence", "signing", "sync", "synthetic"})
+                  "sequence", "signing", "sync"})
+#: The development tools' package.
+TESTING = "kumex_l3.testing"
 #: Libraries that do I/O (or run it): never imported by the core.
 IO = frozenset({"asyncio", "redis", "httpx", "websockets", "fastapi", "starlette", "uvicorn",
                 "uvloop", "socket", "subprocess", "rich", "prometheus_client",
@@ -49,9 +53,12 @@ def broken_walls(root: Path = ROOT) -> list[str]:
     broken: list[str] = []
     for path in sorted((root / "kumex_l3").rglob("*.py")):
         core = path.parent.name == "kumex_l3" and path.stem in CORE
+        tool = path.parent.name == "testing"
         for line, module in _imports(path):
             top, _, rest = module.partition(".")
             if top in TOOLS or top == "services":
+                broken.append(f"{_where(path, line)}: the SDK imports {module}")
+            if not tool and (module == TESTING or module.startswith(TESTING + ".")):
                 broken.append(f"{_where(path, line)}: the SDK imports {module}")
             if core and top in IO:
                 broken.append(f"{_where(path, line)}: the pure core imports {module}")
@@ -62,7 +69,7 @@ def broken_walls(root: Path = ROOT) -> list[str]:
         own = parts[0] if len(parts) > 1 else None  # services/demo.py runs them all
         for line, module in _imports(path):
             top, _, rest = module.partition(".")
-            if top in TOOLS:
+            if top in TOOLS or (own is not None and module.startswith(TESTING)):
                 broken.append(f"{_where(path, line)}: a service imports {module}")
             other = rest.split(".")[0]
             if top == "services" and own is not None and other != own:
@@ -78,11 +85,15 @@ def test_the_walls_hold() -> None:
     ("kumex_l3", "book.py", "import redis\n", "the pure core imports redis"),
     ("kumex_l3", "grid.py", "from kumex_l3.rest import ApiError\n",
      "the pure core imports kumex_l3.rest"),
-    ("kumex_l3", "rest.py", "from tests.procs import eventually\n",
-     "the SDK imports tests.procs"),
+    ("kumex_l3", "rest.py", "from kumex_l3.testing.procs import eventually\n",
+     "the SDK imports kumex_l3.testing.procs"),
     ("services/book", "app.py", "from services.feed.writer import ROLE\n",
      "service book imports service feed"),
     ("services/feed", "feed.py", "import chaos.stack\n", "a service imports chaos.stack"),
+    ("services/feed", "feed.py", "from kumex_l3.testing.procs import eventually\n",
+     "a service imports kumex_l3.testing.procs"),
+    ("kumex_l3", "lease.py", "from kumex_l3.testing.devredis import free_port\n",
+     "the SDK imports kumex_l3.testing.devredis"),
 ])
 def test_each_wall_is_seen(tmp_path: Path, folder: str, name: str, text: str,
                            why: str) -> None:

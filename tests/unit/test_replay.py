@@ -11,7 +11,7 @@ import pytest
 
 from kumex_l3 import OrderBook, parse_message
 from kumex_l3.__main__ import main
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.synthetic import StreamGenerator
 
 SYM = "XBTUSDM"
 

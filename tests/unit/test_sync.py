@@ -26,7 +26,7 @@ from kumex_l3.sync import (
     Synchronizer,
     SyncState,
 )
-from kumex_l3.synthetic import StreamGenerator
+from kumex_l3.testing.synthetic import StreamGenerator
 
 SYM = "XBTUSDM"
 

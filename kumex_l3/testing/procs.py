@@ -6,7 +6,7 @@ the parent's (minus the service's own prefixes), waits for ``/healthz``, and
 keeps its output in a temporary file shown when a test fails. ``kill()`` is
 SIGKILL (no cleanup: crash tests), ``stop()`` is SIGTERM and a wait. The
 per-service helpers of the tests (``BookProcess``, ``FeedProcess``,
-``MonitorProcess``, :class:`tests.sandbox_proc.SandboxProcess`) are subclasses.
+``MonitorProcess``, :class:`kumex_l3.testing.sandbox_proc.SandboxProcess`) are subclasses.
 
 :func:`wait_for` (threads) and :func:`eventually` (coroutines) poll a
 condition with a ceiling against hangs: the ceiling is never an assertion
@@ -32,9 +32,9 @@ from typing import IO, Any, Self, TypeVar
 import httpx
 import redis
 
-from kumex_l3.devredis import free_port
+from kumex_l3.testing.devredis import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: services run from here
 
 #: Upper bound of any wait in tests: a safety net against hangs, never a timing assertion.
 SAFETY_S = 120.0

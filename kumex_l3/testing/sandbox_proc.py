@@ -27,7 +27,7 @@ from typing import Self
 
 import httpx
 
-from tests.procs import ServiceProcess
+from kumex_l3.testing.procs import ServiceProcess
 
 __all__ = [
     "DEMO_KEY_1",
