@@ -59,7 +59,14 @@ from kumex_l3.grid import is_client_oid_of
 from kumex_l3.rest import KumexRestClient
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess, Started, metric
-from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
+from kumex_l3.testing.sandbox_proc import (
+    DEMO_KEY_1,
+    DEMO_KEY_2,
+    DemoKey,
+    KcAuth,
+    SandboxProcess,
+    sweep_through,
+)
 
 __all__ = [
     "PREFIX",
@@ -254,25 +261,10 @@ class Sweeper(threading.Thread):
             return False
         pick = max if side == "buy" else min
         order = pick(mine, key=lambda o: Decimal(o["price"]))
-        price = Decimal(order["price"])
         remaining = int(order["size"]) - int(order["filledSize"])
-        book = control.get(f"/sandbox/book/{SYM}").json()
-        ahead = 0
-        for level in book["bids" if side == "buy" else "asks"]:
-            level_price = Decimal(level["price"])
-            better = level_price > price if side == "buy" else level_price < price
-            if better:
-                ahead += int(level["size"])
-            elif level_price == price:
-                for resting in level["orders"]:
-                    if resting["orderId"] == order["id"]:
-                        break
-                    ahead += int(resting["size"])
-        taker.post("/api/v1/orders", json={
-            "clientOid": f"sweep-{self.rng.getrandbits(48):012x}", "symbol": SYM,
-            "side": "sell" if side == "buy" else "buy", "price": f"{price:f}",
-            "size": ahead + self.rng.randint(1, max(1, remaining)), "leverage": "5",
-            "timeInForce": "IOC"}).raise_for_status()
+        sweep_through(control, taker, SYM, side=side, price=Decimal(order["price"]),
+                      order_id=order["id"], take=self.rng.randint(1, max(1, remaining)),
+                      client_oid=f"sweep-{self.rng.getrandbits(48):012x}").raise_for_status()
         return True
 
     def stop(self) -> None:

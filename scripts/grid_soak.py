@@ -73,7 +73,13 @@ if str(ROOT) not in sys.path:
 
 from kumex_l3 import keys  # noqa: E402
 from kumex_l3.testing.devredis import RedisServer, free_port  # noqa: E402
-from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, KcAuth, SandboxProcess  # noqa: E402
+from kumex_l3.testing.sandbox_proc import (  # noqa: E402
+    DEMO_KEY_1,
+    DEMO_KEY_2,
+    KcAuth,
+    SandboxProcess,
+    sweep_through,
+)
 
 SYM = "XBTUSDM"
 PREFIX = "soak"
@@ -309,29 +315,12 @@ def sweep(http: httpx.Client, taker: httpx.Client, r: redis.Redis, state: dict[s
     order_id = r.hget(keys.order(SYM, target["clientOid"]), "orderId")
     if not order_id:
         return False
-    oid = order_id.decode()
-    price = Decimal(target["price"])
-    book = http.get(f"/sandbox/book/{SYM}").json()
-    levels = book["bids"] if side == "buy" else book["asks"]
-    ahead = 0
-    for level in levels:
-        level_price = Decimal(level["price"])
-        better = level_price > price if side == "buy" else level_price < price
-        if better:
-            ahead += int(level["size"])
-        elif level_price == price:
-            for resting in level["orders"]:
-                if resting["orderId"] == oid:
-                    break
-                ahead += int(resting["size"])
     remaining = int(target["size"]) - int(target["filled"])
     if remaining <= 0:
         return False
-    size = ahead + rng.randint(1, remaining)
-    body = {"clientOid": f"sweep{time.time_ns()}", "symbol": SYM,
-            "side": "sell" if side == "buy" else "buy", "price": f"{price:f}", "size": size,
-            "leverage": "5", "type": "limit", "timeInForce": "IOC"}
-    return taker.post("/api/v1/orders", json=body).status_code == 200
+    return sweep_through(http, taker, SYM, side=side, price=Decimal(target["price"]),
+                         order_id=order_id.decode(), take=rng.randint(1, remaining),
+                         client_oid=f"sweep{time.time_ns()}").status_code == 200
 
 
 def run(stack: Stack, args: argparse.Namespace) -> Samples:

@@ -23,7 +23,8 @@ import socket
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from typing import Self
+from decimal import Decimal
+from typing import Any, Self
 
 import httpx
 
@@ -38,6 +39,8 @@ __all__ = [
     "SandboxProcess",
     "SandboxStartError",
     "free_port",
+    "queue_ahead",
+    "sweep_through",
 ]
 
 @dataclass(frozen=True)
@@ -170,3 +173,33 @@ class SandboxProcess(ServiceProcess):
                 self.close()  # a fresh log for the next attempt
         assert last_error is not None
         raise last_error
+
+
+def queue_ahead(book: Mapping[str, Any], side: str, price: Decimal, order_id: str) -> int:
+    """Visible size ahead of ``order_id`` in ``book`` (``GET /sandbox/book/{symbol}``):
+    every better level of its ``side``, and the orders before it in its own queue."""
+    ahead = 0
+    for level in book["bids" if side == "buy" else "asks"]:
+        level_price = Decimal(level["price"])
+        if (level_price > price) if side == "buy" else (level_price < price):
+            ahead += int(level["size"])
+        elif level_price == price:
+            for resting in level["orders"]:
+                if resting["orderId"] == order_id:
+                    break
+                ahead += int(resting["size"])
+    return ahead
+
+
+def sweep_through(control: httpx.Client, taker: httpx.Client, symbol: str, *, side: str,
+                  price: Decimal, order_id: str, take: int, client_oid: str,
+                  leverage: str = "5") -> httpx.Response:
+    """Another user (``taker``, signed) sends an IOC at ``price`` against the order
+    ``order_id`` resting on ``side``: everything visible ahead of it and ``take`` of it
+    (hidden orders at better prices, which no book shows, take their share first)."""
+    book = control.get(f"/sandbox/book/{symbol}").json()
+    size = queue_ahead(book, side, price, order_id) + take
+    return taker.post("/api/v1/orders", json={
+        "clientOid": client_oid, "symbol": symbol, "side": "sell" if side == "buy" else "buy",
+        "price": f"{price:f}", "size": size, "leverage": leverage, "type": "limit",
+        "timeInForce": "IOC"})

@@ -42,7 +42,14 @@ from kumex_l3.rest import (
 )
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess, flush_redis, metric, wait_for
-from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
+from kumex_l3.testing.sandbox_proc import (
+    DEMO_KEY_1,
+    DEMO_KEY_2,
+    DemoKey,
+    KcAuth,
+    SandboxProcess,
+    sweep_through,
+)
 from kumex_l3.trading import Trader
 
 SYM = "XBTUSDM"
@@ -427,21 +434,9 @@ def _sweep(http: httpx.Client, taker: httpx.Client, r: redis.Redis,
     if not own:
         return False
     price, oid, remaining = max(own) if side == "buy" else min(own)
-    book = http.get(f"/sandbox/book/{SYM}").json()
-    ahead = 0
-    for level in book["bids" if side == "buy" else "asks"]:
-        level_price = Decimal(level["price"])
-        if (level_price > price) if side == "buy" else (level_price < price):
-            ahead += int(level["size"])
-        elif level_price == price:
-            for resting in level["orders"]:
-                if resting["orderId"] == oid:
-                    break
-                ahead += int(resting["size"])
-    taker.post("/api/v1/orders", json={
-        "clientOid": _coid("sweep"), "symbol": SYM, "side": "sell" if side == "buy" else "buy",
-        "price": f"{price:f}", "size": ahead + rng.randint(1, max(1, remaining)),
-        "leverage": "5", "timeInForce": "IOC"}).raise_for_status()
+    sweep_through(http, taker, SYM, side=side, price=price, order_id=oid,
+                  take=rng.randint(1, max(1, remaining)),
+                  client_oid=_coid("sweep")).raise_for_status()
     return True
 
 
