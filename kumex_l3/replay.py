@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
 from kumex_l3.book import OrderBook
 from kumex_l3.errors import IntegrityError, MessageError, ReplayError, SequenceGap
 from kumex_l3.messages import TOPIC_PREFIX, Control, format_qty, parse_message
@@ -237,6 +235,35 @@ def _first_symbol(path: Path) -> str | None:
     return None
 
 
+class _NoProgress:
+    """Stands for rich's Progress when there is no terminal (or no rich)."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _progress(show: bool) -> Any:
+    """A progress bar on stderr (rich), or a stand-in when not shown or rich is missing."""
+    if not show:
+        return _NoProgress()
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    except ModuleNotFoundError:
+        return _NoProgress()
+    return Progress(TextColumn("replay {task.fields[symbol]}"), BarColumn(),
+                    TextColumn("{task.percentage:>3.0f}% {task.fields[rate]}"),
+                    TimeRemainingColumn(), transient=True)
+
+
 def run(args: argparse.Namespace) -> Replay:
     """The replay ``args`` describe; raises ReplayError, OSError."""
     book = load_snapshot(args.snapshot) if args.snapshot is not None else None
@@ -260,9 +287,7 @@ def run(args: argparse.Namespace) -> Replay:
     lines, raw = _open(args.capture)
     total = args.capture.stat().st_size
     show = not args.quiet and sys.stderr.isatty()
-    progress = Progress(TextColumn("replay {task.fields[symbol]}"), BarColumn(),
-                        TextColumn("{task.percentage:>3.0f}% {task.fields[rate]}"),
-                        TimeRemainingColumn(), disable=not show, transient=True)
+    progress = _progress(show)
     start = time.perf_counter()
     try:
         with raw, lines, progress:

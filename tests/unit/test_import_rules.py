@@ -7,6 +7,8 @@
   development tools (``kumex_l3.testing``) import one another.
 * A service imports no other service, no test, benchmark or chaos tool, and no
   development tool (``services/demo.py``, the demo runner, may).
+* Only the viewer and the replay import ``rich`` (an optional extra): no service
+  needs it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ TESTING = "kumex_l3.testing"
 IO = frozenset({"asyncio", "redis", "httpx", "websockets", "fastapi", "starlette", "uvicorn",
                 "uvloop", "socket", "subprocess", "rich", "prometheus_client",
                 "pydantic_settings", "selectors", "threading", "multiprocessing"})
+#: The only modules that may import ``rich`` (an optional extra, for people).
+RICH_USERS = frozenset({"viewer", "replay"})
 #: Folders of development tools: nothing shipped imports them.
 TOOLS = frozenset({"tests", "bench", "chaos", "scripts"})
 
@@ -60,6 +64,8 @@ def broken_walls(root: Path = ROOT) -> list[str]:
                 broken.append(f"{_where(path, line)}: the SDK imports {module}")
             if not tool and (module == TESTING or module.startswith(TESTING + ".")):
                 broken.append(f"{_where(path, line)}: the SDK imports {module}")
+            if top == "rich" and path.stem not in RICH_USERS:
+                broken.append(f"{_where(path, line)}: {path.stem} needs rich ({module})")
             if core and top in IO:
                 broken.append(f"{_where(path, line)}: the pure core imports {module}")
             if core and top == "kumex_l3" and rest.split(".")[0] not in CORE:
@@ -69,7 +75,7 @@ def broken_walls(root: Path = ROOT) -> list[str]:
         own = parts[0] if len(parts) > 1 else None  # services/demo.py runs them all
         for line, module in _imports(path):
             top, _, rest = module.partition(".")
-            if top in TOOLS or (own is not None and module.startswith(TESTING)):
+            if top in TOOLS or top == "rich" or (own is not None and module.startswith(TESTING)):
                 broken.append(f"{_where(path, line)}: a service imports {module}")
             other = rest.split(".")[0]
             if top == "services" and own is not None and other != own:
@@ -94,6 +100,8 @@ def test_the_walls_hold() -> None:
      "a service imports kumex_l3.testing.procs"),
     ("kumex_l3", "lease.py", "from kumex_l3.testing.devredis import free_port\n",
      "the SDK imports kumex_l3.testing.devredis"),
+    ("kumex_l3", "rest.py", "import rich\n", "rest needs rich"),
+    ("services/book", "app.py", "from rich.text import Text\n", "a service imports rich.text"),
 ])
 def test_each_wall_is_seen(tmp_path: Path, folder: str, name: str, text: str,
                            why: str) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,26 @@ def test_usage_errors_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[st
     args = [str(tmp_path / a) if a.endswith(".json") else a for a in args]
     assert main(["replay", str(capture), "--quiet", *args]) == 1
     assert says in capsys.readouterr().err
+
+
+def test_the_tools_without_rich(tmp_path: Path) -> None:
+    """rich is an optional extra: without it the replay runs (no progress bar) and the
+    viewer says what to install, in a real process where ``import rich`` fails."""
+    hidden = tmp_path / "hide"
+    (hidden / "rich").mkdir(parents=True)
+    (hidden / "rich" / "__init__.py").write_text(
+        'raise ModuleNotFoundError("No module named \'rich\'", name="rich")\n')
+    lines = StreamGenerator(SYM, seed=6, start_sequence=0).take(500)
+    capture = tmp_path / "c.jsonl"
+    capture.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(hidden)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kumex_l3", *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    done = run("replay", str(capture))
+    assert done.returncode == 0 and "500 applied" in done.stderr, done.stderr
+    done = run("watch", SYM, "--once")
+    assert done.returncode == 2
+    assert "pip install 'kumex-l3[tools]'" in done.stderr, done.stderr
