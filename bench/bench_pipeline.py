@@ -28,7 +28,7 @@ c. **HTTP.** While that flow runs, a separate load process (httpx, a bounded
 
     python -m bench.bench_pipeline [--messages 300000] [--lag-seconds 30] [--rate 5000]
                                    [--connections 8] [--http-seconds 10]
-                                   [--only throughput|lag]
+                                   [--only throughput|lag] [--feed-lines N]
 
 The machine is shared: every figure is printed with the load average, and the
 CPU lines say how much of the machine other work took meanwhile.
@@ -234,10 +234,14 @@ def ms(seconds: float) -> str:
 # --------------------------------------------------------------------------- processes
 
 
+#: ``--feed-lines``: the feed's redundant lines (None: its own default, 2).
+FEED_EXTRA: dict[str, str] = {}
+
+
 def feed_process(redis_url: str, sandbox: SandboxProcess, **extra: str) -> ServiceProcess:
     env = {"REDIS_URL": redis_url, "KUMEX_SYMBOLS": SYM, "KUMEX_BASE_URL": sandbox.base_url,
            "FEED_HTTP_HOST": "127.0.0.1", "FEED_BACKOFF_INITIAL": "0.2",
-           "FEED_BACKOFF_MAX": "1", **extra}
+           "FEED_BACKOFF_MAX": "1", **FEED_EXTRA, **extra}
     return ServiceProcess("services.feed", env, port_var="FEED_HTTP_PORT")
 
 
@@ -800,10 +804,14 @@ def main() -> int:
     parser.add_argument("--sandbox-loop", choices=["asyncio", "uvloop"], default=None,
                         help="the sandbox's event loop (default: its own, asyncio's); the "
                              "services use KUMEX_EVENT_LOOP")
+    parser.add_argument("--feed-lines", type=int, default=None,
+                        help="the feed's redundant WebSocket lines (default: its own, 2)")
     parser.add_argument("--load-worker", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sandbox_loop:
         SANDBOX_LOOP["SANDBOX_EVENT_LOOP"] = args.sandbox_loop
+    if args.feed_lines is not None:
+        FEED_EXTRA["FEED_LINES"] = str(args.feed_lines)
 
     if args.load_worker:
         print(json.dumps(asyncio.run(_load_worker(args.load_worker, args.connections,
