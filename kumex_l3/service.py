@@ -30,15 +30,15 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Final, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kumex_l3.config import CommonSettings, load_settings
+from kumex_l3.httpserver import http_protocol
 from kumex_l3.logs import kv, secrets_of, setup_logging
 from kumex_l3.metrics import metrics_router
 
@@ -49,6 +49,7 @@ __all__ = [
     "Status",
     "configure",
     "health_router",
+    "http_protocol",
     "loop_factory",
     "loop_name",
     "run_service",
@@ -103,64 +104,6 @@ def service_app(title: str, status: Status, registry: CollectorRegistry, *,
     app.include_router(health_router(status, details=details))
     app.include_router(metrics_router(registry))
     return app
-
-
-#: Seconds a client has to send a request's headers (slowloris).
-HEADER_TIMEOUT_S: Final = 5.0
-
-
-def http_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline on each request's headers.
-
-    uvicorn closes an idle keep-alive connection, but a connection that sends
-    its headers a byte at a time (slowloris), or nothing at all, stays open for
-    as long as the client likes. This one is closed ``header_timeout`` seconds
-    after it opened (or after its last response) unless a request's headers
-    have arrived by then. Pass it as ``uvicorn.Config(..., http=...)``.
-    """
-
-    class HeaderTimeoutProtocol(H11Protocol):
-        _header_timer: asyncio.TimerHandle | None = None
-        _cycle_seen: object = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)  # type: ignore[arg-type]
-            self._arm()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(header_timeout, self._expired)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _expired(self) -> None:
-            self._header_timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not None and self.cycle is not self._cycle_seen:
-                self._cycle_seen = self.cycle  # a request's headers are in
-                self._disarm()
-
-        def handle_websocket_upgrade(self, event: Any) -> None:
-            self._disarm()  # the headers are in; the socket is a WebSocket's from now on
-            super().handle_websocket_upgrade(event)
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()  # the next request's headers have as long
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutProtocol
 
 
 class HttpServer(uvicorn.Server):

@@ -26,10 +26,11 @@ def main() -> None:
     logging.getLogger("services.book").info(
         "starting", extra=kv(redis=redact_url(settings.redis_url), host=settings.host,
                              port=settings.port, replica=settings.replica))
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5, loop=loop_name(settings.event_loop),
-                            http=http_protocol())
+                            http=http_protocol(fast=app.state.fast_route))
     serve_app(config)
 
 

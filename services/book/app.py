@@ -53,6 +53,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import WebSocketException
 
 from kumex_l3.access import Guard, presented_token
+from kumex_l3.httpserver import FastAnswer, FastRoute
 from kumex_l3.logs import kv
 from kumex_l3.metrics import metrics_router
 from services.book.consumer import SymbolConsumer
@@ -199,6 +200,7 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
 
     app = FastAPI(title="kumex-l3 book", version="0.1.0", lifespan=lifespan)
     app.add_middleware(_Timing, metrics=metrics)
+    app.state.fast_route = _fast_route(symbols, holder, replica, metrics)
     app.include_router(metrics_router(metrics.registry))
 
     def service() -> BookService:
@@ -352,6 +354,53 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
             holder["ws_clients"] -= 1
 
     return app
+
+
+def _fast_route(symbols: frozenset[str], holder: dict[str, Any], replica: str,
+                metrics: BookMetrics) -> FastRoute:
+    """``GET /book/{symbol}`` and ``/book/{symbol}/l3`` of a book served here, for
+    :func:`kumex_l3.httpserver.http_protocol`: the cached body, written without the app.
+
+    Anything else (another replica's symbol, a book not served, a query other than
+    ``depth=N``) returns ``None``: the app answers it, with its checks and messages.
+    """
+    headers = ((b"content-type", _JSON.encode()), (REPLICA_HEADER.encode(), replica.encode()))
+    routes = {"": ("book", 12, metrics.fast_requests.labels("/book/{symbol}")),
+              "l3": ("l3", 5, metrics.fast_requests.labels("/book/{symbol}/l3"))}
+
+    def fast(path: str, query: bytes) -> FastAnswer | None:
+        parts = path.split("/")
+        if len(parts) == 3:
+            route = routes[""]
+        elif len(parts) == 4 and parts[3] == "l3":
+            route = routes["l3"]
+        else:
+            return None
+        service: BookService | None = holder.get("service")
+        if parts[1] != "book" or parts[2] not in symbols or service is None:
+            return None
+        kind, depth = route[0], _depth(query, route[1])
+        consumer = service.local(parts[2])
+        if depth is None or consumer is None or not consumer.serving:
+            return None
+        body = consumer.book_body(depth) if kind == "book" else consumer.l3_body(depth)
+        route[2].inc()
+        return FastAnswer(200, body, headers)
+
+    return fast
+
+
+def _depth(query: bytes, default: int) -> int | None:
+    """``depth`` from a query that is empty or exactly ``depth=N`` (1..1000), else ``None``."""
+    if not query:
+        return default
+    if not query.startswith(b"depth=") or len(query) > 10:
+        return None
+    digits = query[6:]
+    if not digits.isdigit():
+        return None
+    depth = int(digits)
+    return depth if 1 <= depth <= 1000 else None
 
 
 class _WsSession:

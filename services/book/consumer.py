@@ -181,6 +181,7 @@ class SymbolConsumer:
         self._clock = clock
         self.sync = Synchronizer(symbol, max_buffer=settings.buffer_max, collect_ts=True)
         self._apply_delay = metrics.apply_delay.labels(symbol)
+        self._receipt_delay = metrics.receipt_delay.labels(symbol)
         self._stream = keys.l3_stream(symbol)
         #: Read position: the last stream entry consumed.
         self.read_id = "0-0"
@@ -527,6 +528,7 @@ class SymbolConsumer:
             outs = self.sync.on_entries(entries)
             self.read_id = _text(entries[-1][0])
             await self._handle(outs)
+            self._observe_receipt(entries)
         self.confirmed_at = issued
         if len(entries) < settings.read_batch and not self.caught_up:
             self.caught_up = True
@@ -602,6 +604,16 @@ class SymbolConsumer:
         for ts in stamps[::step] if step > 1 else stamps:
             observe(max(0, now - ts) / 1e9)
         stamps.clear()
+
+    def _observe_receipt(self, entries: list[Any]) -> None:
+        """Stream entry id (the feed's append, Redis's clock in ms) to now, sampled as
+        :meth:`_observe_delays` does."""
+        now_ms = time.time_ns() / 1e6
+        step = -(-len(entries) // _DELAY_SAMPLES)
+        observe = self._receipt_delay.observe
+        for entry_id, _ in entries[::step] if step > 1 else entries:
+            raw = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
+            observe(max(0.0, now_ms - int(raw[:raw.index(b"-")])) / 1000)
 
     async def _ask(self, min_sequence: int, reason: str, *, force: bool = False) -> list[Output]:
         now = self._clock()

@@ -72,9 +72,18 @@ class BookMetrics:
             "From the exchange's ts of a message to the end of the batch that applied it "
             "(every message of a small batch, a systematic sample of at most ~200 of a big one)",
             sym, buckets=_APPLY_DELAY_BUCKETS, registry=r)
+        self.receipt_delay = Histogram(
+            "kumex_book_receipt_delay_seconds",
+            "From the feed's append of a stream entry (its id: Redis's clock, whole "
+            "milliseconds, so up to 1 ms over) to the end of the batch that read it "
+            "(sampled as the apply delay)", sym, buckets=_APPLY_DELAY_BUCKETS, registry=r)
         self.http_latency = Histogram("kumex_book_http_request_duration_seconds",
                                       "HTTP request latency", ["method", "route", "status"],
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.fast_requests = Counter(
+            "kumex_book_http_fast_requests",
+            "Requests answered by the fast route (a body already built, written from the "
+            "HTTP parser; not in the latency histogram)", ["route"], registry=r)
         self.proxied = Counter("kumex_book_proxied_requests",
                                "Requests forwarded to the owning replica", ["symbol", "outcome"],
                                registry=r)

@@ -561,3 +561,89 @@ def test_root_serves_the_live_page(redis_url: str, procs: list[BookProcess]) -> 
     res = httpx.get(f"{book.url}/", timeout=10)
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/html")
     assert "/ws/book/" in res.text
+
+
+# --------------------------------------------------------------------------- the fast route
+
+
+def _responses(sock: Any, n: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read ``n`` HTTP/1.1 responses (with content-length) from ``sock``, in order."""
+    buf = b""
+    out: list[tuple[int, dict[str, str], bytes]] = []
+    while len(out) < n:
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end >= 0:
+            lines = buf[:head_end].decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, v in
+                       (line.split(":", 1) for line in lines[1:])}
+            size = int(headers["content-length"])
+            if len(buf) >= head_end + 4 + size:
+                body = buf[head_end + 4:head_end + 4 + size]
+                out.append((int(lines[0].split()[1]), headers, body))
+                buf = buf[head_end + 4 + size:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(out)} of {n} responses"
+        buf += chunk
+    return out
+
+
+def test_fast_route_answers_as_the_app_does(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    """The book's fast route (bodies written from the HTTP parser) gives the app's answers,
+    in order on a pipelined connection, and the HTTP bounds hold for it."""
+    import socket
+
+    feed = Feed(redis_sync)
+    feed.store_snapshot()
+    feed.publish(500)
+    book = spawn(procs, redis_url, "fast")
+    book_at(book, feed)
+
+    def fast_count() -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in book.get("/metrics").text
+                   .splitlines() if line.startswith("kumex_book_http_fast_requests_total{"))
+
+    before = fast_count()
+    cases = [("", {}), ("", {"depth": 1}), ("", {"depth": 1000}), ("/l3", {}),
+             ("/l3", {"depth": 2})]
+    for suffix, params in cases:
+        fast = book.get(f"/book/{SYM}{suffix}", **params)
+        # Any other query parameter sends the request to the app (which ignores it).
+        slow = book.get(f"/book/{SYM}{suffix}", **params, via="app")
+        assert fast.status_code == slow.status_code == 200
+        assert fast.content == slow.content
+        for name in ("content-type", "x-kumex-replica", "content-length"):
+            assert fast.headers[name] == slow.headers[name], name
+    assert book.get(f"/book/{SYM}").json() == feed.expected(12)
+    assert fast_count() - before == len(cases) + 1
+    # Refusals stay the app's: 404, 422, a trailing slash.
+    for path in (f"/book/{SYM}?depth=0", f"/book/{SYM}?depth=x", "/book/NOPE", f"/book/{SYM}/"):
+        assert httpx.get(book.url + path, timeout=10).status_code in (404, 422, 307), path
+    assert fast_count() - before == len(cases) + 1
+
+    host, port = book.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # Pipelined: fast, app, fast: the answers come back in the order asked.
+        sock.sendall(f"GET /book/{SYM}?depth=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     f"GET /books HTTP/1.1\r\nHost: x\r\n\r\n"
+                     f"GET /book/{SYM}/l3?depth=2 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        first, second, third = _responses(sock, 3)
+        assert json.loads(first[2]) == feed.expected(1)
+        assert "books" in json.loads(second[2])
+        assert len(json.loads(third[2])["bids"]) == 2
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # HTTP/1.0: answered, then closed.
+        sock.sendall(f"GET /book/{SYM}?depth=1 HTTP/1.0\r\n\r\n".encode())
+        [(status, headers, _)] = _responses(sock, 1)
+        assert status == 200 and headers["connection"] == "close"
+        assert sock.recv(100) == b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        # A head over 16 KiB: 431, and the connection is closed.
+        sock.sendall(f"GET /book/{SYM} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 20_000}\r\n\r\n"
+                     .encode())
+        [(status, _, body)] = _responses(sock, 1)
+        assert status == 431 and b"too large" in body
+        assert sock.recv(100) == b""
+    assert book.get("/healthz").status_code == 200
