@@ -1,11 +1,13 @@
 """One symbol's book kept from its Redis stream: the I/O shell around the synchroniser.
 
 :class:`SymbolConsumer` starts from the newer of the book's own checkpoint and
-the feed's stored snapshot, reads the stream with ``XREAD BLOCK`` in batches,
+the feed's stored snapshot, then takes its stream's entries from the replica's
+one :class:`~services.book.reader.StreamReader` (``XREAD BLOCK`` in batches),
 feeds :class:`~kumex_l3.sync.Synchronizer` and acts on its outputs: asks the
 feed for snapshots (``PUBLISH``, repeated while waiting), fetches announced
-ones, dead-letters refused input, checkpoints itself while synced, keeps the
-``top`` hash current and the metrics up to date. HTTP handlers read the book
+ones, dead-letters refused input. Its own task keeps the upkeep, apart from the
+reads so that no round trip of it delays a batch: checkpoints while synced,
+the ``top`` hash, the feed's heartbeat, lag, and the metrics. HTTP handlers read the book
 through :meth:`SymbolConsumer.book_body` and friends, which build each JSON
 body once per book version.
 
@@ -20,7 +22,9 @@ Where reading starts:
   feed is asked for a snapshot.
 
 Everything runs on the service's event loop: the book is never read while a
-batch is being applied.
+batch is being applied. Whatever changes the synchroniser's state across an
+await (a read's snapshot fetch, the upkeep's asking again, the feed's
+heartbeat) holds the consumer's lock.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from kumex_l3.sync import (
 )
 from kumex_l3.tasks import cancel_and_wait
 from services.book.metrics import BookMetrics
+from services.book.reader import StreamReader
 from services.book.settings import BookSettings
 
 __all__ = ["REDIS_ERRORS", "SymbolConsumer", "peek_message_sequence", "peek_snapshot_sequence"]
@@ -76,6 +81,8 @@ _SCAN_CHUNK: Final = 1000
 _CACHE_MAX: Final = 256
 #: Apply delays observed per batch at most: a bigger batch is sampled systematically.
 _DELAY_SAMPLES: Final = 200
+#: The upkeep's tick (each of its jobs has its own, longer interval).
+_UPKEEP_S: Final = 0.05
 
 
 class _Seq(msgspec.Struct, gc=False):
@@ -173,9 +180,15 @@ class SymbolConsumer:
     """
 
     def __init__(self, symbol: str, client: redis.asyncio.Redis, settings: BookSettings,
-                 metrics: BookMetrics, *, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: BookMetrics, reader: StreamReader, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.symbol = symbol
         self._redis = client
+        self._reader = reader
+        self._lock = asyncio.Lock()
+        #: A bug met while handling a read (:meth:`fail`): raised by :meth:`run`.
+        self._fault: BaseException | None = None
+        self._faulted = asyncio.Event()
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -394,25 +407,59 @@ class SymbolConsumer:
         self._metrics.synced.labels(self.symbol).set(0)
 
     async def run(self) -> None:
-        """Start, then read until cancelled; Redis errors are retried with backoff."""
+        """Start, then keep the book from the reader's reads and do the upkeep until
+        cancelled (or until a read meets a bug: raised here). Redis errors are retried
+        with backoff."""
         backoff = Backoff(initial=0.2, factor=2.0, max_delay=5.0)
         self.active = True
         try:
-            while True:
+            while not self._started:
                 try:
-                    if not self._started:
-                        await self._start()
-                        self._started = True
-                    await self._step()
-                    backoff.reset()
+                    await self._start()
+                    self._started = True
                 except REDIS_ERRORS as exc:
-                    delay = backoff.next_delay()
-                    log.warning("redis error, retrying in %.1f s: %s", delay, exc,
-                                extra=kv(symbol=self.symbol))
-                    await asyncio.sleep(delay)
+                    await self._retry(backoff, exc)
+            self._reader.add(self)
+            try:
+                while True:
+                    await self._tick()
+                    try:
+                        await self._housekeeping()
+                        backoff.reset()
+                    except REDIS_ERRORS as exc:
+                        await self._retry(backoff, exc)
+            finally:
+                self._reader.discard(self)
         finally:
             self.active = False
             self._notify()
+
+    async def _retry(self, backoff: Backoff, exc: BaseException) -> None:
+        delay = backoff.next_delay()
+        log.warning("redis error, retrying in %.1f s: %s", delay, exc,
+                    extra=kv(symbol=self.symbol))
+        await asyncio.sleep(delay)
+
+    async def _tick(self) -> None:
+        """Wait for the next upkeep; raise what :meth:`fail` was given."""
+        if not self._faulted.is_set():
+            try:
+                async with asyncio.timeout(_UPKEEP_S):
+                    await self._faulted.wait()
+            except TimeoutError:
+                pass
+        if self._fault is not None:
+            raise self._fault
+
+    def fail(self, exc: BaseException) -> None:
+        """The reader met a bug handling this consumer's entries: :meth:`run` raises it."""
+        self._fault = exc
+        self._faulted.set()
+
+    @property
+    def stream(self) -> str:
+        """The Redis stream this book is kept from."""
+        return self._stream
 
     # ------------------------------------------------------------------ start
 
@@ -515,28 +562,21 @@ class SymbolConsumer:
 
     # ------------------------------------------------------------------ reading
 
-    async def _step(self) -> None:
-        settings = self._settings
-        block_ms = max(1, int(settings.read_block_seconds * 1000))
-        # The read shows the stream as of some time after it was sent: count from the send
-        # (a process paused before it handled the reply must not date it from its waking).
-        issued = self._clock()
-        reply: Any = await self._redis.xread({self._stream: self.read_id},
-                                             count=settings.read_batch, block=block_ms)
-        entries: list[Any] = reply[0][1] if reply else []
+    async def on_read(self, entries: list[Any], issued: float) -> None:
+        """The entries after :attr:`read_id` (maybe none) of a read sent at ``issued``."""
         if entries:
-            outs = self.sync.on_entries(entries)
-            self.read_id = _text(entries[-1][0])
-            await self._handle(outs)
+            async with self._lock:
+                outs = self.sync.on_entries(entries)
+                self.read_id = _text(entries[-1][0])
+                await self._handle(outs)
             self._observe_receipt(entries)
         self.confirmed_at = issued
-        if len(entries) < settings.read_batch and not self.caught_up:
+        if len(entries) < self._settings.read_batch and not self.caught_up:
             self.caught_up = True
             self._bump()
             if self.sync.synced:
                 log.info("book served", extra=kv(symbol=self.symbol,
                                                  sequence=self._sequence()))
-        await self._housekeeping()
 
     async def _handle(self, outs: list[Output]) -> None:
         queue = deque(self._absorb(outs))
@@ -663,6 +703,10 @@ class SymbolConsumer:
         """
         key = keys.feed_alive(self.symbol)
         connection = _heartbeat_connection(await self._redis.get(key))
+        async with self._lock:
+            await self._heard(key, connection)
+
+    async def _heard(self, key: str, connection: str | None) -> None:
         sync = self.sync
         if sync.fresh:
             if connection is not None:
@@ -702,10 +746,11 @@ class SymbolConsumer:
             self._due_at = now
             self._due = _due_of(await self._redis.get(keys.snapshot_due(self.symbol)))
         if not sync.synced and now - self._request_at >= self._settings.snapshot_retry_seconds:
-            needed = sync.needed_sequence
-            if needed is not None:
-                await self._handle(await self._ask(needed, "still waiting for a snapshot",
-                                                   force=True))
+            async with self._lock:
+                needed = self.sync.needed_sequence
+                if needed is not None and not self.sync.synced:
+                    await self._handle(await self._ask(needed, "still waiting for a snapshot",
+                                                       force=True))
         check = self._settings.feed_check_seconds
         if (check > 0 and (sync.fresh or sync.feed_silent)
                 and now - self._feed_checked_at >= check):

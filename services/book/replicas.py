@@ -24,8 +24,9 @@ from kumex_l3.backoff import Backoff
 from kumex_l3.lease import LeaseManager, LeaseOwner, read_owner, supervise
 from kumex_l3.logs import kv
 from kumex_l3.tasks import cancel_and_wait
-from services.book.consumer import SymbolConsumer
+from services.book.consumer import REDIS_ERRORS, SymbolConsumer
 from services.book.metrics import BookMetrics
+from services.book.reader import StreamReader
 from services.book.settings import ROLE, BookSettings
 
 __all__ = ["BookService"]
@@ -46,6 +47,8 @@ class BookService:
                                    ttl=settings.lease_ttl_seconds, on_gained=self._gained,
                                    on_lost=self._lost)
         self._consumers: dict[str, SymbolConsumer] = {}
+        #: One XREAD for every book kept here (services.book.reader).
+        self.reader = StreamReader(client, settings, errors=REDIS_ERRORS)
         self._supervisors: dict[str, asyncio.Task[None]] = {}
         self._lease_task: asyncio.Task[None] | None = None
         for symbol in settings.symbols:
@@ -55,6 +58,7 @@ class BookService:
 
     async def start(self) -> None:
         """Start taking leases (returns at once; the first round runs in the background)."""
+        self.reader.start()
         if self._lease_task is None:
             self._lease_task = asyncio.create_task(self.leases.run(), name="book-leases")
 
@@ -64,6 +68,7 @@ class BookService:
         await cancel_and_wait(task)
         for symbol in list(self._supervisors):
             await self._stop_symbol(symbol, checkpoint=True)
+        await self.reader.stop()
         await self.leases.close()
 
     # ------------------------------------------------------------------ reading
@@ -172,7 +177,8 @@ class BookService:
 
     async def _supervise(self, symbol: str) -> None:
         async def run() -> None:
-            consumer = SymbolConsumer(symbol, self.redis, self.settings, self.metrics)
+            consumer = SymbolConsumer(symbol, self.redis, self.settings, self.metrics,
+                                      self.reader)
             self._consumers[symbol] = consumer
             await consumer.run()
 
