@@ -220,6 +220,8 @@ class Row:
     result: Wrk
     delay_p99: float
     receipt_p99: float
+    #: The flow's messages/s during the run (0 when idle).
+    rate: float
     load: str
 
 
@@ -258,16 +260,18 @@ def phase_read(args: argparse.Namespace, server: RedisServer, wrk: str) -> tuple
             for conns in args.connections:
                 for name, url in targets:
                     h0, r0 = scrape(book, APPLY_DELAY), scrape(book, RECEIPT_DELAY)
+                    q0, t0 = total_sequence(s.http), time.perf_counter()
                     result = run_wrk(wrk, url, conns, args.seconds)
+                    rate = (total_sequence(s.http) - q0) / (time.perf_counter() - t0)
                     delay = scrape(book, APPLY_DELAY).minus(h0)
                     receipt = scrape(book, RECEIPT_DELAY).minus(r0)
                     p99 = delay.quantile(0.99) if delay.total else math.nan
                     rp99 = receipt.quantile(0.99) if receipt.total else math.nan
-                    rows.append(Row(phase, conns, name, result, p99, rp99, load()))
+                    rows.append(Row(phase, conns, name, result, p99, rp99, rate, load()))
                     say(f"   {phase:4} {conns:3} conns {name:8} {result.rps:9,.0f} req/s "
                         f"p50 {ms(result.p50)} ms p99 {ms(result.p99)} ms, "
-                        f"p99 receipt->applied {ms(rp99)} ms, exchange->applied {ms(p99)} ms "
-                        f"({load()})")
+                        f"p99 receipt->applied {ms(rp99)} ms, exchange->applied {ms(p99)} ms, "
+                        f"flow {rate:,.0f} msg/s ({load()})")
     return rows, extra
 
 
@@ -321,7 +325,8 @@ def report(rows: list[Row], extra: dict[str, float],
         print(f"a. read path, wrk --latency {rows[0].connections}.. connections; "
               f"the flow rows at ~{extra.get('rate', 0):,.0f} msg/s")
         print(f"   {'phase':5} {'conns':>5} {'route':8} {'req/s':>9} {'p50 ms':>8} "
-              f"{'p99 ms':>8} {'x ceiling':>9} {'receipt p99':>11} {'exch. p99':>9}  load")
+              f"{'p99 ms':>8} {'x ceiling':>9} {'receipt p99':>11} {'exch. p99':>9} "
+              f"{'msg/s':>6}  load")
         ceilings = {(r.phase, r.connections): r.result.rps for r in rows if r.target == "ceiling"}
         for r in rows:
             ceiling = ceilings.get((r.phase, r.connections), 0.0)
@@ -331,7 +336,7 @@ def report(rows: list[Row], extra: dict[str, float],
             print(f"   {r.phase:5} {r.connections:5} {r.target:8} {r.result.rps:9,.0f} "
                   f"{ms(r.result.p50):>8} {ms(r.result.p99):>8} "
                   f"{'' if math.isnan(ratio) else f'{ratio:.2f}':>9} {ms(r.receipt_p99):>11} "
-                  f"{ms(r.delay_p99):>9}  "
+                  f"{ms(r.delay_p99):>9} {r.rate:6,.0f}  "
                   f"{r.load}{bad}")
         if "quiet_p99" in extra:
             print(f"   no readers, {extra['quiet_rate']:,.0f} msg/s: p99 receipt -> applied "

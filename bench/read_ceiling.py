@@ -21,7 +21,7 @@ from kumex_l3.httpserver import FastAnswer, http_protocol
 from kumex_l3.service import loop_name
 
 BODY = b'{"pad":"' + b"x" * (2048 - 10) + b'"}'
-_ANSWER = FastAnswer(200, BODY, ((b"content-type", b"application/json"),))
+_ANSWER = FastAnswer.of(200, BODY, ((b"content-type", b"application/json"),))
 
 
 def fast(path: str, query: bytes) -> FastAnswer | None:

@@ -41,11 +41,22 @@ MAX_HEAD_BYTES: Final = 16 * 1024
 
 
 class FastAnswer(NamedTuple):
-    """A whole response: status, body and headers (lower-case names, as bytes)."""
+    """A whole response: status, body, and its own header lines (with content-length).
+
+    Made once per body (:meth:`of`) and written as often as asked for.
+    """
 
     status: int
     body: bytes
-    headers: tuple[tuple[bytes, bytes], ...] = ()
+    head: bytes
+
+    @classmethod
+    def of(cls, status: int, body: bytes,
+           headers: tuple[tuple[bytes, bytes], ...] = ()) -> FastAnswer:
+        """``headers``: lower-case names and values, as bytes."""
+        lines = [b"%s: %s\r\n" % pair for pair in headers]
+        lines.append(b"content-length: %d\r\n" % len(body))
+        return cls(status, body, b"".join(lines))
 
 
 #: ``fast(path, query)``: an answer, or ``None`` to let the ASGI app answer.
@@ -105,7 +116,17 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT_S, *,
             # A request pipelined behind a fast answer, in the same read: the keep-alive
             # timer armed by that answer must not close the connection under it.
             self._unset_keepalive_if_required()
+            # What uvicorn's on_message_begin sets before the head is read; its ASGI scope
+            # is made only for a request the app answers (:meth:`_begin_for_app`).
+            self.url = b""
+            self.expect_100_continue = False
+            self.headers = []
+
+        def _begin_for_app(self) -> None:
+            url, headers, expect = self.url, self.headers, self.expect_100_continue
             super().on_message_begin()
+            self.url, self.expect_100_continue = url, expect
+            self.headers.extend(headers)  # the list the new scope holds
 
         def _count(self, n: int) -> bool:
             self._head_bytes += n
@@ -150,6 +171,7 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT_S, *,
                     if answer is not None:
                         self._fast = answer
                         return
+            self._begin_for_app()
             super().on_headers_complete()
 
         def _fast_allowed(self) -> bool:
@@ -172,16 +194,10 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT_S, *,
         def _write_fast(self, answer: FastAnswer) -> None:
             keep_alive = (self.parser.get_http_version() != "1.0"
                           and self.parser.should_keep_alive())
-            out = [STATUS_LINE[answer.status]]
-            for name, value in self.server_state.default_headers:
-                out += (name, b": ", value, b"\r\n")
-            for name, value in answer.headers:
-                out += (name, b": ", value, b"\r\n")
-            out.append(b"content-length: %d\r\n" % len(answer.body))
-            if not keep_alive:
-                out.append(b"connection: close\r\n")
-            out += (b"\r\n", answer.body)
-            self.transport.write(b"".join(out))
+            self.transport.write(b"".join((
+                STATUS_LINE[answer.status], _server_headers(self.server_state.default_headers),
+                answer.head, b"\r\n" if keep_alive else b"connection: close\r\n\r\n",
+                answer.body)))
             if keep_alive:
                 self.on_response_complete()
             else:
@@ -189,3 +205,17 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT_S, *,
                 self.transport.close()
 
     return ServiceProtocol
+
+
+_server_headers_of: tuple[object, bytes] = (None, b"")
+
+
+def _server_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default header lines (``server``, ``date``) as bytes, made again only when
+    uvicorn replaces the list (the date, once a second)."""
+    global _server_headers_of
+    source, lines = _server_headers_of
+    if source is not headers:
+        lines = b"".join(b"%s: %s\r\n" % pair for pair in headers)
+        _server_headers_of = (headers, lines)
+    return lines

@@ -76,6 +76,8 @@ _RELAY_RETRY_S: Final = 1.0
 _RELAY_WATCH_S: Final = 1.0
 #: Owners' connection pools kept at most (the least recently used is closed).
 _PEERS_MAX: Final = 64
+#: Fast answers kept for reuse at most (symbols x routes x depths asked for).
+_FAST_ANSWERS_MAX: Final = 4096
 #: Close code of a WebSocket refused because the replica has enough clients.
 CLOSE_TRY_AGAIN: Final = 1013
 
@@ -365,27 +367,36 @@ def _fast_route(symbols: frozenset[str], holder: dict[str, Any], replica: str,
     ``depth=N``) returns ``None``: the app answers it, with its checks and messages.
     """
     headers = ((b"content-type", _JSON.encode()), (REPLICA_HEADER.encode(), replica.encode()))
-    routes = {"": ("book", 12, metrics.fast_requests.labels("/book/{symbol}")),
-              "l3": ("l3", 5, metrics.fast_requests.labels("/book/{symbol}/l3"))}
+    count = metrics.fast_requests
+    routes = {"": ("/book/{symbol}", 12), "l3": ("/book/{symbol}/l3", 5)}
+    #: The answer last made for each (symbol, route, depth), reused while its body is.
+    answers: dict[tuple[str, str, int], FastAnswer] = {}
 
     def fast(path: str, query: bytes) -> FastAnswer | None:
         parts = path.split("/")
         if len(parts) == 3:
-            route = routes[""]
+            route, default = routes[""]
         elif len(parts) == 4 and parts[3] == "l3":
-            route = routes["l3"]
+            route, default = routes["l3"]
         else:
             return None
         service: BookService | None = holder.get("service")
-        if parts[1] != "book" or parts[2] not in symbols or service is None:
+        symbol = parts[2]
+        if parts[1] != "book" or symbol not in symbols or service is None:
             return None
-        kind, depth = route[0], _depth(query, route[1])
-        consumer = service.local(parts[2])
+        depth = _depth(query, default)
+        consumer = service.local(symbol)
         if depth is None or consumer is None or not consumer.serving:
             return None
-        body = consumer.book_body(depth) if kind == "book" else consumer.l3_body(depth)
-        route[2].inc()
-        return FastAnswer(200, body, headers)
+        body = consumer.book_body(depth) if len(parts) == 3 else consumer.l3_body(depth)
+        key = (symbol, route, depth)
+        answer = answers.get(key)
+        if answer is None or answer.body is not body:
+            if answer is None and len(answers) >= _FAST_ANSWERS_MAX:
+                answers.clear()
+            answer = answers[key] = FastAnswer.of(200, body, headers)
+        count[route] += 1
+        return answer
 
     return fast
 
