@@ -195,6 +195,9 @@ class SymbolConsumer:
         self.sync = Synchronizer(symbol, max_buffer=settings.buffer_max, collect_ts=True)
         self._apply_delay = metrics.apply_delay.labels(symbol)
         self._receipt_delay = metrics.receipt_delay.labels(symbol)
+        self._add_stats = metrics.sync_stats_adder(symbol)
+        self._synced_gauge = metrics.synced.labels(symbol)
+        self._sequence_gauge = metrics.sequence.labels(symbol)
         self._stream = keys.l3_stream(symbol)
         #: Read position: the last stream entry consumed.
         self.read_id = "0-0"
@@ -844,10 +847,10 @@ class SymbolConsumer:
 
     def _report_stats(self) -> None:
         now = self.sync.stats
-        self._metrics.add_sync_stats(self.symbol, now, self._reported)
+        self._add_stats(now, self._reported)
         self._reported = replace(now)
-        self._metrics.synced.labels(self.symbol).set(1 if self.serving else 0)
-        self._metrics.sequence.labels(self.symbol).set(self._sequence())
+        self._synced_gauge.set(1 if self.serving else 0)
+        self._sequence_gauge.set(self._sequence())
 
     def _bump(self) -> None:
         self.version += 1

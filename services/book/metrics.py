@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -99,9 +99,11 @@ class BookMetrics:
         self.ws_refused = Counter("kumex_book_ws_refused", "WebSocket clients refused: the "
                                   "replica had BOOK_WS_MAX_CLIENTS already", registry=r)
 
-    def add_sync_stats(self, symbol: str, now: SyncStats, before: SyncStats) -> None:
-        """Add what a synchroniser counted since ``before`` (both its :class:`SyncStats`)."""
-        for counter, field in (
+    def sync_stats_adder(self, symbol: str) -> Callable[[SyncStats, SyncStats], None]:
+        """``add(now, before)``: add to ``symbol``'s counters what a synchroniser counted
+        since ``before`` (both its :class:`SyncStats`); the labelled counters are looked
+        up once, here, not at each batch."""
+        children = [(counter.labels(symbol), field) for counter, field in (
             (self.messages, "messages"),
             (self.applied, "applied"),
             (self.ignored, "stale"),
@@ -113,10 +115,15 @@ class BookMetrics:
             (self.feed_disconnects, "disconnects"),
             (self.feed_silences, "silences"),
             (self.snapshots_used, "snapshots_used"),
-        ):
-            delta = getattr(now, field) - getattr(before, field)
-            if delta > 0:
-                counter.labels(symbol).inc(delta)
+        )]
+
+        def add(now: SyncStats, before: SyncStats) -> None:
+            for child, field in children:
+                delta = getattr(now, field) - getattr(before, field)
+                if delta > 0:
+                    child.inc(delta)
+
+        return add
 
 
 class _FastRequests(Collector):

@@ -647,3 +647,29 @@ def test_fast_route_answers_as_the_app_does(
         assert status == 431 and b"too large" in body
         assert sock.recv(100) == b""
     assert book.get("/healthz").status_code == 200
+
+
+def test_one_stream_read_keeps_every_symbol(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    """A replica keeping three books waits on one XREAD for all of them, not one each,
+    and every book still equals the exchange's as its stream moves on."""
+    feeds = {s: Feed(redis_sync, s, seed=40 + i) for i, s in enumerate(SYMBOLS)}
+    for f in feeds.values():
+        f.store_snapshot()
+        f.publish(200)
+    book = spawn(procs, redis_url, "one-reader", SYMBOLS)
+    for f in feeds.values():
+        assert book_at(book, f) == f.expected()
+    # Idle streams: the reader is blocked in XREAD nearly all the time. One read loop per
+    # symbol would show three blocked clients.
+    blocked = []
+    for _ in range(60):
+        blocked.append(int(redis_sync.info("clients")["blocked_clients"]))
+        time.sleep(0.02)
+    assert max(blocked) == 1, blocked
+    # One symbol moving, the others quiet: each still served, and equal to its reference.
+    for _ in range(3):
+        feeds[SYMBOLS[1]].publish(150)
+        for f in feeds.values():
+            assert book_at(book, f) == f.expected()
