@@ -1,10 +1,15 @@
 """The book's read path: GET /book under ``wrk`` while the book applies a live flow.
 
 Everything runs here, on loopback: a throwaway ``redis-server``, the sandbox,
-the feed and the book as child processes. The book (and the ceiling server
-below) are pinned to core 0 and everything else, ``wrk`` included, to the other
-cores, so that the book's figures are one core's. Debian's ``wrk`` (a C load
-generator) is installed with ``apt-get`` when missing.
+the feed and the book as child processes. The book, its Redis (0.1 core at
+5,000 msg/s) and the ceiling server below are pinned to core 0; the sandbox and
+the feed (the exchange and the feed's host) and ``wrk`` to the other cores, so
+that the book's figures are one core's. (With Redis beside the busy sandbox,
+the scheduler delays Redis's replies by up to tens of milliseconds now and
+then, which is the machine's, not the book's.) ``wrk`` runs niced: on a
+two-core machine it shares its core with the sandbox and the feed, which must
+keep the flow on time. Debian's ``wrk`` (a C load generator) is installed with
+``apt-get`` when missing.
 
 a. **Read path.** For each of 8, 32 and 64 connections, ``wrk --latency`` for
    ``--seconds`` on ``GET /book/SYM?depth=12``, ``GET /book/SYM/l3?depth=5`` and,
@@ -131,8 +136,8 @@ class Wrk:
 
 def run_wrk(wrk: str, url: str, connections: int, seconds: float) -> Wrk:
     threads = max(1, min(connections, len(other_cores().split(","))))
-    # Niced: on a two-core machine wrk shares its core with the sandbox, the feed and
-    # Redis, which must keep the flow on time (they would be other hosts in production).
+    # Niced: on a two-core machine wrk shares its core with the sandbox and the feed,
+    # which must keep the flow on time (they would be other hosts in production).
     cmd = ["taskset", "-c", other_cores(), "nice", "-n", "10", wrk, f"-t{threads}",
            f"-c{connections}", f"-d{seconds:g}s", "--latency", url]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True,
@@ -319,8 +324,8 @@ def calibrate_total(http: httpx.Client, target: float) -> float:
 def report(rows: list[Row], extra: dict[str, float],
            cost: dict[int, tuple[float, float, Buckets]]) -> None:
     print()
-    print(f"machine: {machine()}; book pinned to core {BOOK_CORE}, wrk and the rest on "
-          f"{other_cores()}")
+    print(f"machine: {machine()}; book and Redis pinned to core {BOOK_CORE}; sandbox, feed "
+          f"and wrk (niced) on {other_cores()}")
     if rows:
         print(f"a. read path, wrk --latency {rows[0].connections}.. connections; "
               f"the flow rows at ~{extra.get('rate', 0):,.0f} msg/s")
@@ -368,7 +373,7 @@ def main() -> int:
     extra: dict[str, float] = {}
     cost: dict[int, tuple[float, float, Buckets]] = {}
     with RedisServer() as server:
-        pin(server.pid, other_cores())
+        pin(server.pid, str(BOOK_CORE))
         if args.only in (None, "read"):
             rows, extra = phase_read(args, server, wrk)
         if args.only in (None, "symbols"):

@@ -603,10 +603,15 @@ class SymbolConsumer:
         self._observe_delays()
         work: list[NeedSnapshot | FetchSnapshot] = []
         changed = False
+        # Counters of a batch that only applied messages wait for the upkeep's tick (at
+        # most _UPKEEP_S); anything else is reported at once.
+        report = False
         for out in outs:
             if isinstance(out, Applied):
                 changed = True
-            elif isinstance(out, DeadLetter):
+                continue
+            report = True
+            if isinstance(out, DeadLetter):
                 self._pending_dlq.append((out.raw, out.reason, out.stream_id))
                 log.warning("message refused: %s", out.reason,
                             extra=kv(symbol=self.symbol, streamId=out.stream_id))
@@ -628,7 +633,8 @@ class SymbolConsumer:
                 work.append(out)
         if changed:
             self._bump()
-        self._report_stats()
+        if report:
+            self._report_stats()
         return work
 
     def _observe_delays(self) -> None:
