@@ -186,6 +186,7 @@ class SymbolConsumer:
         self._redis = client
         self._reader = reader
         self._lock = asyncio.Lock()
+        self._dlq_lock = asyncio.Lock()
         #: A bug met while handling a read (:meth:`fail`): raised by :meth:`run`.
         self._fault: BaseException | None = None
         self._faulted = asyncio.Event()
@@ -735,14 +736,25 @@ class SymbolConsumer:
             await self._handle(sync.on_feed_heard())
 
     async def _flush_dlq(self) -> None:
-        key = keys.dlq(self.symbol)
-        maxlen = self._settings.dlq_maxlen
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for raw, reason, stream_id in self._pending_dlq:
-                pipe.xadd(key, {"reason": reason, "raw": raw, "streamId": stream_id},
-                          maxlen=maxlen, approximate=True)
-            await pipe.execute()
-        self._pending_dlq.clear()
+        # The read path and the upkeep both flush: one at a time (stream order), and
+        # each entry taken out before the await so that it is written once. Put back
+        # (first) if the write fails.
+        async with self._dlq_lock:
+            taken = list(self._pending_dlq)
+            self._pending_dlq.clear()
+            if not taken:
+                return
+            key = keys.dlq(self.symbol)
+            maxlen = self._settings.dlq_maxlen
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for raw, reason, stream_id in taken:
+                        pipe.xadd(key, {"reason": reason, "raw": raw, "streamId": stream_id},
+                                  maxlen=maxlen, approximate=True)
+                    await pipe.execute()
+            except BaseException:
+                self._pending_dlq.extendleft(reversed(taken))
+                raise
 
     # ------------------------------------------------------------------ housekeeping
 
