@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Also SIGINT, explicitly: a process started in the background by a shell inherits
+    # SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt).
+    signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
         for service in services:
