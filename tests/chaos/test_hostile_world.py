@@ -242,7 +242,7 @@ def test_one_slow_owner_cannot_take_the_connections_of_another(
     world.own(SLOW_SYM, "slow-peer", silent.url)
     world.own(FAST_SYM, "fast-peer", fast.url)
 
-    async def flood() -> list[int]:
+    async def flood() -> tuple[list[int], str]:
         async with httpx.AsyncClient(timeout=CEILING_S,
                                      limits=httpx.Limits(max_connections=200)) as http:
             stuck = [asyncio.create_task(http.get(f"{world.book.url}/book/{SLOW_SYM}"))
@@ -250,10 +250,10 @@ def test_one_slow_owner_cannot_take_the_connections_of_another(
             await asyncio.sleep(0.5)  # the stuck ones hold whatever they can
             other = await http.get(f"{world.book.url}/book/{FAST_SYM}")
             results = await asyncio.gather(*stuck)
-            return [other.status_code, *(r.status_code for r in results)]
+            return [other.status_code, *(r.status_code for r in results)], other.text[:300]
 
-    statuses = asyncio.run(flood())
-    assert statuses[0] == 200, "the other owner's symbol was starved"
+    statuses, said = asyncio.run(flood())
+    assert statuses[0] == 200, f"the other owner's symbol was starved: {said}"
     assert set(statuses[1:]) == {503}
     assert silent.most_open <= POOL  # never more connections to one owner than its pool
 
