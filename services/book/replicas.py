@@ -12,6 +12,7 @@ lease (:meth:`BookService.owner_of`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -50,6 +51,7 @@ class BookService:
         #: One XREAD for every book kept here (services.book.reader).
         self.reader = StreamReader(client, settings, errors=REDIS_ERRORS)
         self._supervisors: dict[str, asyncio.Task[None]] = {}
+        self._owner_reads: dict[str, asyncio.Future[LeaseOwner | None]] = {}
         self._lease_task: asyncio.Task[None] | None = None
         for symbol in settings.symbols:
             metrics.owned.labels(symbol).set(0)
@@ -87,10 +89,27 @@ class BookService:
         return [s for s in self.settings.symbols if s in held]
 
     async def owner_of(self, symbol: str) -> LeaseOwner | None:
-        """The replica holding ``symbol`` now (from Redis), or ``None``."""
+        """The replica holding ``symbol`` now (from Redis), or ``None``.
+
+        Concurrent asks for one symbol share one read: a flood of requests for a
+        symbol owned elsewhere costs Redis one ``GET`` at a time, not one connection
+        per request (which starved the reads for other symbols).
+        """
         if self.leases.holds(symbol):
             return self.owner
-        return await read_owner(self.redis, symbol, ROLE)
+        read = self._owner_reads.get(symbol)
+        if read is None:
+            read = asyncio.ensure_future(read_owner(self.redis, symbol, ROLE))
+            self._owner_reads[symbol] = read
+            read.add_done_callback(functools.partial(self._owner_read_done, symbol))
+        # Shielded: one caller cancelled (its client gone) does not cancel the others' read.
+        return await asyncio.shield(read)
+
+    def _owner_read_done(self, symbol: str, read: asyncio.Future[LeaseOwner | None]) -> None:
+        if self._owner_reads.get(symbol) is read:
+            del self._owner_reads[symbol]
+        if not read.cancelled():
+            read.exception()  # retrieved: every waiter left may have been cancelled
 
     def ready(self) -> tuple[bool, str]:
         """Ready when a lease round went through and every owned book has been served, and
