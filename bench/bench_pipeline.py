@@ -560,21 +560,26 @@ def engine_sequence(http: httpx.Client) -> int:
     return int(http.get("/sandbox/state").json()["sequences"][SYM])
 
 
-def measure_rate(http: httpx.Client, seconds: float) -> float:
-    s0, t0 = engine_sequence(http), time.perf_counter()
+def measure_rate(http: httpx.Client, seconds: float,
+                 sequence: Callable[[httpx.Client], int] = engine_sequence) -> float:
+    s0, t0 = sequence(http), time.perf_counter()
     time.sleep(seconds)
-    s1, t1 = engine_sequence(http), time.perf_counter()
+    s1, t1 = sequence(http), time.perf_counter()
     return (s1 - s0) / (t1 - t0)
 
 
-def calibrate(http: httpx.Client, target: float) -> tuple[float, float]:
-    """A flow rate (actions/s) giving about ``target`` messages/s; returns (rate, msg/s)."""
+def calibrate(http: httpx.Client, target: float,
+              sequence: Callable[[httpx.Client], int] = engine_sequence) -> tuple[float, float]:
+    """A flow rate (actions/s) giving about ``target`` messages/s; returns (rate, msg/s).
+
+    ``sequence(http)``: the messages counted so far (default: the benchmark's symbol's).
+    """
     rate = target / 3.0
     http.post("/sandbox/flow/resume", json={"rate": rate}).raise_for_status()
     time.sleep(1.0)
     measured = 0.0
     for _ in range(4):
-        measured = measure_rate(http, 3.0)
+        measured = measure_rate(http, 3.0, sequence)
         per_action = measured / rate
         say(f"   flow {rate:,.0f} actions/s -> {measured:,.0f} msg/s "
             f"({per_action:.2f} messages an action)")

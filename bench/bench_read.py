@@ -247,7 +247,7 @@ def phase_read(args: argparse.Namespace, server: RedisServer, wrk: str) -> tuple
         for phase in ("idle", "flow"):
             if phase == "flow":
                 say(f"a. calibrating the flow to ~{args.rate:,} msg/s ({load()}) ...")
-                _, measured = calibrate(s.http, args.rate)
+                _, measured = calibrate(s.http, args.rate, total_sequence)
                 extra["rate"] = measured
                 say(f"a. no readers for {args.quiet_seconds:g} s ...")
                 pid = None if s.book.process is None else s.book.process.pid
@@ -288,7 +288,7 @@ def book_cost(args: argparse.Namespace, server: RedisServer, symbols: tuple[str,
     """(book CPU us per message, msg/s, apply delay) at ``args.rate`` over ``symbols``."""
     with stack(server, symbols) as s:
         say(f"b. {len(symbols)} symbol(s): calibrating the flow to ~{args.rate:,} msg/s ...")
-        calibrate_total(s.http, args.rate)
+        calibrate(s.http, args.rate, total_sequence)
         pid = None if s.book.process is None else s.book.process.pid
         watch = CpuWatch({"book": pid})
         h0, q0, t0 = scrape(s.book.url, APPLY_DELAY), total_sequence(s.http), time.perf_counter()
@@ -297,25 +297,6 @@ def book_cost(args: argparse.Namespace, server: RedisServer, symbols: tuple[str,
         q1, t1 = total_sequence(s.http), time.perf_counter()
         delay = scrape(s.book.url, APPLY_DELAY).minus(h0)
     return used["book"] / max(1, q1 - q0) * 1e6, (q1 - q0) / (t1 - t0), delay
-
-
-def calibrate_total(http: httpx.Client, target: float) -> float:
-    """A flow rate giving about ``target`` messages/s over every symbol of the sandbox."""
-    rate = target / 3.0
-    http.post("/sandbox/flow/resume", json={"rate": rate}).raise_for_status()
-    time.sleep(1.0)
-    measured = 0.0
-    for _ in range(4):
-        q0, t0 = total_sequence(http), time.perf_counter()
-        time.sleep(3.0)
-        measured = (total_sequence(http) - q0) / (time.perf_counter() - t0)
-        say(f"   flow {rate:,.0f} actions/s -> {measured:,.0f} msg/s")
-        if abs(measured - target) <= 0.03 * target:
-            break
-        rate = rate * target / max(measured, 1.0)
-        http.post("/sandbox/flow/rate", json={"rate": rate}).raise_for_status()
-        time.sleep(1.0)
-    return measured
 
 
 # --------------------------------------------------------------------------- report

@@ -408,7 +408,7 @@ class SymbolConsumer:
                 await self._write_top(float("inf"))
             except (*REDIS_ERRORS, redis.exceptions.RedisError) as exc:
                 log.warning("last checkpoint failed: %s", exc, extra=kv(symbol=self.symbol))
-        self._metrics.synced.labels(self.symbol).set(0)
+        self._synced_gauge.set(0)
 
     async def run(self) -> None:
         """Start, then keep the book from the reader's reads and do the upkeep until
