@@ -212,6 +212,8 @@ class SymbolConsumer:
         self.version = 0
         #: Why the book is not served (``None`` while serving).
         self.reason: str | None = "starting"
+        #: Why Redis refuses to read this book's stream, while it does (the reader says).
+        self.read_refusal: str | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started = False
@@ -275,6 +277,8 @@ class SymbolConsumer:
         """Why the book is not served, for a 503."""
         if not self.active:
             return f"{self.symbol} book is not running on this replica"
+        if self.read_refusal is not None:
+            return f"{self.symbol} book cannot be kept current: {self.read_refusal}"
         if self.sync.synced and self.sync.stale_reason is not None:
             return f"{self.symbol} book may be stale: {self.sync.stale_reason}"
         if self.sync.synced and not self.caught_up:
@@ -423,6 +427,11 @@ class SymbolConsumer:
                     self._started = True
                 except REDIS_ERRORS as exc:
                     await self._retry(backoff, exc)
+                except redis.exceptions.ResponseError as exc:
+                    # A key of this symbol Redis refuses to work on (a stream key that
+                    # holds a string...): say so in the 503s and try again, as for an outage.
+                    self.reason = f"Redis refuses an operation on its keys: {exc}"
+                    await self._retry(backoff, exc)
             self._reader.add(self)
             try:
                 while True:
@@ -430,7 +439,7 @@ class SymbolConsumer:
                     try:
                         await self._housekeeping()
                         backoff.reset()
-                    except REDIS_ERRORS as exc:
+                    except (*REDIS_ERRORS, redis.exceptions.ResponseError) as exc:
                         await self._retry(backoff, exc)
             finally:
                 self._reader.discard(self)
@@ -459,6 +468,17 @@ class SymbolConsumer:
         """The reader met a bug handling this consumer's entries: :meth:`run` raises it."""
         self._fault = exc
         self._faulted.set()
+
+    def refused(self, reason: str | None) -> None:
+        """The reader says Redis refuses to read the stream (``reason``), or reads it again.
+
+        The book is not confirmed current meanwhile, so it stops being served after
+        ``BOOK_MAX_AGE_SECONDS``; its 503 then says why.
+        """
+        if reason is not None and self.read_refusal is None:
+            self._metrics.stream_read_refusals.labels(self.symbol).inc()
+        self.read_refusal = reason
+        self._notify()
 
     @property
     def stream(self) -> str:

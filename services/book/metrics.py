@@ -37,6 +37,10 @@ class BookMetrics:
                                sym, registry=r)
         self.refused = Counter("kumex_book_messages_refused",
                                "Input refused and sent to the DLQ", sym, registry=r)
+        self.stream_read_refusals = Counter(
+            "kumex_book_stream_read_refusals",
+            "Times Redis refused to read the symbol's stream (its key holds another type): "
+            "left out of the replica's read until it is a stream again", sym, registry=r)
         self.overflow = Counter("kumex_book_buffer_overflow",
                                 "Buffered messages lost to the buffer bound", sym, registry=r)
         self.gaps = Counter("kumex_book_gaps", "Sequence gaps seen", sym, registry=r)

@@ -12,23 +12,38 @@ pay it on its own; one read for all of them shares it (docs/BENCHMARKS.md,
 "Read path"). The consumers' upkeep (checkpoints, the ``top`` hash, the feed's
 heartbeat, lag) runs in their own tasks, never between a read and the next.
 
-A Redis error on the read is retried with backoff (the books stay as they are;
-they stop being served once no read has confirmed them for
-``BOOK_MAX_AGE_SECONDS``). A Redis error while one consumer acts on its entries
-(a snapshot fetch) is logged and left to that consumer's upkeep, which asks
-again; any other error is a bug in that consumer: it is handed the error
+The read has a connection of its own, used through redis-py's ``Connection``
+(connect, authenticate, send, parse) without the client's pool and retry layers:
+half of a wake-up's cost in the client was those layers, and a wake-up is what
+the book pays most often. The reply is awaited for the block time plus
+:data:`READ_GRACE_S` at most: a connection that went silent (a partition, a
+paused Redis) is dropped and made again, instead of waiting on TCP for hours.
+
+A connection error on the read is retried with backoff (the books stay as they
+are; they stop being served once no read has confirmed them for
+``BOOK_MAX_AGE_SECONDS``). An error Redis answers about one key (its stream
+holds a string: ``WRONGTYPE``) fails the whole multi-stream read, so the reader
+asks each stream alone which ones Redis refuses, leaves those out for
+:data:`REFUSED_RETRY_S` (their consumers are told why: :meth:`Reading.refused`,
+and answer 503 saying so) and reads the others at once: one bad key never stops
+the other books. A Redis error while one consumer acts on its entries (a
+snapshot fetch) is logged and left to that consumer's upkeep, which asks again;
+any other error is a bug in that consumer: it is handed the error
 (:meth:`Reading.fail`), and its supervisor starts a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import redis.asyncio
+import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
 
 from kumex_l3.backoff import Backoff
 from kumex_l3.logs import kv
@@ -38,6 +53,12 @@ from services.book.settings import BookSettings
 __all__ = ["Reading", "StreamReader"]
 
 log = logging.getLogger(__name__)
+
+#: How long past the block time a read's reply may take before the connection is
+#: dropped and made again.
+READ_GRACE_S: Final = 5.0
+#: How long a stream Redis refused to read is left out before it is tried again.
+REFUSED_RETRY_S: Final = 1.0
 
 
 class Reading(Protocol):
@@ -56,9 +77,22 @@ class Reading(Protocol):
     def fail(self, exc: BaseException) -> None:
         """A bug while handling a read: end the consumer with ``exc``."""
 
+    def refused(self, reason: str | None) -> None:
+        """Redis refuses to read the stream (``reason``), or reads it again (``None``)."""
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _by_stream(reply: Any) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
+    """``XREAD``'s raw reply (a RESP3 map or RESP2 pairs) as {stream: [(id, fields)]}."""
+    if not reply:
+        return {}
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return {_text(stream): [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                            for entry_id, flat in entries]
+            for stream, entries in pairs}
 
 
 class StreamReader:
@@ -70,11 +104,16 @@ class StreamReader:
         self._redis = client
         self._batch = settings.read_batch
         self._block_ms = max(1, int(settings.read_block_seconds * 1000))
+        self._deadline = settings.read_block_seconds + READ_GRACE_S
         self._errors = errors
         self._clock = clock
         self._readers: dict[str, Reading] = {}
+        #: Streams Redis refused to read: (until when they are left out, why).
+        self._refused: dict[str, tuple[float, str]] = {}
         self._joined = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        pool = client.connection_pool
+        self._conn: AbstractConnection = pool.connection_class(**pool.connection_kwargs)
 
     def add(self, reader: Reading) -> None:
         """Read ``reader``'s stream from the next read on (replacing an older consumer)."""
@@ -85,6 +124,7 @@ class StreamReader:
         """Stop reading for ``reader`` (a newer consumer of its stream stays)."""
         if self._readers.get(reader.stream) is reader:
             del self._readers[reader.stream]
+            self._refused.pop(reader.stream, None)
 
     def start(self) -> None:
         if self._task is None:
@@ -93,34 +133,104 @@ class StreamReader:
     async def stop(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        await self._conn.disconnect()
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.2, factor=2.0, max_delay=5.0)
         while True:
-            if not self._readers:
-                self._joined.clear()
-                await self._joined.wait()
+            readers = self._due()
+            if not readers:
+                await self._idle()
                 continue
-            readers = list(self._readers.values())
             # The read shows the streams as of some time after it was sent: count from the
             # send (a process paused before it handled the reply must not date it later).
             issued = self._clock()
             try:
-                reply: Any = await self._redis.xread(
-                    {r.stream: r.read_id for r in readers}, count=self._batch,
-                    block=self._block_ms)
+                reply: Any = await self._xread(readers)
+            except redis.exceptions.ResponseError as exc:
+                if not await self._leave_out_refused(readers, exc):
+                    await self._retry(backoff, exc, readers)
+                continue
             except self._errors as exc:
-                delay = backoff.next_delay()
-                log.warning("redis error on the stream read, retrying in %.1f s: %s", delay,
-                            exc, extra=kv(streams=len(readers)))
-                await asyncio.sleep(delay)
+                await self._retry(backoff, exc, readers)
                 continue
             backoff.reset()
-            got = {_text(stream): entries for stream, entries in reply} if reply else {}
+            got = _by_stream(reply)
             for reader in readers:
                 if self._readers.get(reader.stream) is not reader:
                     continue  # stopped while the read was out
+                if self._refused.pop(reader.stream, None) is not None:
+                    log.info("stream readable again", extra=kv(symbol=reader.symbol))
+                    reader.refused(None)
                 await self._hand(reader, got.get(reader.stream, []), issued)
+
+    def _due(self) -> list[Reading]:
+        """The consumers to read for now (those Redis refused wait out their delay)."""
+        if not self._refused:
+            return list(self._readers.values())
+        now = self._clock()
+        return [r for r in self._readers.values()
+                if self._refused.get(r.stream, (now, ""))[0] <= now]
+
+    async def _idle(self) -> None:
+        """Wait for a consumer to join, or for a refused stream's retry time."""
+        self._joined.clear()
+        if self._refused:
+            wait = min(until for until, _ in self._refused.values()) - self._clock()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wait)):
+                    await self._joined.wait()
+        else:
+            await self._joined.wait()
+
+    async def _xread(self, readers: list[Reading]) -> Any:
+        conn = self._conn
+        await conn.send_command("XREAD", "COUNT", self._batch, "BLOCK", self._block_ms,
+                                "STREAMS", *[r.stream for r in readers],
+                                *[r.read_id for r in readers], check_health=False)
+        # Not read_response(timeout=...): it answers None at the deadline, as XREAD does
+        # when nothing came, and keeps the connection with the reply still owed on it.
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await conn.read_response()
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise redis.exceptions.TimeoutError(
+                f"no reply to the stream read in {self._deadline:g} s: connection dropped"
+            ) from None
+
+    async def _retry(self, backoff: Backoff, exc: BaseException, readers: list[Reading]) -> None:
+        delay = backoff.next_delay()
+        log.warning("redis error on the stream read, retrying in %.1f s: %s", delay, exc,
+                    extra=kv(streams=len(readers)))
+        await asyncio.sleep(delay)
+
+    async def _leave_out_refused(self, readers: list[Reading],
+                                 exc: redis.exceptions.ResponseError) -> bool:
+        """Ask each stream alone; leave out those Redis refuses. ``False``: none was."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for r in readers:
+                    pipe.xread({r.stream: r.read_id}, count=1)
+                answers = await pipe.execute(raise_on_error=False)
+        except self._errors:
+            return False
+        until = self._clock() + REFUSED_RETRY_S
+        found = False
+        for reader, answer in zip(readers, answers, strict=True):
+            if not isinstance(answer, redis.exceptions.ResponseError):
+                continue
+            found = True
+            reason = f"Redis refuses to read its stream: {answer}"
+            if reader.stream not in self._refused:
+                log.error("stream left out of the read: %s", reason,
+                          extra=kv(symbol=reader.symbol, stream=reader.stream))
+            self._refused[reader.stream] = (until, reason)
+            reader.refused(reason)
+        if not found:
+            log.warning("the stream read was refused, but no stream alone is: %s", exc,
+                        extra=kv(streams=len(readers)))
+        return found
 
     async def _hand(self, reader: Reading, entries: list[Any], issued: float) -> None:
         try:

@@ -29,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 from kumex_l3 import OrderBook, keys, parse_message
 from kumex_l3.testing.procs import ServiceProcess, wait_for
 from kumex_l3.testing.synthetic import StreamGenerator
+from kumex_l3.testing.tcpproxy import TcpProxy
 
 SAFETY_S = 30.0  # a ceiling against a hang, never a measurement
 TAKEOVER_S = 15.0  # the documented bound for another replica to serve a dead one's symbols
@@ -673,3 +674,59 @@ def test_one_stream_read_keeps_every_symbol(
         feeds[SYMBOLS[1]].publish(150)
         for f in feeds.values():
             assert book_at(book, f) == f.expected()
+
+
+def test_a_stream_key_redis_refuses_to_read_stops_only_its_own_book(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    """Fault: one symbol's stream key is replaced by a string (WRONGTYPE for any XREAD
+    naming it). The replica reads every stream in one XREAD: that symbol answers 503
+    saying why, the other books go on equal to the exchange's, and the symbol is served
+    again once its key is a stream again."""
+    feeds = {s: Feed(redis_sync, s, seed=60 + i) for i, s in enumerate(SYMBOLS)}
+    for f in feeds.values():
+        f.store_snapshot()
+        f.publish(100)
+    book = spawn(procs, redis_url, "poisoned", SYMBOLS, BOOK_MAX_AGE_SECONDS="1")
+    for f in feeds.values():
+        assert book_at(book, f) == f.expected()
+    bad, good = feeds[SYMBOLS[2]], [feeds[s] for s in SYMBOLS[:2]]
+    redis_sync.delete(keys.l3_stream(bad.symbol))
+    redis_sync.set(keys.l3_stream(bad.symbol), b"not a stream")
+    for _ in range(3):
+        for f in good:
+            f.publish(100)
+        for f in good:
+            assert book_at(book, f) == f.expected()
+    res = wait_for(lambda: (r := book.get(f"/book/{bad.symbol}")).status_code == 503 and r,
+                   f"{bad.symbol} refused", proc=book)
+    assert "WRONGTYPE" in res.json()["detail"], res.text
+    assert book.metric("kumex_book_stream_read_refusals_total", bad.symbol) >= 1
+    # The key is a stream again (a new snapshot announced on it): served again.
+    redis_sync.delete(keys.l3_stream(bad.symbol))
+    bad.store_snapshot()
+    bad.publish(100)
+    assert book_at(book, bad) == bad.expected()
+    for f in good:
+        f.publish(50)
+        assert book_at(book, f) == f.expected()
+
+
+def test_connections_to_redis_gone_silent_are_given_up_and_made_again(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    """Fault: every connection the book has open to Redis goes silent (no reply, no reset:
+    a failover behind an address, a flushed NAT table). The book must not wait on them
+    forever: within its read deadline it makes new ones and its book moves on again."""
+    where = redis_sync.connection_pool.connection_kwargs
+    feed = Feed(redis_sync, seed=71)
+    feed.store_snapshot()
+    feed.publish(100)
+    with TcpProxy(where["host"], where["port"]) as proxy:
+        book = spawn(procs, f"redis://{proxy.url_host}/0", "silenced")
+        assert book_at(book, feed) == feed.expected()
+        assert proxy.blackhole() >= 1
+        feed.publish(100)
+        assert book_at(book, feed) == feed.expected()
+        feed.publish(100)
+        assert book_at(book, feed) == feed.expected()
