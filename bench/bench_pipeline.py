@@ -61,6 +61,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import machine
 from kumex_l3 import keys
+from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess
 from kumex_l3.testing.sandbox_proc import SandboxProcess
@@ -830,7 +831,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp, \
                 RedisServer() as server:
-            r = redis.Redis.from_url(server.url)
+            r = connect_sync(server.url, "bench")
             say(f"redis-server on port {server.port}")
             if args.only in (None, "throughput"):
                 a = phase_throughput(args, server, r, Path(tmp))

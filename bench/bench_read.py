@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import redis
 
 from bench.bench_pipeline import (
     APPLY_DELAY,
@@ -61,6 +60,7 @@ from bench.bench_pipeline import (
     wait_until,
 )
 from bench.common import machine
+from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.testing.devredis import RedisServer, free_port
 from kumex_l3.testing.procs import ServiceProcess
 from kumex_l3.testing.sandbox_proc import SandboxProcess
@@ -193,7 +193,7 @@ class Stack:
 
 @contextlib.contextmanager
 def stack(server: RedisServer, symbols: tuple[str, ...]) -> Iterator[Stack]:
-    r = redis.Redis.from_url(server.url)
+    r = connect_sync(server.url, "bench")
     r.flushall()
     r.close()
     with contextlib.ExitStack() as es:

@@ -39,6 +39,7 @@ from bench.bench_pipeline import (
 )
 from bench.common import machine
 from kumex_l3 import OrderBook, keys, parse_message
+from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.sandbox_proc import SandboxProcess
 
@@ -87,7 +88,7 @@ def main() -> int:
                "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "0"}
         with RedisServer() as server, SandboxProcess(env) as sandbox, httpx.Client(
                 base_url=sandbox.base_url, timeout=10) as http:
-            r = redis.Redis.from_url(server.url)
+            r = connect_sync(server.url, "bench")
             with feed_process(server.url, sandbox, FEED_CAPTURE=str(capture), FEED_LINES="1",
                               FEED_BUFFER_MAX=str(args.messages + 100_000)):
                 wait_until(lambda: subscribed(sandbox), "the feed to subscribe")

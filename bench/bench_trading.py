@@ -43,6 +43,7 @@ import redis
 
 from bench.common import machine
 from kumex_l3 import keys
+from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess, wait_for
 from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, KcAuth, SandboxProcess
@@ -225,7 +226,7 @@ def main() -> int:
             "STRATEGY_LEVELS": "2", "STRATEGY_SIZE": "1", "STRATEGY_MAX_POSITION": "10",
             "STRATEGY_MAX_OPEN_ORDERS": "20", "STRATEGY_CLIENT_OID_PREFIX": PREFIX},
             port_var="STRATEGY_HTTP_PORT")
-        r = redis.Redis.from_url(server.url)
+        r = connect_sync(server.url, "bench")
         try:
             with feed, monitor:
                 wait_for(lambda: _ready(feed.url) and _ready(monitor.url),

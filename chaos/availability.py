@@ -48,6 +48,7 @@ from chaos.scenarios import Outcome
 from chaos.stack import Check, Poller, verify_answers
 from kumex_l3 import keys
 from kumex_l3.lease import LeaseOwner
+from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess, Started, metric
 from kumex_l3.testing.sandbox_proc import SandboxProcess
@@ -163,7 +164,7 @@ class _Set(Started):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url)
+        return connect_sync(self.redis.url, "chaos")
 
     def state(self) -> dict[str, Any]:
         assert self.http is not None

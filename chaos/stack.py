@@ -56,6 +56,7 @@ import redis
 
 from kumex_l3 import OrderBook, keys, parse_message
 from kumex_l3.grid import is_client_oid_of
+from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.rest import KumexRestClient
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess, Started, metric
@@ -628,8 +629,7 @@ class Stack(Started):
     # ------------------------------------------------------------------ Redis
 
     def redis_client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_timeout=5,
-                                    socket_connect_timeout=5)
+        return connect_sync(self.redis.url, "chaos")
 
     def last_event_id(self) -> str:
         """The id of the last own-order event so far ("0-0": none)."""

@@ -45,6 +45,7 @@ import redis.exceptions
 from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
 from kumex_l3.logs import kv
+from kumex_l3.redis_adapter import LuaScript
 
 __all__ = [
     "LeaseCallback",
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 LeaseCallback = Callable[[str], Awaitable[None]]
 
 # Set when free, or when it already holds our value (a restart of the same replica id).
-_ACQUIRE: Final = """
+_ACQUIRE: Final = LuaScript("""
 local current = redis.call('GET', KEYS[1])
 if not current then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -75,19 +76,19 @@ if current == ARGV[1] then
   return 1
 end
 return 0
-"""
-_RENEW: Final = """
+""")
+_RENEW: Final = LuaScript("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-"""
-_RELEASE: Final = """
+""")
+_RELEASE: Final = LuaScript("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
 
 _REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
@@ -124,21 +125,21 @@ def _ms(seconds: float) -> int:
 async def acquire(client: redis.asyncio.Redis, symbol: str, role: str, owner: LeaseOwner,
                   ttl: float) -> bool:
     """Take the lease of ``symbol`` for ``role`` if it is free (or already ours)."""
-    done = await client.eval(_ACQUIRE, 1, keys.owner(symbol, role), owner.to_json(), _ms(ttl))
+    done = await _ACQUIRE.run(client, [keys.owner(symbol, role)], [owner.to_json(), _ms(ttl)])
     return bool(done)
 
 
 async def renew(client: redis.asyncio.Redis, symbol: str, role: str, owner: LeaseOwner,
                 ttl: float) -> bool:
     """Extend the lease to ``ttl`` from now, only if ``owner`` still holds it."""
-    done = await client.eval(_RENEW, 1, keys.owner(symbol, role), owner.to_json(), _ms(ttl))
+    done = await _RENEW.run(client, [keys.owner(symbol, role)], [owner.to_json(), _ms(ttl)])
     return bool(done)
 
 
 async def release(client: redis.asyncio.Redis, symbol: str, role: str,
                   owner: LeaseOwner) -> bool:
     """Delete the lease, only if ``owner`` still holds it."""
-    done = await client.eval(_RELEASE, 1, keys.owner(symbol, role), owner.to_json())
+    done = await _RELEASE.run(client, [keys.owner(symbol, role)], [owner.to_json()])
     return bool(done)
 
 
@@ -301,8 +302,8 @@ class LeaseManager:
                 del self._held[symbol]
                 if release_leases:
                     with contextlib.suppress(*_REDIS_ERRORS):
-                        await self.client.eval(_RELEASE, 1, self.key(symbol),
-                                               self.owner.to_json())
+                        await _RELEASE.run(self.client, [self.key(symbol)],
+                                           [self.owner.to_json()])
                 await self._report(self.on_lost, symbol)
 
     # ------------------------------------------------------------------ internals
@@ -321,10 +322,11 @@ class LeaseManager:
         symbols = list(self._held)
         value, ttl_ms = self.owner.to_json(), _ms(self.ttl)
         sent = self._clock()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for symbol in symbols:
-                pipe.eval(_RENEW, 1, self.key(symbol), value, ttl_ms)
-            results: list[Any] = await pipe.execute()
+        results = await _RENEW.run_many(
+            self.client, [([self.key(symbol)], [value, ttl_ms]) for symbol in symbols])
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         for symbol, ok in zip(symbols, results, strict=True):
             if ok:
                 self._held[symbol] = self._deadline(sent)
@@ -345,8 +347,8 @@ class LeaseManager:
             if symbol in free and len(self._held) >= limit:
                 break
             sent = self._clock()
-            if await self.client.eval(_ACQUIRE, 1, self.key(symbol), self.owner.to_json(),
-                                      _ms(self.ttl)):
+            if await _ACQUIRE.run(self.client, [self.key(symbol)],
+                                  [self.owner.to_json(), _ms(self.ttl)]):
                 self._held[symbol] = self._deadline(sent)
                 self._owners[symbol] = self.owner
                 gained.append(symbol)

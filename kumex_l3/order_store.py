@@ -24,17 +24,16 @@ Scripts keep every key of one symbol in the ``{SYM}`` hash slot (Redis Cluster).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from kumex_l3 import keys
 from kumex_l3.errors import Fenced
 from kumex_l3.messages import Qty, format_qty
 from kumex_l3.orders import Change, OwnOrder, Transition, confirm, rest_refused
+from kumex_l3.redis_adapter import LuaScript
 
 __all__ = [
     "DEFAULT_EVENTS_MAXLEN",
@@ -120,8 +119,8 @@ end
 return 1
 """
 
-_SAVE_SHA: Final = hashlib.sha1(_SAVE_LUA.encode()).hexdigest()
-_REGISTER_SHA: Final = hashlib.sha1(_REGISTER_LUA.encode()).hexdigest()
+_SAVE: Final = LuaScript(_SAVE_LUA)
+_REGISTER: Final = LuaScript(_REGISTER_LUA)
 
 #: A transition with the id of the stream entry that caused it (None: not the stream).
 Step = tuple[Transition, str | None]
@@ -131,15 +130,6 @@ Fence = tuple[str, str]
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-async def _evalsha(redis: aioredis.Redis, sha: str, script: str, keys_: Sequence[str],
-                   args: Sequence[str]) -> Any:
-    try:
-        return await redis.evalsha(sha, len(keys_), *keys_, *args)
-    except NoScriptError:
-        await redis.script_load(script)
-        return await redis.evalsha(sha, len(keys_), *keys_, *args)
 
 
 async def register(
@@ -167,9 +157,9 @@ async def register(
     args = [client_oid]
     for field, value in order.to_hash().items():
         args += (field, value)
-    done = await _evalsha(redis, _REGISTER_SHA, _REGISTER_LUA,
-                          (keys.order(symbol, client_oid), keys.orders_active(symbol),
-                           keys.stream_head(symbol)), args)
+    done = await _REGISTER.run(redis, (keys.order(symbol, client_oid),
+                                       keys.orders_active(symbol), keys.stream_head(symbol)),
+                               args)
     return int(done) == 1
 
 
@@ -361,21 +351,11 @@ async def save_many(
 
 async def _run_saves(redis: aioredis.Redis,
                      calls: Sequence[tuple[list[str], list[str]]]) -> list[Any]:
-    for attempt in range(2):
-        pipe = redis.pipeline(transaction=False)
-        for key_list, args in calls:
-            pipe.evalsha(_SAVE_SHA, len(key_list), *key_list, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = any(isinstance(r, NoScriptError) for r in results)
-        if missing and attempt == 0:
-            # A restarted or flushed Redis forgot the script: no script ran at all.
-            await redis.script_load(_SAVE_LUA)
-            continue
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results
-    raise AssertionError("unreachable")  # pragma: no cover
+    results = await _SAVE.run_many(redis, calls)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 async def confirm_order_id(

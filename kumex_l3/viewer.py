@@ -44,7 +44,7 @@ from rich.text import Text
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
-from kumex_l3 import keys
+from kumex_l3 import keys, redis_adapter
 from kumex_l3.backoff import Backoff
 
 __all__ = [
@@ -612,8 +612,7 @@ async def _get_l3(http: httpx.AsyncClient, options: WatchOptions) -> dict[str, A
 def _redis_client(url: str | None) -> aioredis.Redis | None:
     if not url:
         return None
-    return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0,
-                                   socket_connect_timeout=2.0)
+    return redis_adapter.connect(url, "viewer", timeout=2.0, decode=True)
 
 
 async def watch(options: WatchOptions, console: Console | None = None, *,

@@ -72,6 +72,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kumex_l3 import keys  # noqa: E402
+from kumex_l3.redis_adapter import connect_sync  # noqa: E402
 from kumex_l3.testing.devredis import RedisServer, free_port  # noqa: E402
 from kumex_l3.testing.sandbox_proc import (  # noqa: E402
     DEMO_KEY_1,
@@ -332,7 +333,7 @@ def run(stack: Stack, args: argparse.Namespace) -> Samples:
     mon = stack.services["monitor"].url
     feed = stack.services["feed"].url
     book = stack.services["book"].url
-    r = redis.Redis.from_url(stack.redis.url)
+    r = connect_sync(stack.redis.url, "soak")
     with httpx.Client(base_url=sandbox_url, timeout=10) as http, \
             httpx.Client(base_url=sandbox_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as api, \
             httpx.Client(base_url=sandbox_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
@@ -474,7 +475,7 @@ def check_all(stack: Stack, args: argparse.Namespace, samples: Samples, exit_cod
               left_active: list[dict[str, Any]],
               orders: dict[str, dict[str, Any]]) -> list[Check]:
     checks: list[Check] = []
-    r = redis.Redis.from_url(stack.redis.url)
+    r = connect_sync(stack.redis.url, "soak")
     step = Decimal(args.step_ticks) * Decimal("0.1")  # XBTUSDM tick
     grid = {o["clientOid"]: o for o in orders.values()
             if str(o["clientOid"]).startswith(PREFIX + "-")}
@@ -655,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(base_url=stack.sandbox.base_url, timeout=10,
                           auth=KcAuth(DEMO_KEY_1)) as api:
             left = _own_active(api)
-            r = redis.Redis.from_url(stack.redis.url)
+            r = connect_sync(stack.redis.url, "soak")
 
             def settled() -> bool:
                 # The cancels' dones reach every hash through the monitor.

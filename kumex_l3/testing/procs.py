@@ -30,8 +30,8 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
 import httpx
-import redis
 
+from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.testing.devredis import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: services run from here
@@ -250,7 +250,7 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 def flush_redis(url: str) -> str:
     """Empty the Redis server at ``url`` (FLUSHALL) and return ``url``."""
-    client = redis.Redis.from_url(url)
+    client = connect_sync(url, "tests")
     try:
         client.flushall()
     finally:

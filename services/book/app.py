@@ -52,6 +52,7 @@ from starlette.websockets import WebSocketState
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import WebSocketException
 
+from kumex_l3 import redis_adapter
 from kumex_l3.access import Guard, presented_token
 from kumex_l3.httpserver import FastAnswer, FastRoute
 from kumex_l3.logs import kv
@@ -183,8 +184,8 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=False,
-                                              health_check_interval=30)
+        client = redis_adapter.connect(settings.redis_url, "book",
+                                       block=settings.read_block_seconds)
         peers = _Peers(settings)
         service = BookService(settings, client, metrics)
         holder["service"], holder["peers"] = service, peers

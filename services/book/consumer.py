@@ -46,6 +46,7 @@ from kumex_l3.backoff import Backoff
 from kumex_l3.book import OrderBook
 from kumex_l3.logs import kv
 from kumex_l3.messages import format_qty
+from kumex_l3.redis_adapter import CONNECTION_ERRORS, parse_stream_id
 from kumex_l3.sync import (
     Applied,
     BecameStale,
@@ -68,7 +69,7 @@ __all__ = ["REDIS_ERRORS", "SymbolConsumer", "peek_message_sequence", "peek_snap
 log = logging.getLogger(__name__)
 
 #: Errors of the Redis connection: retried with backoff, state kept.
-REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+REDIS_ERRORS: Final = CONNECTION_ERRORS
 
 _TOP_MIN_INTERVAL: Final = 0.1  # at most 10 writes a second
 _TOP_HEARTBEAT: Final = 1.0
@@ -146,26 +147,21 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _id_tuple(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _trimmed_after(info: Mapping[str, Any], stream_id: str) -> bool:
     """Whether entries after ``stream_id`` may be gone (XINFO STREAM of the stream).
 
     Conservative: the checkpoint's own entry must still be there (the first
     entry at or before it), and nothing after it deleted.
     """
-    at = _id_tuple(stream_id)
+    at = parse_stream_id(stream_id)
     deleted = info.get("max-deleted-entry-id")
-    if deleted is not None and _id_tuple(_text(deleted)) > at:
+    if deleted is not None and parse_stream_id(_text(deleted)) > at:
         return True
     first = info.get("first-entry")
     if not info.get("length") or first is None:
         last = info.get("last-generated-id")
-        return last is not None and _id_tuple(_text(last)) > at
-    return _id_tuple(_text(first[0])) > at
+        return last is not None and parse_stream_id(_text(last)) > at
+    return parse_stream_id(_text(first[0])) > at
 
 
 def _now_ms() -> int:
@@ -531,7 +527,7 @@ class SymbolConsumer:
         try:
             sequence = int(checkpoint[b"sequence"])
             stream_id = _text(checkpoint[b"streamId"])
-            _id_tuple(stream_id)
+            parse_stream_id(stream_id)
             state = msgspec.json.decode(checkpoint[b"state"])
         except (KeyError, ValueError, msgspec.DecodeError) as exc:
             log.warning("checkpoint unreadable: %s", exc, extra=kv(symbol=self.symbol))
@@ -871,8 +867,8 @@ class SymbolConsumer:
         self._lag_at = now
         newest: Any = await self._redis.xrevrange(self._stream, "+", "-", count=20)
         lag_ms = 0
-        if newest and _id_tuple(_text(newest[0][0])) > _id_tuple(self.read_id):
-            lag_ms = max(0, _now_ms() - _id_tuple(self.read_id)[0])
+        if newest and parse_stream_id(_text(newest[0][0])) > parse_stream_id(self.read_id):
+            lag_ms = max(0, _now_ms() - parse_stream_id(self.read_id)[0])
         self._metrics.lag_ms.labels(self.symbol).set(lag_ms)
         for _, fields in newest:
             raw = fields.get(keys.FIELD_MSG.encode())

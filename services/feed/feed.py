@@ -65,10 +65,8 @@ import msgspec
 import redis.asyncio
 import redis.exceptions
 from prometheus_client.metrics import Counter as _Counter
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from kumex_l3 import keys
+from kumex_l3 import keys, redis_adapter
 from kumex_l3.backoff import Backoff
 from kumex_l3.config import redact_url
 from kumex_l3.errors import MessageError
@@ -544,12 +542,7 @@ async def _flush_capture(capture: Capture) -> None:
 
 def _redis_factory(settings: FeedSettings, name: str) -> Callable[[], redis.asyncio.Redis]:
     def connect() -> redis.asyncio.Redis:
-        # No hidden retries: our own loops retry with backoff and count the errors.
-        return redis.asyncio.Redis.from_url(
-            settings.redis_url, decode_responses=False,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-            retry=Retry(NoBackoff(), 0), client_name=name)
+        return redis_adapter.connect(settings.redis_url, name, timeout=settings.redis_timeout)
     return connect
 
 
@@ -579,9 +572,9 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     metrics = FeedMetrics()
     new_backoff = make_backoff(settings)
     feed_id = settings.id or default_feed_id()
-    writer_redis = _redis_factory(settings, "kumex-feed-writer")()
-    heartbeat_redis = _redis_factory(settings, "kumex-feed-heartbeat")()
-    lease_redis = _redis_factory(settings, "kumex-feed-leases")()
+    writer_redis = _redis_factory(settings, "feed-writer")()
+    heartbeat_redis = _redis_factory(settings, "feed-heartbeat")()
+    lease_redis = _redis_factory(settings, "feed-leases")()
     feed_ref: list[Feed] = []
 
     def fenced(symbol: str) -> None:
@@ -612,7 +605,7 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
                 feed_id=feed_id, replay_max=settings.replay_buffer, positions=positions,
                 capture=capture)
     feed_ref.append(feed)
-    publisher = _redis_factory(settings, "kumex-feed-requests")()
+    publisher = _redis_factory(settings, "feed-requests")()
 
     def ask(symbol: str, payload: str) -> None:
         # Through the channel, so that the scheduler hears it whichever feed holds it.
@@ -674,9 +667,9 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
         asyncio.create_task(feed.heartbeat(heartbeat_redis, settings.heartbeat_ttl_seconds),
                             name="feed-heartbeat"),
         asyncio.create_task(snapshots.run(), name="feed-snapshots"),
-        asyncio.create_task(snapshots.publish_due(_redis_factory(settings, "kumex-feed-due")),
+        asyncio.create_task(snapshots.publish_due(_redis_factory(settings, "feed-due")),
                             name="feed-snapshot-due"),
-        asyncio.create_task(snapshots.listen(_redis_factory(settings, "kumex-feed-listen")),
+        asyncio.create_task(snapshots.listen(_redis_factory(settings, "feed-listen")),
                             name="feed-snapshot-requests"),
     ]
     if capture is not None:

@@ -50,6 +50,7 @@ from redis.typing import EncodableT, FieldT
 from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
 from kumex_l3.logs import kv
+from kumex_l3.redis_adapter import is_transient
 from kumex_l3.sequence import MAX_SEQUENCE_JUMP
 from services.feed.buffer import Control, Entry, FeedBuffer
 from services.feed.metrics import FeedMetrics
@@ -62,9 +63,6 @@ _log = logging.getLogger(__name__)
 ROLE: Final = "feed"
 #: ``MAXLEN ~`` of the dead-letter streams.
 DLQ_MAXLEN: Final = 10_000
-# Errors Redis answers for a while and then stops answering (retry the batch).
-_TRANSIENT_PREFIXES: Final = ("OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
-                              "LOADING", "BUSY", "NOREPLICAS")
 #: Lua helper: is the decimal string ``a`` above ``b`` (no leading zeros, exact)?
 _ABOVE: Final = """
 local function above(a, b)
@@ -105,17 +103,6 @@ redis.call('SET', KEYS[1], ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
 return 1
 """
-_CONNECTION_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                             OSError)
-
-
-def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, _CONNECTION_ERRORS):
-        return True
-    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
-        _TRANSIENT_PREFIXES)
-
-
 def _nothing(symbol: str) -> None:
     return None
 
@@ -329,7 +316,7 @@ class StreamWriter:
                 result = results[pos]
                 pos += count
                 if isinstance(result, Exception):
-                    if _transient(result):
+                    if is_transient(result):
                         return done, result
                     for k in range(done, done + entries):
                         self._refused(batch[k][0], batch[k][1], result)

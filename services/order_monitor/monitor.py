@@ -76,6 +76,7 @@ from kumex_l3.orders import (
     expire_if_unseen,
     reconcile,
 )
+from kumex_l3.redis_adapter import stream_id_ms
 from kumex_l3.rest import ExchangeOrder
 from kumex_l3.sequence import SequenceGuard, Verdict
 from services.order_monitor.metrics import MonitorMetrics
@@ -149,10 +150,6 @@ def _s(value: bytes | str) -> str:
 def _field(fields: Mapping[Any, Any], name: str) -> Any:
     value = fields.get(name.encode())
     return fields.get(name) if value is None else value
-
-
-def _entry_ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
 
 
 def _wall_ms() -> int:
@@ -375,7 +372,7 @@ class SymbolMonitor:
         items: list[_Item] = []
         causes: list[str] = []
         for entry_id, fields in entries:
-            ms = _entry_ms(entry_id)
+            ms = stream_id_ms(entry_id)
             if ms > self.stream_ms:
                 self.stream_ms = ms
             if not fields:  # trimmed away while pending

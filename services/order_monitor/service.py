@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 
+from kumex_l3 import redis_adapter
 from kumex_l3.backoff import Backoff
 from kumex_l3.config import redact_url
 from kumex_l3.lease import LeaseManager, LeaseOwner, supervise
@@ -128,10 +129,9 @@ class OrderMonitor:
 
 async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
     """Build the service from ``settings`` and run it until ``stop``; the exit status."""
-    redis = aioredis.Redis.from_url(
-        settings.redis_url, decode_responses=False,
-        socket_timeout=settings.redis_timeout + settings.block_ms / 1000,
-        socket_connect_timeout=settings.redis_timeout, health_check_interval=30)
+    redis = redis_adapter.connect(settings.redis_url, "order-monitor",
+                                  timeout=settings.redis_timeout,
+                                  block=settings.block_ms / 1000)
     lookup: KumexRestClient | None = None
     if settings.has_credentials:
         lookup = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
-
+from kumex_l3 import redis_adapter
 from kumex_l3.access import Guard
 from kumex_l3.config import redact_url
 from kumex_l3.errors import KumexError
@@ -27,7 +26,7 @@ _log = logging.getLogger("services.strategy")
 
 
 async def _run(settings: StrategySettings, stop: asyncio.Event) -> int:
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_adapter.connect(settings.redis_url, "strategy", block=settings.read_block)
     rest = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,
                            settings.api_passphrase, timeout=settings.request_timeout)
     metrics = StrategyMetrics()

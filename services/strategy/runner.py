@@ -59,6 +59,7 @@ from kumex_l3.grid import (
 )
 from kumex_l3.logs import kv
 from kumex_l3.orders import REASON_UNSEEN, OrderStatus, OwnOrder
+from kumex_l3.redis_adapter import parse_stream_id
 from kumex_l3.rest import CannotCancel, ExchangeOrder, KumexRestClient, RateLimited, RestError
 from kumex_l3.tasks import cancel_and_wait
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
@@ -100,11 +101,6 @@ def _qty(text: str | None) -> int:
     if not text:
         return 0
     return int(Decimal(text))
-
-
-def _id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class GridStrategy:
@@ -339,7 +335,7 @@ class GridStrategy:
         # Events since the last one acted upon (including those of the adoptions above).
         first = await self._first_id()
         trimmed = (first is not None and self.last_event_id != "0-0"
-                   and _id_key(first) > _id_key(self.last_event_id))
+                   and parse_stream_id(first) > parse_stream_id(self.last_event_id))
         while await self._read_events(block_ms=None):
             pass
         if trimmed:
