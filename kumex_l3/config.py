@@ -11,7 +11,9 @@ A bad value stops the service with a message naming the variable
 
 from __future__ import annotations
 
+import ssl
 import sys
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -26,7 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEFAULT_BASE_URL", "CommonSettings", "OptionalSecret", "check_http_url",
-           "check_redis_url", "load_settings", "redact_url"]
+           "check_redis_url", "load_settings", "redact_url", "tls_context"]
 
 #: The local sandbox exchange: the default target (the real venue withdrew public L3).
 DEFAULT_BASE_URL = "http://127.0.0.1:8090"
@@ -66,6 +68,9 @@ class CommonSettings(BaseSettings):
     api_secret: SecretStr | None = Field(None, validation_alias=_shared("KUMEX_API_SECRET"))
     api_passphrase: SecretStr | None = Field(
         None, validation_alias=_shared("KUMEX_API_PASSPHRASE"))
+    #: A PEM file of CA certificates trusted beside the system's, for a venue (or the
+    #: sandbox) whose certificate a private CA signed. Verification is never turned off.
+    ca_file: Path | None = Field(None, validation_alias=_shared("KUMEX_CA_FILE"))
     log_level: str = Field("INFO", validation_alias=_shared("LOG_LEVEL"))
     #: ``auto``: uvloop when installed, else asyncio's loop (kumex_l3.service).
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
@@ -89,10 +94,35 @@ class CommonSettings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         return check_redis_url(value)
 
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            tls_context(value)  # a file that is not PEM certificates fails here, named
+        return value
+
+    def tls(self) -> ssl.SSLContext:
+        """The TLS context of every connection to the venue (:func:`tls_context`)."""
+        return tls_context(self.ca_file)
+
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         return check_http_url(value)
+
+
+def tls_context(ca_file: Path | str | None = None) -> ssl.SSLContext:
+    """A verifying TLS client context: the system's CAs, and those of ``ca_file``.
+
+    Raises ``ValueError`` naming the file when it cannot be read as PEM certificates.
+    """
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load CA certificates from {ca_file}: {exc}") from None
+    return context
 
 
 def check_redis_url(value: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -247,7 +248,8 @@ class KumexRestClient:
     raises :class:`AuthError`). ``timeout`` is seconds per attempt;
     ``transport`` swaps httpx's transport (tests). ``retries`` bounds the
     extra attempts of an idempotent call; ``backoff`` builds the delay policy
-    of one call; ``sleep`` is awaited between attempts.
+    of one call; ``sleep`` is awaited between attempts. ``tls``: the TLS context of
+    an ``https://`` venue (default: the system's CAs; kumex_l3.config.tls_context).
     """
 
     def __init__(
@@ -263,6 +265,7 @@ class KumexRestClient:
         backoff: Callable[[], Backoff] = _default_backoff,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock_ms: Callable[[], int] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -282,6 +285,7 @@ class KumexRestClient:
             base_url=self.base_url,
             timeout=timeout,
             transport=transport,
+            verify=tls or True,
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "kumex-l3"},
         )

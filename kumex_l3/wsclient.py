@@ -44,6 +44,7 @@ import json
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -473,6 +474,9 @@ class WsOptions:
     #: CPU on both ends (about a third of the feed's and the sandbox's time on a
     #: loopback or LAN link): off by default.
     compression: bool = False
+    #: TLS of ``wss://`` endpoints (and of the token request when this client makes
+    #: its own HTTP client); ``None``: the system's CAs (kumex_l3.config.tls_context).
+    tls: ssl.SSLContext | None = None
 
 
 def _scrub(text: str, token: str) -> str:
@@ -674,7 +678,8 @@ class WsClient:
     async def fetch_bullet(self) -> Bullet:
         """``POST /api/v1/bullet-public``. Raises :class:`TokenError`."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.options.token_timeout)
+            self._http = httpx.AsyncClient(timeout=self.options.token_timeout,
+                                           verify=self.options.tls or True)
         url = self.base_url + BULLET_PATH
         try:
             reply = await self._http.post(url, timeout=self.options.token_timeout)
@@ -697,15 +702,20 @@ class WsClient:
         server = self._rng.choice(bullet.servers)
         cid = connect_id or new_connect_id()
         opts = self.options
+        url = connect_url(server.endpoint, bullet.token, cid)
+        # websockets refuses an ssl argument for a ws:// URL: given for wss:// only.
+        tls: dict[str, Any] = ({"ssl": opts.tls}
+                               if opts.tls is not None and url.startswith("wss://") else {})
         try:
             ws = await ws_connect(
-                connect_url(server.endpoint, bullet.token, cid),
+                url,
                 ping_interval=None,  # the protocol's own JSON ping, driven by Session
                 open_timeout=opts.open_timeout,
                 close_timeout=opts.close_timeout,
                 max_size=opts.max_size,
                 max_queue=opts.max_queue,
                 compression="deflate" if opts.compression else None,
+                **tls,
             )
         except InvalidURI as exc:
             raise ConnectError(f"bad endpoint {server.endpoint[:_TEXT_LIMIT]!r}") from exc

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -93,13 +94,16 @@ class ServiceProcess(Started):
         self.port = int(self.env.get(port_var) or free_port())
         self.env[port_var] = str(self.port)
         self.process: subprocess.Popen[bytes] | None = None
+        #: ``https`` for a service serving TLS; ``verify`` then trusts its CA.
+        self.scheme = "http"
+        self.verify: ssl.SSLContext | bool = True
         #: The exit status of the last run, once it ended.
         self.returncode: int | None = None
         self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,7 +133,8 @@ class ServiceProcess(Started):
         """``GET /healthz`` is 200; fails at once if the process is gone."""
         self.check_running()
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=2.0,
+                             verify=self.verify).status_code == 200
         return False
 
     def kill(self) -> None:

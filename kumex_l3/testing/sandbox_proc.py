@@ -27,9 +27,11 @@ from typing import Any, Self
 
 import httpx
 
+from kumex_l3.config import tls_context
 from kumex_l3.errors import SandboxStartError
 from kumex_l3.testing.devredis import free_port
 from kumex_l3.testing.procs import ServiceProcess
+from kumex_l3.testing.tls import TlsFiles
 
 __all__ = [
     "DEMO_KEY_1",
@@ -118,7 +120,8 @@ class SandboxProcess(ServiceProcess):
     ``env``: ``SANDBOX_*`` settings (and anything else) for the child, over
     the parent's environment minus its ``SANDBOX_*``. ``SANDBOX_HOST`` and
     ``SANDBOX_PORT`` are chosen here unless given. Start-up failures raise
-    :class:`SandboxStartError`; a port taken meanwhile is retried.
+    :class:`SandboxStartError`; a port taken meanwhile is retried. ``tls``: serve
+    HTTPS and WSS with these files (:func:`kumex_l3.testing.tls.make_tls`).
     """
 
     def __init__(
@@ -127,24 +130,30 @@ class SandboxProcess(ServiceProcess):
         *,
         startup_timeout_s: float = 30.0,
         stop_timeout_s: float = 10.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         given = dict(env or {})
+        if tls is not None:
+            given.update(SANDBOX_TLS_CERT=str(tls.cert), SANDBOX_TLS_KEY=str(tls.key))
         self._fixed_port = "SANDBOX_PORT" in given
         host = given.setdefault("SANDBOX_HOST", "127.0.0.1")
         given.setdefault("SANDBOX_PORT", "0")
         super().__init__("services.sandbox", given, port_var="SANDBOX_PORT", prefix="SANDBOX_",
                          host=host, start_timeout=startup_timeout_s,
                          stop_timeout=stop_timeout_s, check_stop=False)
+        if tls is not None:
+            self.scheme, self.verify = "https", tls_context(tls.ca)
 
     @property
     def base_url(self) -> str:
-        """``http://host:port`` of the REST API (the ``KUMEX_BASE_URL`` to give clients)."""
+        """``http(s)://host:port`` of the REST API (the ``KUMEX_BASE_URL`` to give clients)."""
         return self.url
 
     @property
     def ws_url(self) -> str:
         """The WebSocket endpoint (clients should take it from bullet-public instead)."""
-        return f"ws://{self.host}:{self.port}/endpoint"
+        scheme = "wss" if self.scheme == "https" else "ws"
+        return f"{scheme}://{self.host}:{self.port}/endpoint"
 
     def start(self, *, wait: bool = True) -> Self:
         """Launch and wait until ready; a port taken meanwhile is retried."""

@@ -584,8 +584,9 @@ async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
     writer = StreamWriter(writer_redis, metrics, buffer_max=settings.buffer_max,
                           batch_size=settings.batch_size, maxlen=settings.stream_maxlen,
                           backoff=new_backoff(), on_fenced=fenced)
-    http = httpx.AsyncClient(timeout=settings.http_timeout)
-    ws = WsClient(settings.base_url, http=http, options=WsOptions(
+    tls = settings.tls()
+    http = httpx.AsyncClient(timeout=settings.http_timeout, verify=tls)
+    ws = WsClient(settings.base_url, http=http, options=WsOptions(tls=tls,
         token_timeout=settings.http_timeout, open_timeout=settings.http_timeout,
         welcome_timeout=settings.welcome_timeout,
         subscribe_timeout=settings.subscribe_timeout, compression=settings.ws_compression))

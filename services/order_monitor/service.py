@@ -135,7 +135,8 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
     lookup: KumexRestClient | None = None
     if settings.has_credentials:
         lookup = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,
-                                 settings.api_passphrase, timeout=settings.http_timeout)
+                                 settings.api_passphrase, timeout=settings.http_timeout,
+                                 tls=settings.tls())
     else:
         log.warning("no API credentials (KUMEX_API_KEY, KUMEX_API_SECRET, "
                     "KUMEX_API_PASSPHRASE): reconciliation with the exchange is off")

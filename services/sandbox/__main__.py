@@ -18,7 +18,7 @@ def _url(settings: SandboxSettings) -> str:
     host = settings.host
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return f"{'https' if settings.tls else 'http'}://{host}:{settings.port}"
 
 
 def main() -> int:
@@ -49,6 +49,8 @@ def main() -> int:
         ws_ping_timeout=None,
         loop=loop_name(settings.event_loop),
         http=http_protocol(),
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
     mode = f"replaying {settings.replay}" if settings.replay else f"flow {settings.flow_rate}/s"
     _log.info(

@@ -13,9 +13,17 @@ sandbox; they mean nothing anywhere else.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -87,8 +95,13 @@ class SandboxSettings(BaseSettings):
     #: L3 snapshots allowed per client (IP) a minute; 0 = unlimited.
     snapshot_rate_per_min: float = Field(default=1.0, ge=0)
     api_keys: tuple[ApiKeyConfig, ...] = DEMO_API_KEYS
-    #: Advertised by bullet-public/private; unset = ws://{Host the client used}/endpoint.
+    #: Advertised by bullet-public/private; unset = ws://{Host the client used}/endpoint
+    #: (wss:// when the sandbox serves TLS).
     public_url: str | None = None
+    #: PEM certificate chain and private key: serve HTTPS and WSS (as the venue does), so
+    #: that clients built for ``wss://`` with ``encrypt: true`` connect unchanged.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     ws_ping_interval_ms: int = Field(default=18_000, gt=0)
     ws_ping_timeout_ms: int = Field(default=10_000, gt=0)
     #: A client that sends nothing (no ping) for this long is dropped.
@@ -162,6 +175,19 @@ class SandboxSettings(BaseSettings):
             raise ValueError("must start with ws:// or wss://")
         return value or None
 
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> SandboxSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("SANDBOX_TLS_CERT and SANDBOX_TLS_KEY go together")
+        return self
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -176,6 +202,11 @@ class SandboxSettings(BaseSettings):
         return self.symbols.split(",")
 
     @property
+    def tls(self) -> bool:
+        """Whether the sandbox serves HTTPS and WSS."""
+        return self.tls_cert is not None
+
+    @property
     def ws_endpoint(self) -> str:
         """The WS endpoint to advertise when the client's Host is not known."""
         if self.public_url:
@@ -183,7 +214,7 @@ class SandboxSettings(BaseSettings):
         host = "127.0.0.1" if self.host in {"0.0.0.0", "", "::"} else self.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}/endpoint"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}/endpoint"
 
     @property
     def flow_max(self) -> bool:

@@ -28,7 +28,8 @@ _log = logging.getLogger("services.strategy")
 async def _run(settings: StrategySettings, stop: asyncio.Event) -> int:
     redis = redis_adapter.connect(settings.redis_url, "strategy", block=settings.read_block)
     rest = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,
-                           settings.api_passphrase, timeout=settings.request_timeout)
+                           settings.api_passphrase, timeout=settings.request_timeout,
+                           tls=settings.tls())
     metrics = StrategyMetrics()
     strategy = GridStrategy(settings, redis, rest, metrics=metrics)
     guard = Guard(settings.api_token, settings.http_host)

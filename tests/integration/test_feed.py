@@ -846,7 +846,7 @@ def test_feed_refuses_a_bad_setting_naming_the_variable() -> None:
     assert "FEED_BATCH_SIZE" in done.stderr
     # A variable every service shares is named as it is, not with the feed's prefix.
     for name, value in (("REDIS_URL", "http://nope"), ("KUMEX_EVENT_LOOP", "twisted"),
-                        ("KUMEX_SYMBOLS", "bad-1")):
+                        ("KUMEX_SYMBOLS", "bad-1"), ("KUMEX_CA_FILE", "/no/such/ca.pem")):
         bad = {**env, name: value}
         done = subprocess.run([sys.executable, "-m", "services.feed"], cwd=_ROOT, env=bad,
                               capture_output=True, text=True, timeout=SAFETY_S, check=False)

@@ -622,6 +622,12 @@ def test_bad_setting_stops_the_service_naming_the_variable() -> None:
     )
     assert done.returncode == 2
     assert "SANDBOX_PORT" in done.stderr and "SANDBOX_FLOW_RATE" in done.stderr
+    # A certificate without its key (or files that are not there) is refused, named.
+    for tls in ({"SANDBOX_TLS_CERT": __file__},
+                {"SANDBOX_TLS_CERT": "/no/cert.pem", "SANDBOX_TLS_KEY": "/no/key.pem"}):
+        done = subprocess.run([sys.executable, "-m", "services.sandbox"], env={**tls, "PATH": ""},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2 and "SANDBOX_TLS" in done.stderr, done.stderr
 
 
 def test_default_settings_flow_runs_and_sigterm_stops_cleanly() -> None:
