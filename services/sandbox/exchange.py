@@ -68,6 +68,10 @@ _STALL_S: Final = 5.0
 _POLL_S: Final = 0.002
 
 
+#: Trades kept per symbol for ``/api/v1/ticker`` and ``/api/v1/trade/history``.
+TRADES_KEPT: Final = 100
+
+
 class UnknownSymbol(RejectError):
     """A symbol the sandbox does not list (code 200003)."""
 
@@ -182,6 +186,8 @@ class Exchange:
         self.journal: dict[str, deque[tuple[int, str]]] = {
             symbol: deque(maxlen=settings.journal_size) for symbol in self.engines
         } if settings.journal_size else {}
+        #: Per symbol: the last trades (the ``data`` of ``match`` messages), newest last.
+        self.trades: dict[str, deque[dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ clock
 
@@ -198,6 +204,12 @@ class Exchange:
     def _publish(self, symbol: str, messages: list[Message]) -> None:
         """The one place engine output leaves: to the hub, at once, in order."""
         if messages:
+            trades = self.trades.get(symbol)
+            for m in messages:
+                if m.get("subject") == "match":
+                    if trades is None:
+                        trades = self.trades[symbol] = deque(maxlen=TRADES_KEPT)
+                    trades.append(m["data"])
             journal = self.journal.get(symbol)
             if journal is not None:
                 journal.extend((m["data"]["sequence"], json.dumps(m, separators=(",", ":")))
@@ -346,6 +358,49 @@ class Exchange:
             except KeyError:
                 raise UnknownSymbol(symbol) from None
         return self.engine(symbol).snapshot(self.now_ns())
+
+    def level2(self, symbol: str) -> dict[str, Any]:
+        """The ``data`` of ``GET /api/v1/level2/snapshot``: the visible book by price,
+        best first (``[price, size]``), aggregated from the L3 snapshot."""
+        snap = self.snapshot(symbol)
+
+        def levels(rows: list[list[Any]]) -> list[list[Any]]:
+            out: list[list[Any]] = []
+            for _, price, size, _ in rows:
+                if out and out[-1][0] == price:
+                    out[-1][1] += int(size)
+                else:
+                    out.append([price, int(size)])
+            return out
+
+        return {"symbol": symbol, "sequence": snap["sequence"], "asks": levels(snap["asks"]),
+                "bids": levels(snap["bids"]), "ts": snap["ts"]}
+
+    def ticker(self, symbol: str) -> dict[str, Any]:
+        """The ``data`` of ``GET /api/v1/ticker``: the last trade and the best levels."""
+        book = self.level2(symbol)
+        trades = self.trades.get(symbol)
+        last = trades[-1] if trades else None
+        bid = book["bids"][0] if book["bids"] else [None, 0]
+        ask = book["asks"][0] if book["asks"] else [None, 0]
+        return {
+            "sequence": book["sequence"], "symbol": symbol,
+            "side": last["side"] if last else None,
+            "size": int(last["size"]) if last else 0,
+            "price": last["price"] if last else None,
+            "bestBidSize": bid[1], "bestBidPrice": bid[0],
+            "bestAskSize": ask[1], "bestAskPrice": ask[0],
+            "tradeId": last["tradeId"] if last else None,
+            "ts": last["ts"] if last else book["ts"],
+        }
+
+    def trade_history(self, symbol: str) -> list[dict[str, Any]]:
+        """The ``data`` of ``GET /api/v1/trade/history``: the last trades, newest first."""
+        self.check_market_symbol(symbol)
+        return [{"sequence": t["sequence"], "tradeId": t["tradeId"],
+                 "takerOrderId": t["takerOrderId"], "makerOrderId": t["makerOrderId"],
+                 "price": t["price"], "size": int(t["size"]), "side": t["side"],
+                 "ts": t["ts"]} for t in reversed(self.trades.get(symbol, ()))]
 
     def book_l3(self, symbol: str) -> dict[str, Any]:
         """The engine's visible L3 book of ``symbol``, as JSON-able data."""

@@ -434,6 +434,28 @@ def api_router(exchange: Exchange) -> APIRouter:
         faults.counts["snapshots_served"] += 1
         return ok(exchange.snapshot(symbol))
 
+    def market_symbol(request: Request) -> str:
+        symbol = request.query_params.get("symbol")
+        if not symbol:
+            raise _invalid("symbol is required")
+        exchange.check_market_symbol(symbol)
+        return symbol
+
+    # Market data beyond L3, in the venue's shapes (docs.kumex.com: "Get Real-Time Ticker",
+    # "Get Full Order Book - Level 2", "Transaction History"; README, "The sandbox exchange").
+
+    @router.get("/api/v1/ticker")
+    async def ticker(request: Request) -> JSONResponse:
+        return ok(exchange.ticker(market_symbol(request)))
+
+    @router.get("/api/v1/level2/snapshot")
+    async def level2_snapshot(request: Request) -> JSONResponse:
+        return ok(exchange.level2(market_symbol(request)))
+
+    @router.get("/api/v1/trade/history")
+    async def trade_history(request: Request) -> JSONResponse:
+        return ok(exchange.trade_history(market_symbol(request)))
+
     # -- private: orders ---------------------------------------------------------
 
     @router.post("/api/v1/orders")

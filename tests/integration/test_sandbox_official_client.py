@@ -12,6 +12,7 @@ import uuid
 import warnings
 from typing import Any
 
+import httpx
 import pytest
 
 from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, SandboxProcess
@@ -92,6 +93,35 @@ def test_place_get_list_cancel(sandbox: SandboxProcess) -> None:
 
     third = trade.create_limit_order(SYMBOL, "buy", "5", 1, price)["orderId"]
     assert trade.cancel_all_limit_order(SYMBOL)["cancelledOrderIds"] == [third]
+
+
+def test_ticker_level2_and_trade_history(sandbox: SandboxProcess) -> None:
+    """The SDK's own calls for the market data a strategy reads beside L3, in the venue's
+    shapes: the level 2 book is the engine's, aggregated; a trade we make shows as the
+    ticker's last trade and at the head of the history."""
+    market, trade = client.Market(url=sandbox.base_url), _trade(sandbox)
+    trade.cancel_all_limit_order(SYMBOL)
+    ask = market.l2_order_book(SYMBOL)["asks"][0]
+    taker = trade.create_limit_order(SYMBOL, "buy", "5", 1, ask[0], timeInForce="IOC")
+    engine = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}", timeout=10).json()
+    level2 = market.l2_order_book(SYMBOL)
+    ticker = market.get_ticker(SYMBOL)
+    history = market.get_trade_history(SYMBOL)
+    assert level2["symbol"] == SYMBOL and level2["sequence"] == engine["sequence"]
+    for side in ("bids", "asks"):
+        assert level2[side] == [[lv["price"], int(lv["size"])] for lv in engine[side]]
+    newest = history[0]
+    assert newest["takerOrderId"] == taker["orderId"] and newest["side"] == "buy"
+    assert newest["price"] == ask[0] and newest["size"] == 1
+    assert {k: ticker[k] for k in ("tradeId", "price", "size", "side", "ts")} == {
+        k: newest[k] for k in ("tradeId", "price", "size", "side", "ts")}
+    assert ticker["sequence"] == engine["sequence"] and ticker["symbol"] == SYMBOL
+    assert [ticker["bestBidPrice"], ticker["bestBidSize"]] == level2["bids"][0]
+    assert [ticker["bestAskPrice"], ticker["bestAskSize"]] == level2["asks"][0]
+    assert [h["sequence"] for h in history] == sorted((h["sequence"] for h in history),
+                                                      reverse=True)
+    with pytest.raises(Exception, match="200003|400100"):
+        market.get_ticker("NOPEUSDM")
 
 
 def test_bad_credentials_are_refused(sandbox: SandboxProcess) -> None:
