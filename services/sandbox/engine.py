@@ -61,9 +61,10 @@ import hashlib
 import re
 from bisect import insort
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Final
 
 from services.sandbox.contracts import Contract, format_price
 
@@ -96,6 +97,11 @@ _SELL = 1
 _SIDE_INDEX = {"buy": _BUY, "sell": _SELL}
 _EIGHT_DP = Decimal("1e-8")
 _ZERO = Decimal(0)
+
+
+#: Fills kept per user and contract for ``/api/v1/fills`` and ``/api/v1/recentFills``.
+FILLS_KEPT: Final = 1000
+_FEE_PLACES: Final = Decimal("1e-12")
 
 
 class RejectError(Exception):
@@ -269,6 +275,7 @@ class MatchingEngine:
         start_sequence: int = 0,
         max_active_per_user: int = 100,
         max_done_orders: int = 50_000,
+        fills_of: Collection[str] = (),
     ) -> None:
         self.contract = contract
         self.symbol = contract.symbol
@@ -295,6 +302,10 @@ class MatchingEngine:
         self._user_active: dict[str, dict[str, EngineOrder]] = {}
         self._by_client_oid: dict[tuple[str, str], EngineOrder] = {}
         self._done: deque[str] = deque()
+        #: The fills of the users in ``fills_of`` (the API keys' users, not the synthetic
+        #: flow's), newest last, :data:`FILLS_KEPT` a user.
+        self.fills: dict[str, deque[dict[str, Any]]] = {u: deque(maxlen=FILLS_KEPT)
+                                                        for u in fills_of}
 
     # ------------------------------------------------------------------ ids, ts
 
@@ -596,7 +607,11 @@ class MatchingEngine:
                     taker.filled_value += value
                     remaining -= fill
                     self._resting_size[opp] -= fill
-                    out.append(self._msg_match(taker, maker, level.text, fill, now_ns))
+                    match = self._msg_match(taker, maker, level.text, fill, now_ns)
+                    out.append(match)
+                    if self.fills:
+                        self._record_fill(taker, "taker", match["data"], fill, value)
+                        self._record_fill(maker, "maker", match["data"], fill, value)
                     if fill == maker_left:
                         del queue[maker.id]
                         self._resting_count[opp] -= 1
@@ -606,6 +621,27 @@ class MatchingEngine:
                 del levels[ticks]
                 keys.pop()
         taker.updated_at = now_ms
+
+    def _record_fill(self, order: EngineOrder, liquidity: str, match: dict[str, Any], size: int,
+                     value: Decimal) -> None:
+        """One fill of ``order`` as ``GET /api/v1/fills`` shows it (docs.kumex.com, "Get
+        Fills"), if its user is one whose fills are kept."""
+        fills = self.fills.get(order.user_id)
+        if fills is None:
+            return
+        contract = self.contract
+        rate = contract.taker_fee_rate if liquidity == "taker" else contract.maker_fee_rate
+        fills.append({
+            "symbol": self.symbol, "tradeId": match["tradeId"], "orderId": order.id,
+            "side": order.side, "liquidity": liquidity, "price": match["price"], "size": size,
+            "value": _fmt_value(value, self._inverse), "feeRate": str(rate), "fixFee": "0",
+            "feeCurrency": contract.settle_currency, "stop": "",
+            # Fees are fractions of a value: shown to 12 places, as the venue's are.
+            "fee": f"{(value * rate).quantize(_FEE_PLACES).normalize():f}",
+            "orderType": order.type,
+            "tradeType": "trade", "createdAt": order.created_at,
+            "settleCurrency": contract.settle_currency, "tradeTime": match["ts"],
+        })
 
     # ------------------------------------------------------------------ public API
 

@@ -168,6 +168,7 @@ class Exchange:
                 id_seed=settings.seed,
                 start_sequence=start_sequence,
                 max_active_per_user=settings.max_active_orders,
+                fills_of={c.user_id for c in self.credentials.values()},
             )
             for symbol, contract in self.contracts.items()
         }
@@ -341,6 +342,12 @@ class Exchange:
         return out
 
     # ------------------------------------------------------------------ market data
+
+    def fills(self, user_id: str, symbol: str | None = None) -> list[dict[str, Any]]:
+        """``user_id``'s fills (the last ``FILLS_KEPT`` a contract), newest first."""
+        out = [f for engine in self._engines_for(symbol) for f in engine.fills.get(user_id, ())]
+        out.sort(key=lambda f: f["tradeTime"], reverse=True)
+        return out
 
     def check_market_symbol(self, symbol: str) -> None:
         """:class:`UnknownSymbol` unless ``symbol`` has market data (listed, or replayed)."""

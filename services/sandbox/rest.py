@@ -314,6 +314,16 @@ def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest]:
     return symbol, request
 
 
+def _ms_param(query: Mapping[str, str], name: str) -> int | None:
+    """An optional time parameter in Unix milliseconds."""
+    text = query.get(name)
+    if not text:
+        return None
+    if not text.isdigit():
+        raise _invalid(f"{name} must be a time in milliseconds")
+    return int(text)
+
+
 def _page(query: Mapping[str, str], name: str, default: int, upper: int) -> int:
     text = query.get(name)
     if text is None or text == "":
@@ -519,6 +529,40 @@ def api_router(exchange: Exchange) -> APIRouter:
                 "items": [order_data(o) for o in orders[start : start + size]],
             }
         )
+
+    @router.get("/api/v1/fills")
+    async def fills(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Get Fills": the account's fills, newest first, by page."""
+        auth = await authenticate(request)
+        query = request.query_params
+        symbol = symbol_param(request, required=False)
+        order_id = query.get("orderId") or None
+        side = query.get("side") or None
+        if side is not None and side not in ("buy", "sell"):
+            raise _invalid("side must be buy or sell")
+        order_type = query.get("type") or None
+        if order_type is not None and order_type not in ("limit", "market"):
+            raise _invalid("type must be limit or market")
+        start_at, end_at = _ms_param(query, "startAt"), _ms_param(query, "endAt")
+        page = _page(query, "currentPage", 1, 1_000_000)
+        size = _page(query, "pageSize", _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
+        items = [f for f in exchange.fills(auth.user_id, symbol)
+                 if (order_id is None or f["orderId"] == order_id)
+                 and (side is None or f["side"] == side)
+                 and (order_type is None or f["orderType"] == order_type)
+                 and (start_at is None or f["tradeTime"] // 1_000_000 >= start_at)
+                 and (end_at is None or f["tradeTime"] // 1_000_000 < end_at)]
+        start = (page - 1) * size
+        return ok({"currentPage": page, "pageSize": size, "totalNum": len(items),
+                   "totalPage": math.ceil(len(items) / size),
+                   "items": items[start: start + size]})
+
+    @router.get("/api/v1/recentFills")
+    async def recent_fills(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Recent Fills": the last 24 hours' fills, newest first."""
+        auth = await authenticate(request)
+        since_ns = time.time_ns() - 24 * 3600 * 10**9
+        return ok([f for f in exchange.fills(auth.user_id) if f["tradeTime"] >= since_ns])
 
     @router.delete("/api/v1/orders/client-order/{client_oid}")
     async def cancel_by_client_oid(client_oid: str, request: Request) -> JSONResponse:

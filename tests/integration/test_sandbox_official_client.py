@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, SandboxProcess
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, SandboxProcess
 
 try:
     with warnings.catch_warnings():
@@ -29,11 +29,11 @@ except Exception as exc:
 SYMBOL = "XBTUSDM"
 
 
-def _trade(sandbox: SandboxProcess) -> Any:
+def _trade(sandbox: SandboxProcess, key: DemoKey = DEMO_KEY_1) -> Any:
     return client.Trade(
-        key=DEMO_KEY_1.key,
-        secret=DEMO_KEY_1.secret,
-        passphrase=DEMO_KEY_1.passphrase,
+        key=key.key,
+        secret=key.secret,
+        passphrase=key.passphrase,
         url=sandbox.base_url,
     )
 
@@ -122,6 +122,39 @@ def test_ticker_level2_and_trade_history(sandbox: SandboxProcess) -> None:
                                                       reverse=True)
     with pytest.raises(Exception, match="200003|400100"):
         market.get_ticker("NOPEUSDM")
+
+
+def test_fills_and_recent_fills(sandbox: SandboxProcess) -> None:
+    """A resting order of one account filled by another's IOC: each account sees its own
+    fill (maker and taker, fee at the contract's rate), by order and in its recent fills,
+    and never the other's."""
+    market = client.Market(url=sandbox.base_url)
+    maker, taker = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
+    for account in (maker, taker):
+        account.cancel_all_limit_order(SYMBOL)
+    book = market.l2_order_book(SYMBOL)
+    # Inside the spread, so that nothing else stands in front of it.
+    price = f"{(float(book['bids'][0][0]) + float(book['asks'][0][0])) / 2:.1f}"
+    rest = maker.create_limit_order(SYMBOL, "buy", "5", 3, price, postOnly=True)["orderId"]
+    hit = taker.create_limit_order(SYMBOL, "sell", "5", 2, price, timeInForce="IOC")["orderId"]
+    contract = market.get_contract_detail(SYMBOL)
+    for account, order_id, side, liquidity, rate in (
+            (maker, rest, "buy", "maker", contract["makerFeeRate"]),
+            (taker, hit, "sell", "taker", contract["takerFeeRate"])):
+        page = account.get_fills_details(symbol=SYMBOL, orderId=order_id)
+        (fill,) = page["items"]
+        assert page["totalNum"] == 1 and page["currentPage"] == 1
+        assert (fill["orderId"], fill["side"], fill["liquidity"]) == (order_id, side, liquidity)
+        assert (fill["price"], fill["size"], fill["symbol"]) == (price, 2, SYMBOL)
+        # XBTUSDM is inverse: value = size x multiplier / price, in XBT.
+        value = 2 * abs(contract["multiplier"]) / float(price)
+        assert float(fill["value"]) == pytest.approx(value, abs=1e-8)  # 8 places
+        assert float(fill["fee"]) == pytest.approx(value * rate, rel=1e-3)
+        assert fill["feeCurrency"] == fill["settleCurrency"] == contract["settleCurrency"]
+        recent = account.get_recent_fills()
+        assert recent[0]["tradeId"] == fill["tradeId"]
+        assert all(f["orderId"] != (hit if account is maker else rest) for f in recent)
+    maker.cancel_all_limit_order(SYMBOL)
 
 
 def test_bad_credentials_are_refused(sandbox: SandboxProcess) -> None:
