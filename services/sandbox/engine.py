@@ -67,6 +67,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 
 from services.sandbox.contracts import Contract, format_price
+from services.sandbox.positions import Position
 
 __all__ = [
     "CANNOT_CANCEL",
@@ -306,6 +307,8 @@ class MatchingEngine:
         #: flow's), newest last, :data:`FILLS_KEPT` a user.
         self.fills: dict[str, deque[dict[str, Any]]] = {u: deque(maxlen=FILLS_KEPT)
                                                         for u in fills_of}
+        #: Their positions, from every fill (services.sandbox.positions).
+        self.positions: dict[str, Position] = {}
 
     # ------------------------------------------------------------------ ids, ts
 
@@ -610,8 +613,8 @@ class MatchingEngine:
                     match = self._msg_match(taker, maker, level.text, fill, now_ns)
                     out.append(match)
                     if self.fills:
-                        self._record_fill(taker, "taker", match["data"], fill, value)
-                        self._record_fill(maker, "maker", match["data"], fill, value)
+                        self._record_fill(taker, "taker", match["data"], fill, price, value)
+                        self._record_fill(maker, "maker", match["data"], fill, price, value)
                     if fill == maker_left:
                         del queue[maker.id]
                         self._resting_count[opp] -= 1
@@ -623,7 +626,7 @@ class MatchingEngine:
         taker.updated_at = now_ms
 
     def _record_fill(self, order: EngineOrder, liquidity: str, match: dict[str, Any], size: int,
-                     value: Decimal) -> None:
+                     price: Decimal, value: Decimal) -> None:
         """One fill of ``order`` as ``GET /api/v1/fills`` shows it (docs.kumex.com, "Get
         Fills"), if its user is one whose fills are kept."""
         fills = self.fills.get(order.user_id)
@@ -631,6 +634,11 @@ class MatchingEngine:
             return
         contract = self.contract
         rate = contract.taker_fee_rate if liquidity == "taker" else contract.maker_fee_rate
+        position = self.positions.get(order.user_id)
+        if position is None:
+            position = self.positions[order.user_id] = Position(
+                self.symbol, self._inverse, self._multiplier, contract.settle_currency)
+        position.fill(order.side, size, price, value * rate, match["ts"] // 1_000_000)
         fills.append({
             "symbol": self.symbol, "tradeId": match["tradeId"], "orderId": order.id,
             "side": order.side, "liquidity": liquidity, "price": match["price"], "size": size,

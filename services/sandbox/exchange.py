@@ -45,6 +45,7 @@ from services.sandbox.engine import (
 from services.sandbox.faults import FaultState
 from services.sandbox.flow import SyntheticFlow
 from services.sandbox.hub import Hub
+from services.sandbox.positions import Position
 from services.sandbox.settings import SandboxSettings
 
 if TYPE_CHECKING:
@@ -347,6 +348,21 @@ class Exchange:
         """``user_id``'s fills (the last ``FILLS_KEPT`` a contract), newest first."""
         out = [f for engine in self._engines_for(symbol) for f in engine.fills.get(user_id, ())]
         out.sort(key=lambda f: f["tradeTime"], reverse=True)
+        return out
+
+    def positions(self, user_id: str, symbol: str | None = None) -> list[dict[str, Any]]:
+        """``user_id``'s positions (of every contract it ever traded, or of ``symbol``)."""
+        now_ms = time.time_ns() // 1_000_000
+        out = []
+        for engine in self._engines_for(symbol):
+            position = engine.positions.get(user_id)
+            if position is None:
+                position = Position(engine.symbol, engine.contract.is_inverse,
+                                    abs(engine.contract.multiplier),
+                                    engine.contract.settle_currency)
+                if symbol is None:
+                    continue  # the list shows the contracts traded; one symbol always answers
+            out.append(position.to_api(self.mark_price(engine.symbol), now_ms))
         return out
 
     def check_market_symbol(self, symbol: str) -> None:

@@ -557,6 +557,21 @@ def api_router(exchange: Exchange) -> APIRouter:
                    "totalPage": math.ceil(len(items) / size),
                    "items": items[start: start + size]})
 
+    @router.get("/api/v1/position")
+    async def position(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Get Position Details" (the fields services.sandbox.positions
+        models)."""
+        auth = await authenticate(request)
+        symbol = symbol_param(request, required=True)
+        (data,) = exchange.positions(auth.user_id, symbol)
+        return ok(data)
+
+    @router.get("/api/v1/positions")
+    async def positions(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Get Position List": every contract the account traded."""
+        auth = await authenticate(request)
+        return ok(exchange.positions(auth.user_id))
+
     @router.get("/api/v1/recentFills")
     async def recent_fills(request: Request) -> JSONResponse:
         """docs.kumex.com, "Recent Fills": the last 24 hours' fills, newest first."""

@@ -157,6 +157,49 @@ def test_fills_and_recent_fills(sandbox: SandboxProcess) -> None:
     maker.cancel_all_limit_order(SYMBOL)
 
 
+def _all_fills(account: Any) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        reply = account.get_fills_details(symbol=SYMBOL, currentPage=page, pageSize=100)
+        items += reply["items"]
+        if page >= reply["totalPage"]:
+            return items
+        page += 1
+
+
+def test_position_is_the_net_of_the_fills(sandbox: SandboxProcess) -> None:
+    """Each account's position (the SDK's get_position_details / get_all_position) holds
+    the net of its fills, at an entry price between theirs, and values it at the mark."""
+    market = client.Market(url=sandbox.base_url)
+    a, b = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
+    for account in (a, b):
+        account.cancel_all_limit_order(SYMBOL)
+    for side_a, size in (("buy", 3), ("sell", 1), ("buy", 2)):
+        book = market.l2_order_book(SYMBOL)
+        price = f"{(float(book['bids'][0][0]) + float(book['asks'][0][0])) / 2:.1f}"
+        a.create_limit_order(SYMBOL, side_a, "5", size, price, postOnly=True)
+        b.create_limit_order(SYMBOL, "sell" if side_a == "buy" else "buy", "5", size, price,
+                             timeInForce="IOC")
+    for account in (a, b):
+        fills = _all_fills(account)
+        net = sum(f["size"] if f["side"] == "buy" else -f["size"] for f in fills)
+        position = account.get_position_details(SYMBOL)
+        assert position["symbol"] == SYMBOL and position["currentQty"] == net != 0
+        assert position["isOpen"] is True and position["settleCurrency"] == "XBT"
+        prices = [float(f["price"]) for f in fills]
+        assert min(prices) <= position["avgEntryPrice"] <= max(prices)
+        fees = sum(float(f["fee"]) for f in fills)
+        assert position["currentComm"] == pytest.approx(fees, rel=1e-6)
+        # Inverse: unrealised = cost - qty / mark (XBT).
+        mark = position["markPrice"]
+        assert position["unrealisedPnl"] == pytest.approx(
+            position["currentCost"] - net / mark, rel=1e-6, abs=1e-12)
+        listed = {p["symbol"]: p for p in account.get_all_position()}
+        assert listed[SYMBOL]["currentQty"] == net
+    a.cancel_all_limit_order(SYMBOL)
+
+
 def test_bad_credentials_are_refused(sandbox: SandboxProcess) -> None:
     trade = client.Trade(
         key=DEMO_KEY_1.key, secret="wrong", passphrase=DEMO_KEY_1.passphrase, url=sandbox.base_url
