@@ -10,12 +10,19 @@ from __future__ import annotations
 import importlib
 import uuid
 import warnings
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 
-from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, DEMO_KEY_2, DemoKey, SandboxProcess
+from kumex_l3.testing.sandbox_proc import (
+    DEMO_KEY_1,
+    DEMO_KEY_2,
+    DemoKey,
+    SandboxProcess,
+    queue_ahead,
+)
 
 try:
     with warnings.catch_warnings():
@@ -120,39 +127,53 @@ def test_ticker_level2_and_trade_history(sandbox: SandboxProcess) -> None:
     assert [ticker["bestAskPrice"], ticker["bestAskSize"]] == level2["asks"][0]
     assert [h["sequence"] for h in history] == sorted((h["sequence"] for h in history),
                                                       reverse=True)
-    with pytest.raises(Exception, match="200003|400100"):
+    with pytest.raises(Exception, match=r"200003|400100"):
         market.get_ticker("NOPEUSDM")
+
+
+def _cross(sandbox: SandboxProcess, maker: Any, taker: Any, side: str,
+           size: int) -> tuple[str, str]:
+    """``maker`` joins the best level of ``side`` with ``size``; ``taker`` sends an IOC at
+    that price for everything ahead of it and ``size`` more. (maker order, taker order)."""
+    book = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}", timeout=10).json()
+    price = book["bids" if side == "buy" else "asks"][0]["price"]
+    rest = maker.create_limit_order(SYMBOL, side, "5", size, price, postOnly=True)["orderId"]
+    book = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}", timeout=10).json()
+    take = queue_ahead(book, side, Decimal(price), rest) + size
+    hit = taker.create_limit_order(SYMBOL, "sell" if side == "buy" else "buy", "5", take,
+                                   price, timeInForce="IOC")["orderId"]
+    return rest, hit
 
 
 def test_fills_and_recent_fills(sandbox: SandboxProcess) -> None:
     """A resting order of one account filled by another's IOC: each account sees its own
-    fill (maker and taker, fee at the contract's rate), by order and in its recent fills,
+    fills (maker and taker, fee at the contract's rate), by order and in its recent fills,
     and never the other's."""
     market = client.Market(url=sandbox.base_url)
     maker, taker = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
     for account in (maker, taker):
         account.cancel_all_limit_order(SYMBOL)
-    book = market.l2_order_book(SYMBOL)
-    # Inside the spread, so that nothing else stands in front of it.
-    price = f"{(float(book['bids'][0][0]) + float(book['asks'][0][0])) / 2:.1f}"
-    rest = maker.create_limit_order(SYMBOL, "buy", "5", 3, price, postOnly=True)["orderId"]
-    hit = taker.create_limit_order(SYMBOL, "sell", "5", 2, price, timeInForce="IOC")["orderId"]
+    rest, hit = _cross(sandbox, maker, taker, "buy", 3)
     contract = market.get_contract_detail(SYMBOL)
     for account, order_id, side, liquidity, rate in (
             (maker, rest, "buy", "maker", contract["makerFeeRate"]),
             (taker, hit, "sell", "taker", contract["takerFeeRate"])):
         page = account.get_fills_details(symbol=SYMBOL, orderId=order_id)
-        (fill,) = page["items"]
-        assert page["totalNum"] == 1 and page["currentPage"] == 1
-        assert (fill["orderId"], fill["side"], fill["liquidity"]) == (order_id, side, liquidity)
-        assert (fill["price"], fill["size"], fill["symbol"]) == (price, 2, SYMBOL)
-        # XBTUSDM is inverse: value = size x multiplier / price, in XBT.
-        value = 2 * abs(contract["multiplier"]) / float(price)
-        assert float(fill["value"]) == pytest.approx(value, abs=1e-8)  # 8 places
-        assert float(fill["fee"]) == pytest.approx(value * rate, rel=1e-3)
-        assert fill["feeCurrency"] == fill["settleCurrency"] == contract["settleCurrency"]
+        fills = page["items"]
+        filled = account.get_order_details(order_id)["filledSize"]
+        assert filled >= 1 and sum(f["size"] for f in fills) == filled
+        assert page["totalNum"] == len(fills) and page["currentPage"] == 1
+        for fill in fills:
+            assert (fill["orderId"], fill["side"], fill["liquidity"]) == (
+                order_id, side, liquidity)
+            assert fill["symbol"] == SYMBOL
+            # XBTUSDM is inverse: value = size x multiplier / price, in XBT.
+            value = fill["size"] * abs(contract["multiplier"]) / float(fill["price"])
+            assert float(fill["value"]) == pytest.approx(value, abs=1e-8)  # 8 places
+            assert float(fill["fee"]) == pytest.approx(value * rate, rel=1e-3)
+            assert fill["feeCurrency"] == fill["settleCurrency"] == contract["settleCurrency"]
         recent = account.get_recent_fills()
-        assert recent[0]["tradeId"] == fill["tradeId"]
+        assert recent[0]["tradeId"] == fills[0]["tradeId"]
         assert all(f["orderId"] != (hit if account is maker else rest) for f in recent)
     maker.cancel_all_limit_order(SYMBOL)
 
@@ -171,30 +192,26 @@ def _all_fills(account: Any) -> list[dict[str, Any]]:
 def test_position_is_the_net_of_the_fills(sandbox: SandboxProcess) -> None:
     """Each account's position (the SDK's get_position_details / get_all_position) holds
     the net of its fills, at an entry price between theirs, and values it at the mark."""
-    market = client.Market(url=sandbox.base_url)
     a, b = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
     for account in (a, b):
         account.cancel_all_limit_order(SYMBOL)
-    for side_a, size in (("buy", 3), ("sell", 1), ("buy", 2)):
-        book = market.l2_order_book(SYMBOL)
-        price = f"{(float(book['bids'][0][0]) + float(book['asks'][0][0])) / 2:.1f}"
-        a.create_limit_order(SYMBOL, side_a, "5", size, price, postOnly=True)
-        b.create_limit_order(SYMBOL, "sell" if side_a == "buy" else "buy", "5", size, price,
-                             timeInForce="IOC")
+    for side, size in (("buy", 3), ("sell", 1), ("buy", 2)):
+        _cross(sandbox, a, b, side, size)
     for account in (a, b):
         fills = _all_fills(account)
         net = sum(f["size"] if f["side"] == "buy" else -f["size"] for f in fills)
         position = account.get_position_details(SYMBOL)
-        assert position["symbol"] == SYMBOL and position["currentQty"] == net != 0
-        assert position["isOpen"] is True and position["settleCurrency"] == "XBT"
-        prices = [float(f["price"]) for f in fills]
-        assert min(prices) <= position["avgEntryPrice"] <= max(prices)
+        assert position["symbol"] == SYMBOL and position["currentQty"] == net
+        assert position["settleCurrency"] == "XBT"
+        assert position["isOpen"] is (net != 0)
         fees = sum(float(f["fee"]) for f in fills)
         assert position["currentComm"] == pytest.approx(fees, rel=1e-6)
-        # Inverse: unrealised = cost - qty / mark (XBT).
-        mark = position["markPrice"]
-        assert position["unrealisedPnl"] == pytest.approx(
-            position["currentCost"] - net / mark, rel=1e-6, abs=1e-12)
+        if net:
+            prices = [float(f["price"]) for f in fills]
+            assert min(prices) <= position["avgEntryPrice"] <= max(prices)
+            # Inverse: unrealised = cost - qty / mark (XBT).
+            assert position["unrealisedPnl"] == pytest.approx(
+                position["currentCost"] - net / position["markPrice"], rel=1e-6, abs=1e-12)
         listed = {p["symbol"]: p for p in account.get_all_position()}
         assert listed[SYMBOL]["currentQty"] == net
     a.cancel_all_limit_order(SYMBOL)
