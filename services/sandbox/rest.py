@@ -24,9 +24,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from fastapi import APIRouter, FastAPI, Request
@@ -314,6 +314,32 @@ def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest]:
     return symbol, request
 
 
+T = TypeVar("T")
+
+
+def _side_and_type(query: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The optional ``side`` and ``type`` filters of a listing, checked."""
+    side = query.get("side") or None
+    if side is not None and side not in ("buy", "sell"):
+        raise _invalid("side must be buy or sell")
+    order_type = query.get("type") or None
+    if order_type is not None and order_type not in ("limit", "market"):
+        raise _invalid("type must be limit or market")
+    return side, order_type
+
+
+def _paged(query: Mapping[str, str], items: Sequence[T],
+           show: Callable[[T], Any] = lambda item: item) -> dict[str, Any]:
+    """The page ``currentPage``/``pageSize`` asks for of ``items`` in the venue's shape
+    (only the page's items go through ``show``)."""
+    page = _page(query, "currentPage", 1, 1_000_000)
+    size = _page(query, "pageSize", _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
+    start = (page - 1) * size
+    return {"currentPage": page, "pageSize": size, "totalNum": len(items),
+            "totalPage": math.ceil(len(items) / size),
+            "items": [show(item) for item in items[start:start + size]]}
+
+
 def _ms_param(query: Mapping[str, str], name: str) -> int | None:
     """An optional time parameter in Unix milliseconds."""
     text = query.get(name)
@@ -506,29 +532,13 @@ def api_router(exchange: Exchange) -> APIRouter:
         if status not in ("active", "done"):
             raise _invalid("status must be active or done")
         symbol = symbol_param(request, required=False)
-        side = query.get("side") or None
-        if side is not None and side not in ("buy", "sell"):
-            raise _invalid("side must be buy or sell")
-        order_type = query.get("type") or None
-        if order_type is not None and order_type not in ("limit", "market"):
-            raise _invalid("type must be limit or market")
-        page = _page(query, "currentPage", 1, 1_000_000)
-        size = _page(query, "pageSize", _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
+        side, order_type = _side_and_type(query)
         orders = [
             o
             for o in exchange.orders(auth.user_id, active=status == "active", symbol=symbol)
             if (side is None or o.side == side) and (order_type is None or o.type == order_type)
         ]
-        start = (page - 1) * size
-        return ok(
-            {
-                "currentPage": page,
-                "pageSize": size,
-                "totalNum": len(orders),
-                "totalPage": math.ceil(len(orders) / size),
-                "items": [order_data(o) for o in orders[start : start + size]],
-            }
-        )
+        return ok(_paged(query, orders, order_data))
 
     @router.get("/api/v1/fills")
     async def fills(request: Request) -> JSONResponse:
@@ -537,25 +547,15 @@ def api_router(exchange: Exchange) -> APIRouter:
         query = request.query_params
         symbol = symbol_param(request, required=False)
         order_id = query.get("orderId") or None
-        side = query.get("side") or None
-        if side is not None and side not in ("buy", "sell"):
-            raise _invalid("side must be buy or sell")
-        order_type = query.get("type") or None
-        if order_type is not None and order_type not in ("limit", "market"):
-            raise _invalid("type must be limit or market")
+        side, order_type = _side_and_type(query)
         start_at, end_at = _ms_param(query, "startAt"), _ms_param(query, "endAt")
-        page = _page(query, "currentPage", 1, 1_000_000)
-        size = _page(query, "pageSize", _DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE)
         items = [f for f in exchange.fills(auth.user_id, symbol)
                  if (order_id is None or f["orderId"] == order_id)
                  and (side is None or f["side"] == side)
                  and (order_type is None or f["orderType"] == order_type)
                  and (start_at is None or f["tradeTime"] // 1_000_000 >= start_at)
                  and (end_at is None or f["tradeTime"] // 1_000_000 < end_at)]
-        start = (page - 1) * size
-        return ok({"currentPage": page, "pageSize": size, "totalNum": len(items),
-                   "totalPage": math.ceil(len(items) / size),
-                   "items": items[start: start + size]})
+        return ok(_paged(query, items))
 
     @router.get("/api/v1/position")
     async def position(request: Request) -> JSONResponse:
