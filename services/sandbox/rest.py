@@ -484,6 +484,17 @@ def api_router(exchange: Exchange) -> APIRouter:
     async def ticker(request: Request) -> JSONResponse:
         return ok(exchange.ticker(market_symbol(request)))
 
+    @router.get("/api/v1/mark-price/{symbol}/current")
+    async def current_mark_price(symbol: str) -> JSONResponse:
+        """docs.kumex.com, "Get Current Mark Price": the sandbox's mark is the mid of the
+        engine's book on the tick, computed at each call; its index is the same price."""
+        exchange.contract(symbol, http_status=404)
+        mark = None if exchange.replay_mode else exchange.mark_price(symbol)
+        value = None if mark is None else float(mark)
+        return ok({"symbol": symbol, "granularity": 1000,
+                   "timePoint": time.time_ns() // 1_000_000, "value": value,
+                   "indexPrice": value})
+
     @router.get("/api/v1/level2/snapshot")
     async def level2_snapshot(request: Request) -> JSONResponse:
         return ok(exchange.level2(market_symbol(request)))

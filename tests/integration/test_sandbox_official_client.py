@@ -130,6 +130,14 @@ def test_ticker_level2_and_trade_history(sandbox: SandboxProcess) -> None:
                                                       reverse=True)
     with pytest.raises(Exception, match=r"200003|400100"):
         market.get_ticker("NOPEUSDM")
+    # The mark: the mid of the book on the tick, as the contract's detail shows it.
+    mark = market.get_current_mark_price(SYMBOL)
+    detail = market.get_contract_detail(SYMBOL)
+    assert mark["symbol"] == SYMBOL and mark["value"] == detail["markPrice"]
+    tick = detail["tickSize"]
+    mid = (float(level2["bids"][0][0]) + float(level2["asks"][0][0])) / 2
+    assert abs(mark["value"] - mid) <= tick / 2 + 1e-9
+    assert mark["indexPrice"] == mark["value"] and mark["granularity"] == 1000
 
 
 def _cross(sandbox: SandboxProcess, maker: Any, taker: Any, side: str,
