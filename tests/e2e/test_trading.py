@@ -482,6 +482,19 @@ def _expected_status(rec: dict[str, Any]) -> str:
     return "canceled" if rec["cancelExist"] or rec["filledSize"] < rec["size"] else "filled"
 
 
+def _fills(api: httpx.Client) -> list[dict[str, Any]]:
+    """Every fill of the account in ``SYM`` (``GET /api/v1/fills``, page by page)."""
+    items: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        data = api.get("/api/v1/fills", params={"symbol": SYM, "currentPage": page,
+                                                "pageSize": 100}).json()["data"]
+        items += data["items"]
+        if page >= data["totalPage"]:
+            return items
+        page += 1
+
+
 def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
         redis_url: str, redis_sync: redis.Redis) -> None:
     """kill -9 of the order monitor while the flow and another user fill the grid's orders."""
@@ -562,6 +575,14 @@ def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
         # The strategy reacted to each fill once: its position is the exchange's.
         net = sum((1 if r["side"] == "buy" else -1) * r["filledSize"] for r in own.values())
         assert position == net
+        # The exchange's own account of it (its position, the net of its fills) and the
+        # order monitor's records say the same.
+        venue = api.get("/api/v1/position", params={"symbol": SYM}).json()["data"]
+        fills_net = sum((1 if f["side"] == "buy" else -1) * f["size"] for f in _fills(api))
+        hashes = [redis_sync.hgetall(keys.order(SYM, coid)) for coid in own]
+        monitor_net = sum((1 if h[b"side"] == b"buy" else -1) * int(Decimal(
+            h[b"filledSize"].decode())) for h in hashes)
+        assert venue["currentQty"] == fills_net == monitor_net == net
         print(f"{len(own)} grid orders, {filled_orders} with fills, position {position}, "
               f"{sweeps} sweeps by demo-2; the restarted monitor read "
               f"{metric(monitor.url, 'kumex_order_monitor_messages_read_total'):.0f} entries, "
