@@ -323,10 +323,8 @@ class LeaseManager:
         value, ttl_ms = self.owner.to_json(), _ms(self.ttl)
         sent = self._clock()
         results = await _RENEW.run_many(
-            self.client, [([self.key(symbol)], [value, ttl_ms]) for symbol in symbols])
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+            self.client, [([self.key(symbol)], [value, ttl_ms]) for symbol in symbols],
+            raise_on_error=True)
         for symbol, ok in zip(symbols, results, strict=True):
             if ok:
                 self._held[symbol] = self._deadline(sent)

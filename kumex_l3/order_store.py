@@ -331,7 +331,7 @@ async def save_many(
         order.rev += 1
         calls.append(_save_call(order, steps, finished_ttl_s, events_maxlen, fence, writer))
     try:
-        results = await _run_saves(redis, calls)
+        results = await _SAVE.run_many(redis, calls, raise_on_error=True)
     except BaseException:
         for order, _ in items:
             order.rev -= 1
@@ -347,15 +347,6 @@ async def save_many(
     if fenced:
         raise Fenced(f"{items[0][0].symbol}: the lease is not ours: nothing written")
     return written
-
-
-async def _run_saves(redis: aioredis.Redis,
-                     calls: Sequence[tuple[list[str], list[str]]]) -> list[Any]:
-    results = await _SAVE.run_many(redis, calls)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results
 
 
 async def confirm_order_id(

@@ -130,10 +130,12 @@ class LuaScript:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
     async def run_many(self, client: redis.asyncio.Redis,
-                       calls: Sequence[tuple[Sequence[str], Sequence[EncodableT]]]) -> list[Any]:
+                       calls: Sequence[tuple[Sequence[str], Sequence[EncodableT]]], *,
+                       raise_on_error: bool = False) -> list[Any]:
         """Run the script once per ``(keys, args)`` in one pipeline; the replies, errors
-        included (``raise_on_error=False``). A pipeline whose replies say ``NOSCRIPT``
-        ran no script at all: the script is loaded and the pipeline sent again."""
+        included unless ``raise_on_error`` (then the first one is raised). A pipeline
+        whose replies say ``NOSCRIPT`` ran no script at all: the script is loaded and
+        the pipeline sent again."""
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
             for keys, args in calls:
@@ -143,6 +145,10 @@ class LuaScript:
                                     for r in results):
                 await client.script_load(self.source)
                 continue
+            if raise_on_error:
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
             return results
         raise AssertionError("unreachable")  # pragma: no cover
 

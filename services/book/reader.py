@@ -108,8 +108,8 @@ class StreamReader:
         self._errors = errors
         self._clock = clock
         self._readers: dict[str, Reading] = {}
-        #: Streams Redis refused to read: (until when they are left out, why).
-        self._refused: dict[str, tuple[float, str]] = {}
+        #: Streams Redis refused to read: until when they are left out.
+        self._refused: dict[str, float] = {}
         self._joined = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         pool = client.connection_pool
@@ -169,14 +169,13 @@ class StreamReader:
         if not self._refused:
             return list(self._readers.values())
         now = self._clock()
-        return [r for r in self._readers.values()
-                if self._refused.get(r.stream, (now, ""))[0] <= now]
+        return [r for r in self._readers.values() if self._refused.get(r.stream, now) <= now]
 
     async def _idle(self) -> None:
         """Wait for a consumer to join, or for a refused stream's retry time."""
         self._joined.clear()
         if self._refused:
-            wait = min(until for until, _ in self._refused.values()) - self._clock()
+            wait = min(self._refused.values()) - self._clock()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, wait)):
                     await self._joined.wait()
@@ -225,7 +224,7 @@ class StreamReader:
             if reader.stream not in self._refused:
                 log.error("stream left out of the read: %s", reason,
                           extra=kv(symbol=reader.symbol, stream=reader.stream))
-            self._refused[reader.stream] = (until, reason)
+            self._refused[reader.stream] = until
             reader.refused(reason)
         if not found:
             log.warning("the stream read was refused, but no stream alone is: %s", exc,

@@ -636,8 +636,7 @@ class MatchingEngine:
         rate = contract.taker_fee_rate if liquidity == "taker" else contract.maker_fee_rate
         position = self.positions.get(order.user_id)
         if position is None:
-            position = self.positions[order.user_id] = Position(
-                self.symbol, self._inverse, self._multiplier, contract.settle_currency)
+            position = self.positions[order.user_id] = self.position_of(order.user_id)
         position.fill(order.side, size, price, value * rate, match["ts"] // 1_000_000)
         fills.append({
             "symbol": self.symbol, "tradeId": match["tradeId"], "orderId": order.id,
@@ -652,6 +651,14 @@ class MatchingEngine:
         })
 
     # ------------------------------------------------------------------ public API
+
+    def position_of(self, user_id: str) -> Position:
+        """``user_id``'s position in this contract (a flat one if it never traded here)."""
+        held = self.positions.get(user_id)
+        if held is not None:
+            return held
+        return Position(self.symbol, self._inverse, self._multiplier,
+                        self.contract.settle_currency)
 
     def place(self, req: OrderRequest, now_ns: int) -> tuple[EngineOrder, list[Message]]:
         """Accept, match and rest (or finish) an order; return it and its messages.

@@ -45,7 +45,6 @@ from services.sandbox.engine import (
 from services.sandbox.faults import FaultState
 from services.sandbox.flow import SyntheticFlow
 from services.sandbox.hub import Hub
-from services.sandbox.positions import Position
 from services.sandbox.settings import SandboxSettings
 
 if TYPE_CHECKING:
@@ -355,14 +354,10 @@ class Exchange:
         now_ms = time.time_ns() // 1_000_000
         out = []
         for engine in self._engines_for(symbol):
-            position = engine.positions.get(user_id)
-            if position is None:
-                position = Position(engine.symbol, engine.contract.is_inverse,
-                                    abs(engine.contract.multiplier),
-                                    engine.contract.settle_currency)
-                if symbol is None:
-                    continue  # the list shows the contracts traded; one symbol always answers
-            out.append(position.to_api(self.mark_price(engine.symbol), now_ms))
+            if symbol is None and user_id not in engine.positions:
+                continue  # the list shows the contracts traded; one symbol always answers
+            out.append(engine.position_of(user_id).to_api(self.mark_price(engine.symbol),
+                                                          now_ms))
         return out
 
     def check_market_symbol(self, symbol: str) -> None:
@@ -419,7 +414,6 @@ class Exchange:
 
     def trade_history(self, symbol: str) -> list[dict[str, Any]]:
         """The ``data`` of ``GET /api/v1/trade/history``: the last trades, newest first."""
-        self.check_market_symbol(symbol)
         return [{"sequence": t["sequence"], "tradeId": t["tradeId"],
                  "takerOrderId": t["takerOrderId"], "makerOrderId": t["makerOrderId"],
                  "price": t["price"], "size": int(t["size"]), "side": t["side"],
@@ -456,7 +450,10 @@ class Exchange:
         return {symbol: engine.sequence for symbol, engine in self.engines.items()}
 
     def mark_price(self, symbol: str) -> Decimal | None:
-        """The engine's mid quantised to the tick, or None on a one-sided book."""
+        """The engine's mid quantised to the tick; None on a one-sided book, or when
+        replaying (no engine keeps the replayed book)."""
+        if self.replay_mode:
+            return None
         engine = self.engine(symbol)
         mid = engine.mid()
         if mid is None:

@@ -489,7 +489,7 @@ def api_router(exchange: Exchange) -> APIRouter:
         """docs.kumex.com, "Get Current Mark Price": the sandbox's mark is the mid of the
         engine's book on the tick, computed at each call; its index is the same price."""
         exchange.contract(symbol, http_status=404)
-        mark = None if exchange.replay_mode else exchange.mark_price(symbol)
+        mark = exchange.mark_price(symbol)
         value = None if mark is None else float(mark)
         return ok({"symbol": symbol, "granularity": 1000,
                    "timePoint": time.time_ns() // 1_000_000, "value": value,
@@ -612,5 +612,5 @@ def api_router(exchange: Exchange) -> APIRouter:
 
 
 def _contract_data(exchange: Exchange, symbol: str) -> dict[str, Any]:
-    mark = None if exchange.replay_mode else exchange.mark_price(symbol)
+    mark = exchange.mark_price(symbol)
     return exchange.contracts[symbol].to_api(mark_price=mark, index_price=mark)

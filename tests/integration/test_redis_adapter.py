@@ -82,6 +82,10 @@ async def test_scripts_are_loaded_again_when_redis_forgot_them(
     await redis_client.set("adapter:s", "text")
     results = await script.run_many(redis_client, [(["adapter:s"], [0]), (["adapter:n"], [0])])
     assert isinstance(results[0], redis.exceptions.ResponseError) and results[1] == 4
+    with pytest.raises(redis.exceptions.ResponseError, match="not an integer"):
+        await script.run_many(redis_client, [(["adapter:n"], [0]), (["adapter:s"], [0])],
+                              raise_on_error=True)
+    assert await redis_client.get("adapter:n") == b"5"  # the pipeline ran: n went on
 
 
 def test_errors_that_pass_and_errors_that_stay() -> None:
