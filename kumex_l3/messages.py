@@ -8,6 +8,11 @@ the feed stored it in Redis, and returns a typed message:
 * everything else the exchange sends on the socket (``welcome``, ``ack``,
   ``pong``, ``ping``, ``error``): :class:`Control`.
 
+``parse_order_change(raw)`` takes one frame of the private channel
+``/contractMarket/tradeOrders`` (an account's own orders, kumex-api.md §8) and
+returns an :class:`OrderChange`, or None for a frame that is not an order change
+(``welcome``, ``ack``, ``pong``...).
+
 Anything that is not one of these (bad JSON, a missing field, a wrong type, a
 negative or non-numeric size, an unknown subject, a frame over
 :data:`MAX_MESSAGE_BYTES`) raises :class:`~kumex_l3.errors.MessageError`
@@ -33,7 +38,9 @@ import msgspec
 from kumex_l3.errors import MessageError
 
 __all__ = [
+    "CHANGE_TYPES",
     "MAX_MESSAGE_BYTES",
+    "PRIVATE_TOPIC",
     "TOPIC_PREFIX",
     "Control",
     "DataMessage",
@@ -41,6 +48,7 @@ __all__ = [
     "Match",
     "Message",
     "Open",
+    "OrderChange",
     "Qty",
     "Received",
     "Snapshot",
@@ -48,6 +56,7 @@ __all__ = [
     "Update",
     "format_qty",
     "parse_message",
+    "parse_order_change",
     "parse_price",
     "parse_qty",
     "parse_snapshot",
@@ -452,3 +461,104 @@ def parse_snapshot(data: Mapping[str, Any] | bytes | str) -> Snapshot:
             orders.sort(key=lambda o: (o.price_value, o.ts))
         sides[name] = tuple(orders)
     return Snapshot(symbol, sequence, ts, sides["bids"], sides["asks"])
+
+
+# ---------------------------------------------------------------------------- private
+
+#: The private channel of an account's orders (``:SYM`` for one contract's).
+PRIVATE_TOPIC: Final = "/contractMarket/tradeOrders"
+#: The ``type`` values of an order change (kumex-api.md §8).
+CHANGE_TYPES: Final = frozenset({"open", "match", "filled", "canceled", "update"})
+
+
+@dataclass(frozen=True, slots=True)
+class OrderChange:
+    """One change of an own order, as the private channel tells it (kumex-api.md §8).
+
+    ``kind``: ``open``, ``match``, ``filled``, ``canceled`` or ``update``;
+    ``filled`` and ``remain`` are the order's filled size and size still open
+    right after the change; for a ``match``: ``match_qty``, ``match_price``,
+    ``trade_id`` and ``liquidity`` (``maker``/``taker``). ``ts`` in ns, the
+    same clock as the level3v2 messages of the change.
+    """
+
+    symbol: str
+    order_id: str
+    client_oid: str
+    kind: str
+    status: str
+    side: str
+    size: Qty
+    remain: Qty
+    filled: Qty
+    ts: int
+    match_qty: Qty = 0
+    match_price: str = ""
+    trade_id: str = ""
+    liquidity: str = ""
+
+    @property
+    def final(self) -> bool:
+        """True for ``filled`` and ``canceled``: the order is done."""
+        return self.kind in ("filled", "canceled")
+
+
+def _change_qty(data: Mapping[str, Any], name: str, *, allow_zero: bool = True) -> Qty:
+    value = data.get(name)
+    if type(value) is int:
+        value = str(value)
+    if not isinstance(value, str):
+        raise MessageError(f"order change: {name} must be a number text, got {value!r:.40}")
+    return parse_qty(value, allow_zero=allow_zero)
+
+
+def _change_text(data: Mapping[str, Any], name: str, *, empty: bool = False) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or (not value and not empty) or len(value) > 200:
+        raise MessageError(f"order change: {name} must be a non-empty string, got "
+                           f"{value!r:.40}")
+    return value
+
+
+def parse_order_change(raw: bytes | bytearray | memoryview | str) -> OrderChange | None:
+    """The :class:`OrderChange` in one private-channel frame; None for a frame of another
+    kind (control frames, other topics); :class:`MessageError` when it is malformed."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"frame of {len(raw)} bytes is over {MAX_MESSAGE_BYTES}")
+    try:
+        frame = _ANY.decode(raw)
+    except _DECODE_ERRORS as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(frame, dict) or frame.get("type") != "message":
+        return None
+    topic = frame.get("topic")
+    if not isinstance(topic, str) or not (topic == PRIVATE_TOPIC
+                                          or topic.startswith(PRIVATE_TOPIC + ":")):
+        return None
+    data = frame.get("data")
+    if not isinstance(data, dict):
+        raise MessageError("order change: data is not an object")
+    kind = _change_text(data, "type")
+    if kind not in CHANGE_TYPES:
+        raise MessageError(f"order change: unknown type {kind!r:.40}")
+    ts = data.get("ts")
+    if type(ts) is not int or ts < 0:
+        raise MessageError(f"order change: ts must be an integer, got {ts!r:.40}")
+    side = data.get("side")
+    if side not in ("buy", "sell"):
+        raise MessageError(f"order change: side must be buy or sell, got {side!r:.40}")
+    match_qty: Qty = 0
+    match_price = trade_id = liquidity = ""
+    if kind == "match":
+        match_qty = _change_qty(data, "matchSize", allow_zero=False)
+        match_price = _change_text(data, "matchPrice")
+        trade_id = _change_text(data, "tradeId")
+        said = data.get("liquidity")
+        liquidity = said if said in ("maker", "taker") else ""
+    return OrderChange(
+        symbol=_change_text(data, "symbol"), order_id=_change_text(data, "orderId"),
+        client_oid=_change_text(data, "clientOid", empty=True), kind=kind,
+        status=_change_text(data, "status", empty=True), side=side,
+        size=_change_qty(data, "size", allow_zero=False), remain=_change_qty(data, "remainSize"),
+        filled=_change_qty(data, "filledSize"), ts=ts, match_qty=match_qty,
+        match_price=match_price, trade_id=trade_id, liquidity=liquidity)

@@ -309,6 +309,9 @@ class MatchingEngine:
                                                         for u in fills_of}
         #: Their positions, from every fill (services.sandbox.positions).
         self.positions: dict[str, Position] = {}
+        #: Their orders' changes for the private channel, oldest first: (user, ``data`` of
+        #: an ``orderChange``); the exchange takes them after every action (:meth:`take_private`).
+        self.private: list[tuple[str, dict[str, Any]]] = []
 
     # ------------------------------------------------------------------ ids, ts
 
@@ -407,6 +410,39 @@ class MatchingEngine:
                 "ts": self._next_ts(now_ns),
             },
         )
+
+    def _private(self, order: EngineOrder, kind: str, status: str, ts: int,
+                 **extra: Any) -> None:
+        """One change of ``order`` as the private channel tells its owner (kumex-api.md §8):
+        kept only for the users whose fills are kept (the API keys' users)."""
+        if order.user_id not in self.fills:
+            return
+        data: dict[str, Any] = {
+            "orderId": order.id, "symbol": self.symbol, "type": kind, "status": status,
+            "orderType": order.type, "side": order.side,
+            "price": "" if order.price is None else format_price(self.contract, order.price),
+            "size": str(order.size),
+            "remainSize": str(order.size - order.filled_size if order.is_active else 0),
+            "filledSize": str(order.filled_size), "canceledSize": "0",
+            "clientOid": order.client_oid, "orderTime": order.order_time, "ts": ts,
+        }
+        data.update(extra)
+        self.private.append((order.user_id, data))
+
+    def take_private(self) -> list[tuple[str, dict[str, Any]]]:
+        """The private changes made since the last call, oldest first (and forget them)."""
+        out, self.private = self.private, []
+        return out
+
+    def _msg_finished(self, order: EngineOrder, reason: str, now_ns: int) -> Message:
+        """``order`` is finished (:meth:`_finish` done): its ``done``, and the owner's change."""
+        left = order.size - order.filled_size
+        msg = self._msg_done(order, reason, now_ns)
+        if reason == "canceled":
+            self._private(order, "canceled", "done", msg["data"]["ts"], canceledSize=str(left))
+        else:
+            self._private(order, "filled", "done", msg["data"]["ts"])
+        return msg
 
     # ------------------------------------------------------------------ validation
 
@@ -613,13 +649,20 @@ class MatchingEngine:
                     match = self._msg_match(taker, maker, level.text, fill, now_ns)
                     out.append(match)
                     if self.fills:
+                        data = match["data"]
+                        for who, status, liquidity in ((taker, "match", "taker"),
+                                                       (maker, "open", "maker")):
+                            self._private(who, "match", status, data["ts"], matchSize=str(fill),
+                                          matchPrice=level.text, tradeId=data["tradeId"],
+                                          liquidity=liquidity)
+                    if self.fills:
                         self._record_fill(taker, "taker", match["data"], fill, price, value)
                         self._record_fill(maker, "maker", match["data"], fill, price, value)
                     if fill == maker_left:
                         del queue[maker.id]
                         self._resting_count[opp] -= 1
                         self._finish(maker, "filled", now_ns)
-                        out.append(self._msg_done(maker, "filled", now_ns))
+                        out.append(self._msg_finished(maker, "filled", now_ns))
             if not level.visible and not level.hidden:
                 del levels[ticks]
                 keys.pop()
@@ -660,9 +703,16 @@ class MatchingEngine:
         return Position(self.symbol, self._inverse, self._multiplier,
                         self.contract.settle_currency)
 
-    def place(self, req: OrderRequest, now_ns: int) -> tuple[EngineOrder, list[Message]]:
+    def new_order_id(self, now_ns: int) -> str:
+        """A fresh orderId of this contract (one :meth:`place` would draw itself)."""
+        return self._new_order_id(now_ns)
+
+    def place(self, req: OrderRequest, now_ns: int, *, order_id: str | None = None
+              ) -> tuple[EngineOrder, list[Message]]:
         """Accept, match and rest (or finish) an order; return it and its messages.
 
+        ``order_id``: the id it gets (one drawn earlier by :meth:`new_order_id`, e.g.
+        a stop order's, which keeps its id when triggered); a fresh one by default.
         Raises :class:`RejectError` (nothing emitted) when the request breaks a rule.
         """
         price, ticks, leverage = self._validate(req)
@@ -683,7 +733,7 @@ class MatchingEngine:
                 )
         now_ms = now_ns // 1_000_000
         order = EngineOrder(
-            id=self._new_order_id(now_ns),
+            id=order_id if order_id is not None else self._new_order_id(now_ns),
             client_oid=req.client_oid,
             user_id=req.user_id,
             symbol=self.symbol,
@@ -719,20 +769,21 @@ class MatchingEngine:
         side = _SIDE_INDEX[req.side]
         if req.post_only and self._crosses(side, ticks):
             self._finish(order, "canceled", now_ns)
-            out.append(self._msg_done(order, "canceled", now_ns))
+            out.append(self._msg_finished(order, "canceled", now_ns))
             return order, out
         self._match(order, ticks if is_limit else None, out, now_ns)
         if order.filled_size == order.size:
             self._finish(order, "filled", now_ns)
-            out.append(self._msg_done(order, "filled", now_ns))
+            out.append(self._msg_finished(order, "filled", now_ns))
         elif is_limit and req.time_in_force == "GTC":
             ts = self._next_ts(now_ns)
             if not order.hidden:
                 out.append(self._msg_open(order, self._level_text(side, ticks), ts))
             self._rest(order, ts)
+            self._private(order, "open", "open", ts)
         else:
             self._finish(order, "canceled", now_ns)
-            out.append(self._msg_done(order, "canceled", now_ns))
+            out.append(self._msg_finished(order, "canceled", now_ns))
         return order, out
 
     def cancel(self, order_id: str, now_ns: int, user_id: str | None = None) -> list[Message]:
@@ -748,7 +799,7 @@ class MatchingEngine:
             )
         self._unrest(order)
         self._finish(order, "canceled", now_ns)
-        return [self._msg_done(order, "canceled", now_ns)]
+        return [self._msg_finished(order, "canceled", now_ns)]
 
     def cancel_by_client_oid(
         self, user_id: str, client_oid: str, now_ns: int
@@ -787,11 +838,15 @@ class MatchingEngine:
                 INVALID_PARAMETER, f"new size must be between 1 and {left - 1}, not {new_size!r}"
             )
         self._resting_size[_SIDE_INDEX[order.side]] -= left - new_size
+        old_size = order.size
         order.size = order.filled_size + new_size
         order.updated_at = now_ns // 1_000_000
-        if order.hidden:
-            return []
-        return [self._msg_update(order, now_ns)]
+        out = [] if order.hidden else [self._msg_update(order, now_ns)]
+        if self.fills:
+            ts = out[0]["data"]["ts"] if out else self._next_ts(now_ns)
+            self._private(order, "update", "open", ts, oldSize=str(old_size),
+                          canceledSize=str(left - new_size))
+        return out
 
     def get_order(self, order_id: str) -> EngineOrder | None:
         """The order with ``order_id``, or None (never seen, or forgotten)."""

@@ -216,6 +216,9 @@ class Exchange:
                 journal.extend((m["data"]["sequence"], json.dumps(m, separators=(",", ":")))
                                for m in messages)
             self.hub.publish(symbol, messages)
+        engine = self.engines.get(symbol)
+        if engine is not None and engine.private:
+            self.hub.publish_private(symbol, engine.take_private())
 
     def journal_after(self, symbol: str, after: int, limit: int) -> dict[str, Any]:
         """Journalled messages of ``symbol`` with a sequence above ``after`` (oldest first)."""

@@ -51,6 +51,17 @@ together. A venue-wide outage is its own knob (``outage_every_s``, lasting
 every ``ping`` unanswered (still counted as a sign of life, so the server does
 not drop the client; counted as ``pongs_withheld``). The background task
 started by :meth:`Hub.start` runs the schedules.
+
+**The private channel.** A token from ``bullet-private`` belongs to the API
+key's account (:meth:`Hub.issue_token` with ``user_id``). Its connections may
+subscribe, with ``privateChannel: true``, to ``/contractMarket/tradeOrders``
+(every contract: subject ``orderChange``) and ``/contractMarket/tradeOrders:SYM``
+(one contract: subject ``symbolOrderChange``), and receive the changes of that
+account's orders and no one else's (:meth:`Hub.publish_private`, fed by the
+engines; the message shape is the venue's, kumex-api.md §8). A public token
+asking for a private channel gets an ``error`` 401. The drop, duplicate and
+reorder faults are the public feed's and leave private messages alone; delay,
+disconnects and outages apply to every connection.
 """
 
 from __future__ import annotations
@@ -68,7 +79,7 @@ from typing import Any, Final
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from kumex_l3.messages import TOPIC_PREFIX
+from kumex_l3.messages import PRIVATE_TOPIC, TOPIC_PREFIX
 from kumex_l3.tasks import cancel_and_wait
 from services.sandbox.faults import FaultState, WsFaultFilter
 
@@ -77,6 +88,7 @@ __all__ = [
     "CLOSE_POLICY",
     "CLOSE_TRY_AGAIN",
     "MAX_TOPICS",
+    "PRIVATE_TOPIC",
     "TOKEN_TTL_S",
     "TOPIC_PREFIX",
     "Hub",
@@ -84,6 +96,11 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+#: The private topic's ``subject`` for every contract, and for one contract's.
+_SUBJECT_ALL: Final = "orderChange"
+_SUBJECT_ONE: Final = "symbolOrderChange"
+#: A private subscription to every contract (in ``_Client.private``).
+_ALL: Final = ""
 #: Topics one connection may hold (the real venue's limit).
 MAX_TOPICS: Final = 100
 #: How long an issued token stays valid.
@@ -110,11 +127,16 @@ class _Client:
     """One connected socket: its subscriptions, outgoing queue, faults and close request."""
 
     __slots__ = ("close_code", "close_reason", "closing", "connect_id", "cut_at", "filter",
-                 "latency", "ping_deadline", "queue", "rng", "symbols", "wakeup")
+                 "latency", "ping_deadline", "private", "queue", "rng", "symbols", "user",
+                 "wakeup")
 
     def __init__(self, connect_id: str, ping_deadline: float, faults: FaultState,
-                 seed: int) -> None:
+                 seed: int, user: str | None = None) -> None:
         self.connect_id = connect_id
+        #: The account of a private token (None: a public one).
+        self.user = user
+        #: Private subscriptions: symbols, and ``_ALL`` for every contract.
+        self.private: set[str] = set()
         #: This connection's own dice: drop/duplicate/reorder, delay jitter, lifetime.
         self.filter = WsFaultFilter(faults, seed=seed)
         self.rng = random.Random(seed ^ 0x5EED)
@@ -162,9 +184,13 @@ class Hub:
         self._seeds = random.Random(seed)
         #: ``time.monotonic()`` until which new connections are refused (an outage).
         self.outage_until = 0.0
-        self._tokens: dict[str, float] = {}
+        #: token -> (expiry, account of a private token or None)
+        self._tokens: dict[str, tuple[float, str | None]] = {}
         self._clients: set[_Client] = set()
         self._subscribers: dict[str, set[_Client]] = {}
+        #: account -> its clients holding a private subscription
+        self._private: dict[str, set[_Client]] = {}
+        self.published_private = 0
         self._handlers: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self.published = 0
@@ -173,22 +199,27 @@ class Hub:
 
     # ------------------------------------------------------------------ tokens, symbols
 
-    def issue_token(self) -> str:
-        """A new random token for ``/endpoint?token=...``, valid for 24 h (reusable)."""
+    def issue_token(self, user_id: str | None = None) -> str:
+        """A new random token for ``/endpoint?token=...``, valid for 24 h (reusable);
+        a private one of account ``user_id`` when given."""
         now = time.monotonic()
-        expired = [t for t, until in self._tokens.items() if until <= now]
+        expired = [t for t, (until, _) in self._tokens.items() if until <= now]
         for t in expired:
             del self._tokens[t]
         token = secrets.token_urlsafe(48)
-        self._tokens[token] = now + TOKEN_TTL_S
+        self._tokens[token] = (now + TOKEN_TTL_S, user_id)
         return token
 
     def token_valid(self, token: str | None) -> bool:
         """Whether ``token`` was issued by this hub and has not expired."""
         if not token:
             return False
-        until = self._tokens.get(token)
-        return until is not None and time.monotonic() < until
+        held = self._tokens.get(token)
+        return held is not None and time.monotonic() < held[0]
+
+    def _token_user(self, token: str | None) -> str | None:
+        held = self._tokens.get(token) if token else None
+        return None if held is None else held[1]
 
     def add_symbols(self, symbols: Iterable[str]) -> None:
         """Allow subscriptions to more symbols (no-op when any symbol is accepted)."""
@@ -224,6 +255,31 @@ class Hub:
         """
         self.faults.counts["injected"] += len(frames)
         self._fan_out(symbol, frames)
+
+    def publish_private(self, symbol: str, changes: Sequence[tuple[str, dict[str, Any]]]
+                        ) -> None:
+        """Send each ``(account, data)`` order change of ``symbol`` to that account's
+        private subscribers: ``orderChange`` on the all-contracts topic,
+        ``symbolOrderChange`` on the contract's. Never waits; no drop/dup/reorder."""
+        topic_one = f"{PRIVATE_TOPIC}:{symbol}"
+        for user, data in changes:
+            clients = self._private.get(user)
+            if not clients:
+                continue
+            texts: dict[str, str] = {}
+            for client in list(clients):
+                key = _ALL if _ALL in client.private else symbol
+                if key not in client.private:
+                    continue
+                text = texts.get(key)
+                if text is None:
+                    text = texts[key] = _dumps({
+                        "type": "message",
+                        "topic": PRIVATE_TOPIC if key == _ALL else topic_one,
+                        "subject": _SUBJECT_ALL if key == _ALL else _SUBJECT_ONE,
+                        "channelType": "private", "data": data})
+                self.published_private += 1
+                self._enqueue(client, [text])
 
     def flush(self, symbol: str) -> None:
         """Send the messages of ``symbol`` held back by the reorder fault, unswapped."""
@@ -285,6 +341,13 @@ class Hub:
 
     def _forget(self, client: _Client) -> None:
         self._clients.discard(client)
+        if client.user is not None:
+            held = self._private.get(client.user)
+            if held is not None:
+                held.discard(client)
+                if not held:
+                    del self._private[client.user]
+        client.private.clear()
         for symbol in client.symbols:
             subs = self._subscribers.get(symbol)
             if subs is not None:
@@ -363,6 +426,7 @@ class Hub:
             "queue_depth_max": self.max_queue_depth(),
             "queue_limit": self.queue_limit,
             "published": self.published,
+            "published_private": self.published_private,
             "connections": [
                 {"connectId": c.connect_id, "topics": len(c.symbols), "queued": len(c.queue)}
                 for c in self._clients
@@ -400,7 +464,7 @@ class Hub:
         except (WebSocketDisconnect, OSError, RuntimeError):
             return  # the client left during the handshake
         client = _Client(connect_id, time.monotonic() + self.ping_timeout_s, self.faults,
-                         self._seeds.getrandbits(63))
+                         self._seeds.getrandbits(63), user=self._token_user(token))
         self._clients.add(client)
         tasks = {
             asyncio.create_task(self._send_loop(client, websocket)),
@@ -506,8 +570,12 @@ class Hub:
     def _subscription(self, client: _Client, msg_id: Any, kind: str,
                       msg: dict[str, Any]) -> None:
         topic = msg.get("topic")
-        if msg.get("privateChannel") is True:
+        if msg.get("privateChannel") is True and client.user is None:
             self._reply(client, _error(msg_id, 401, "private channels need bullet-private"))
+            return
+        if isinstance(topic, str) and (topic == PRIVATE_TOPIC
+                                       or topic.startswith(PRIVATE_TOPIC + ":")):
+            self._private_subscription(client, msg_id, kind, msg, topic)
             return
         symbols = self._parse_topic(topic)
         if symbols is None:
@@ -515,7 +583,7 @@ class Hub:
             return
         if kind == "subscribe":
             new = [s for s in symbols if s not in client.symbols]
-            if len(client.symbols) + len(new) > MAX_TOPICS:
+            if len(client.symbols) + len(client.private) + len(new) > MAX_TOPICS:
                 self._reply(client, _error(
                     msg_id, 400, f"exceed max subscription count limitation of {MAX_TOPICS}"
                 ))
@@ -531,6 +599,43 @@ class Hub:
                     subs.discard(client)
                     if not subs:
                         del self._subscribers[symbol]
+        if msg.get("response") is True:
+            self._reply(client, {"id": msg_id, "type": "ack"})
+
+    def _private_subscription(self, client: _Client, msg_id: Any, kind: str,
+                              msg: dict[str, Any], topic: str) -> None:
+        """(Un)subscribe ``client`` to its account's order changes (every contract's, or
+        the listed contracts')."""
+        user = client.user
+        if user is None or msg.get("privateChannel") is not True:
+            self._reply(client, _error(
+                msg_id, 401, f"{topic} is a private channel: subscribe with a bullet-private "
+                "token and privateChannel true"))
+            return
+        if topic == PRIVATE_TOPIC:
+            keys = [_ALL]
+        else:
+            keys = list(dict.fromkeys(s.strip() for s in topic[len(PRIVATE_TOPIC) + 1:]
+                                      .split(",")))
+            if not keys or not all(self.symbol_known(s) for s in keys):
+                self._reply(client, _error(msg_id, 404, f"topic {topic} is not found"))
+                return
+        if kind == "subscribe":
+            new = [k for k in keys if k not in client.private]
+            if len(client.symbols) + len(client.private) + len(new) > MAX_TOPICS:
+                self._reply(client, _error(
+                    msg_id, 400, f"exceed max subscription count limitation of {MAX_TOPICS}"))
+                return
+            client.private.update(new)
+            self._private.setdefault(user, set()).add(client)
+        else:
+            client.private.difference_update(keys)
+            if not client.private:
+                held = self._private.get(user)
+                if held is not None:
+                    held.discard(client)
+                    if not held:
+                        del self._private[user]
         if msg.get("response") is True:
             self._reply(client, {"id": msg_id, "type": "ack"})
 

@@ -398,7 +398,7 @@ def api_router(exchange: Exchange) -> APIRouter:
     def order_data(order: EngineOrder) -> dict[str, Any]:
         return order.to_api()
 
-    def bullet(request: Request) -> dict[str, Any]:
+    def bullet(request: Request, user_id: str | None = None) -> dict[str, Any]:
         endpoint = settings.public_url
         if endpoint is None:
             host = request.headers.get("host")
@@ -408,7 +408,7 @@ def api_router(exchange: Exchange) -> APIRouter:
             else:
                 endpoint = settings.ws_endpoint
         return {
-            "token": exchange.hub.issue_token(),
+            "token": exchange.hub.issue_token(user_id),
             "instanceServers": [
                 {
                     "endpoint": endpoint,
@@ -445,8 +445,8 @@ def api_router(exchange: Exchange) -> APIRouter:
 
     @router.post("/api/v1/bullet-private")
     async def bullet_private(request: Request) -> JSONResponse:
-        await authenticate(request)
-        return ok(bullet(request))
+        auth = await authenticate(request)
+        return ok(bullet(request, auth.user_id))
 
     @router.get("/api/v2/level3/snapshot")
     async def level3_snapshot(request: Request) -> JSONResponse:

@@ -23,9 +23,10 @@ import redis
 
 from kumex_l3 import OrderBook, keys, parse_message
 from kumex_l3.config import tls_context
+from kumex_l3.messages import PRIVATE_TOPIC
 from kumex_l3.rest import KumexRestClient
 from kumex_l3.testing.procs import ServiceProcess, wait_for
-from kumex_l3.testing.sandbox_proc import SandboxProcess
+from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, SandboxProcess
 from kumex_l3.testing.tls import TlsFiles, make_tls
 from kumex_l3.wsclient import ConnectError, WsClient, WsOptions, level3_topic
 from tests.truth import assert_l3_equals_engine
@@ -178,6 +179,43 @@ async def test_official_sdk_websocket_client_over_tls_builds_the_engines_book(
             await _close_sdk(sdk_ws)
     texts = [json.dumps(f) for f in frames]
     assert_l3_equals_engine(_l3(_book_from(texts, snapshot)), engine)
+
+
+async def test_official_sdk_private_websocket_client_is_told_of_its_orders(
+        tls_sandbox: SandboxProcess, tls_files: TlsFiles,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same SDK's private client (a ``bullet-private`` token, ``privateChannel``
+    true) on ``/contractMarket/tradeOrders``: its orders placed through its own Trade
+    client come back as ``orderChange`` open, then canceled."""
+    client = _sdk("kucoin_futures.client")
+    ws_client = _sdk("kucoin_futures.ws_client")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_files.ca))
+    creds = {"key": DEMO_KEY_1.key, "secret": DEMO_KEY_1.secret,
+             "passphrase": DEMO_KEY_1.passphrase, "url": tls_sandbox.base_url}
+    frames: list[dict[str, Any]] = []
+    got = asyncio.Event()
+
+    async def on_message(msg: dict[str, Any]) -> None:
+        frames.append(msg)
+        got.set()
+
+    sdk_ws = await ws_client.KucoinFuturesWsClient.create(
+        None, client.WsToken(**creds), on_message, private=True)
+    try:
+        await sdk_ws.subscribe(PRIVATE_TOPIC)
+        trade = client.Trade(**creds)
+        placed = await asyncio.to_thread(trade.create_limit_order, SYM, "sell", "5", 2,
+                                         "900000.0", clientOid="sdk-private-1")
+        await wait_until(lambda: len(frames) >= 1, got)
+        await asyncio.to_thread(trade.cancel_order, placed["orderId"])
+        await wait_until(lambda: len(frames) >= 2, got)
+    finally:
+        await _close_sdk(sdk_ws)
+    assert [(f["subject"], f["data"]["orderId"], f["data"]["clientOid"], f["data"]["type"])
+            for f in frames] == [("orderChange", placed["orderId"], "sdk-private-1", "open"),
+                                 ("orderChange", placed["orderId"], "sdk-private-1",
+                                  "canceled")]
 
 
 async def _close_sdk(sdk_ws: Any) -> None:

@@ -1,0 +1,186 @@
+"""The sandbox's private order channel (``/contractMarket/tradeOrders``), over real sockets.
+
+A ``bullet-private`` token belongs to the signing key's account: its connection
+is told of that account's orders, in the venue's ``orderChange`` shape, and of
+no one else's. The sandbox is the shared real process; clients are the
+``websockets`` library. Waits are bounded by a safety ceiling, never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from kumex_l3.messages import PRIVATE_TOPIC, parse_order_change
+from kumex_l3.testing.sandbox_proc import (
+    DEMO_KEY_1,
+    DEMO_KEY_2,
+    DemoKey,
+    KcAuth,
+    SandboxProcess,
+    sweep_through,
+)
+
+SYM = "XBTUSDM"
+TICK = Decimal("0.1")
+SAFETY_S = 10.0  # a ceiling against a hang, never a measurement
+#: Every field of an order change (kumex-api.md §8), and those only a match carries.
+FIELDS = {"orderId", "symbol", "type", "status", "orderType", "side", "price", "size",
+          "remainSize", "filledSize", "canceledSize", "clientOid", "orderTime", "ts"}
+MATCH_FIELDS = {"matchSize", "matchPrice", "tradeId", "liquidity"}
+
+
+def _token(sandbox: SandboxProcess, key: DemoKey | None) -> tuple[str, str]:
+    path = "/api/v1/bullet-public" if key is None else "/api/v1/bullet-private"
+    with httpx.Client(base_url=sandbox.base_url, timeout=10,
+                      auth=None if key is None else KcAuth(key)) as http:
+        data = http.post(path).raise_for_status().json()["data"]
+    return data["token"], data["instanceServers"][0]["endpoint"]
+
+
+@asynccontextmanager
+async def _socket(sandbox: SandboxProcess, key: DemoKey | None) -> AsyncIterator[ClientConnection]:
+    token, endpoint = _token(sandbox, key)
+    async with connect(f"{endpoint}?token={token}&connectId={uuid.uuid4().hex}") as ws:
+        assert (await _recv(ws))["type"] == "welcome"
+        yield ws
+
+
+async def _recv(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(SAFETY_S):
+        reply: dict[str, Any] = json.loads(await ws.recv())
+        return reply
+
+
+async def _ask(ws: ClientConnection, topic: str, *, private: bool = True) -> dict[str, Any]:
+    await ws.send(json.dumps({"id": "s1", "type": "subscribe", "topic": topic,
+                              "privateChannel": private, "response": True}))
+    return await _recv(ws)
+
+
+async def _changes(ws: ClientConnection, n: int) -> list[dict[str, Any]]:
+    return [await _recv(ws) for _ in range(n)]
+
+
+async def _quiet(ws: ClientConnection) -> bool:
+    """True when nothing arrives for a while (what another account must not be told)."""
+    try:
+        async with asyncio.timeout(0.5):
+            await ws.recv()
+    except TimeoutError:
+        return True
+    return False
+
+
+def _place(sandbox: SandboxProcess, key: DemoKey, **body: Any) -> str:
+    with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(key)) as http:
+        body = {"clientOid": uuid.uuid4().hex, "symbol": SYM, "leverage": "5", **body}
+        return str(http.post("/api/v1/orders", json=body).raise_for_status()
+                   .json()["data"]["orderId"])
+
+
+async def test_an_account_is_told_of_its_own_orders_and_of_no_one_elses(
+        sandbox: SandboxProcess) -> None:
+    async with _socket(sandbox, DEMO_KEY_1) as mine, _socket(sandbox, DEMO_KEY_2) as theirs:
+        assert (await _ask(mine, PRIVATE_TOPIC))["type"] == "ack"
+        assert (await _ask(theirs, PRIVATE_TOPIC))["type"] == "ack"
+        with httpx.Client(base_url=sandbox.base_url, timeout=10) as control:
+            book = control.get(f"/sandbox/book/{SYM}").json()
+        best_bid, best_ask = (Decimal(book[s][0]["price"]) for s in ("bids", "asks"))
+        price = f"{best_bid + TICK if best_bid + TICK < best_ask else best_bid:f}"
+        maker = _place(sandbox, DEMO_KEY_1, side="buy", price=price, size=10)
+        (opened,) = await _changes(mine, 1)
+        assert (opened["topic"], opened["subject"], opened["channelType"]) == (
+            PRIVATE_TOPIC, "orderChange", "private")
+        data = opened["data"]
+        assert set(data) >= FIELDS
+        assert (data["orderId"], data["type"], data["status"], data["size"],
+                data["remainSize"], data["filledSize"], data["price"], data["side"]) == (
+            maker, "open", "open", "10", "10", "0", price, "buy")
+        assert await _quiet(theirs)
+        # demo-2 takes what is ahead of it and 6 of it with an IOC: our trade is told to
+        # each side as its own.
+        with httpx.Client(base_url=sandbox.base_url, timeout=10) as control, \
+                httpx.Client(base_url=sandbox.base_url, timeout=10,
+                             auth=KcAuth(DEMO_KEY_2)) as http:
+            taker = sweep_through(control, http, SYM, side="buy", price=Decimal(price),
+                                  order_id=maker, take=6, client_oid=uuid.uuid4().hex
+                                  ).raise_for_status().json()["data"]["orderId"]
+        (match,) = await _changes(mine, 1)
+        told = [await _recv(theirs)]
+        while told[-1]["data"]["type"] == "match":
+            told.append(await _recv(theirs))
+        their_done = told[-1]
+        m = match["data"]
+        t = next(f["data"] for f in told if f["data"].get("tradeId") == m["tradeId"])
+        assert set(m) >= MATCH_FIELDS and set(t) >= MATCH_FIELDS
+        assert (m["orderId"], m["type"], m["status"], m["liquidity"], m["matchSize"],
+                m["filledSize"], m["remainSize"]) == (maker, "match", "open", "maker", "6",
+                                                      "6", "4")
+        assert (t["orderId"], t["status"], t["liquidity"], t["tradeId"], t["ts"]) == (
+            taker, "match", "taker", m["tradeId"], m["ts"])
+        assert (their_done["data"]["type"], their_done["data"]["status"]) == ("filled", "done")
+        # The cancel of the rest: canceled, with the size it took off the book.
+        with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as http:
+            http.delete(f"/api/v1/orders/{maker}").raise_for_status()
+        (done,) = await _changes(mine, 1)
+        assert (done["data"]["type"], done["data"]["status"], done["data"]["canceledSize"],
+                done["data"]["remainSize"], done["data"]["filledSize"]) == (
+            "canceled", "done", "4", "0", "6")
+        assert await _quiet(theirs)
+        # Every frame is what our own parser reads.
+        for frame in (opened, match, done):
+            change = parse_order_change(json.dumps(frame))
+            assert change is not None and change.client_oid == frame["data"]["clientOid"]
+
+
+async def test_a_contract_topic_and_what_is_refused(sandbox: SandboxProcess) -> None:
+    async with _socket(sandbox, None) as public:
+        refused = await _ask(public, PRIVATE_TOPIC)
+        assert (refused["type"], refused["code"]) == ("error", 401)
+    async with _socket(sandbox, DEMO_KEY_1) as ws:
+        no_flag = await _ask(ws, PRIVATE_TOPIC, private=False)
+        assert (no_flag["type"], no_flag["code"]) == ("error", 401)
+        unknown = await _ask(ws, f"{PRIVATE_TOPIC}:NOPEUSDM")
+        assert (unknown["type"], unknown["code"]) == ("error", 404)
+        assert (await _ask(ws, f"{PRIVATE_TOPIC}:{SYM}"))["type"] == "ack"
+        order = _place(sandbox, DEMO_KEY_1, side="buy", price="9000.0", size=1, hidden=True)
+        (opened,) = await _changes(ws, 1)
+        # A hidden order never shows on the public feed; its owner is told.
+        assert (opened["topic"], opened["subject"], opened["data"]["orderId"],
+                opened["data"]["type"]) == (f"{PRIVATE_TOPIC}:{SYM}", "symbolOrderChange",
+                                            order, "open")
+        # The public feed still works on a private connection (privateChannel true).
+        assert (await _ask(ws, f"/contractMarket/level3v2:{SYM}"))["type"] == "ack"
+        with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as http:
+            http.delete(f"/api/v1/orders/{order}").raise_for_status()
+        frames = [await _recv(ws), await _recv(ws)]
+        # Its done on the public feed (a done for an order no book held), then its owner's.
+        assert [f["subject"] for f in frames] == ["done", "symbolOrderChange"]
+        assert frames[1]["data"]["type"] == "canceled"
+
+
+@pytest.mark.parametrize("key", [DEMO_KEY_1])
+async def test_a_private_token_is_the_accounts_own(sandbox: SandboxProcess,
+                                                   key: DemoKey) -> None:
+    """Two tokens of one account each get its changes; the public one is refused."""
+    async with _socket(sandbox, key) as a, _socket(sandbox, key) as b:
+        for ws in (a, b):
+            assert (await _ask(ws, PRIVATE_TOPIC))["type"] == "ack"
+        order = _place(sandbox, key, side="sell", price="900000.0", size=1)
+        for ws in (a, b):
+            (opened,) = await _changes(ws, 1)
+            assert opened["data"]["orderId"] == order
+        with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(key)) as http:
+            http.delete(f"/api/v1/orders/{order}").raise_for_status()
+        for ws in (a, b):
+            assert (await _changes(ws, 1))[0]["data"]["type"] == "canceled"
