@@ -446,8 +446,9 @@ class MatchingEngine:
 
     # ------------------------------------------------------------------ validation
 
-    def _validate(self, req: OrderRequest) -> tuple[Decimal | None, int, str]:
-        """Check ``req``; return (price, price ticks, leverage text) or raise."""
+    def validate(self, req: OrderRequest) -> tuple[Decimal | None, int, str]:
+        """Check ``req`` itself (not the book, not the user's other orders): return (price,
+        price ticks, leverage text) or raise, as :meth:`place` would."""
         c = self.contract
         if req.side not in _SIDE_INDEX:
             raise RejectError(INVALID_PARAMETER, f"side must be buy or sell, not {req.side!r}")
@@ -715,7 +716,7 @@ class MatchingEngine:
         a stop order's, which keeps its id when triggered); a fresh one by default.
         Raises :class:`RejectError` (nothing emitted) when the request breaks a rule.
         """
-        price, ticks, leverage = self._validate(req)
+        price, ticks, leverage = self.validate(req)
         is_limit = req.type == "limit"
         active = self._user_active.get(req.user_id)
         if active:

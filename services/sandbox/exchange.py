@@ -15,6 +15,11 @@ re-rated at run time; it uses the event loop's clock. With
 ``SANDBOX_REPLAY`` set, a :class:`~services.sandbox.replay.Replayer` sends a
 capture instead, and trading is disabled (its sequences belong to the
 capture).
+
+Stop orders wait off the book in one :class:`~services.sandbox.stops.StopBook`
+per symbol; :meth:`Exchange._publish` hands every batch to :meth:`Exchange._reach`,
+which places (through the engine, keeping their orderIds) the stops its trades
+reach, one after the other, each batch published before the next placement.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 from kumex_l3.tasks import cancel_and_wait
+from services.sandbox.account import Holding, OpenOrder, account_overview
 from services.sandbox.auth import ApiCredential
 from services.sandbox.contracts import CONTRACTS, Contract
 from services.sandbox.engine import (
     CANNOT_CANCEL,
+    DUPLICATE_CLIENT_OID,
     INVALID_PARAMETER,
+    TOO_MANY_ACTIVE,
     EngineOrder,
     MatchingEngine,
     Message,
@@ -46,6 +54,7 @@ from services.sandbox.faults import FaultState
 from services.sandbox.flow import SyntheticFlow
 from services.sandbox.hub import Hub
 from services.sandbox.settings import SandboxSettings
+from services.sandbox.stops import StopBook, StopOrder, StopSpec, new_stop, stop_ticks
 
 if TYPE_CHECKING:
     from services.sandbox.replay import Replayer
@@ -189,6 +198,13 @@ class Exchange:
         } if settings.journal_size else {}
         #: Per symbol: the last trades (the ``data`` of ``match`` messages), newest last.
         self.trades: dict[str, deque[dict[str, Any]]] = {}
+        #: Per symbol: the stop orders waiting for a trade (services.sandbox.stops); and
+        #: the fired ones waiting for their turn to be placed (:meth:`_reach`).
+        self.stop_books: dict[str, StopBook] = {s: StopBook(s) for s in self.engines}
+        self._stop_queue: deque[StopOrder] = deque()
+        self._firing = False
+        #: (user, symbol) -> leverage of the user's latest order placed there (its margin).
+        self._leverage: dict[tuple[str, str], Decimal] = {}
 
     # ------------------------------------------------------------------ clock
 
@@ -219,6 +235,7 @@ class Exchange:
         engine = self.engines.get(symbol)
         if engine is not None and engine.private:
             self.hub.publish_private(symbol, engine.take_private())
+        self._reach(symbol, messages)
 
     def journal_after(self, symbol: str, after: int, limit: int) -> dict[str, Any]:
         """Journalled messages of ``symbol`` with a sequence above ``after`` (oldest first)."""
@@ -633,3 +650,224 @@ class Exchange:
             "replay": None if self.replayer is None else self.replayer.stats(),
         }
         return state
+
+    # ------------------------------------------------------------------ stop orders, order test
+
+    def _vet(self, symbol: str, request: OrderRequest, stop: StopSpec | None
+             ) -> tuple[MatchingEngine, StopOrder | None]:
+        """Every check of ``POST /api/v1/orders``, in its order, with nothing placed: the
+        engine of ``symbol`` and, for a stop order, the stop to hold (with a fresh orderId).
+
+        Raises :class:`RejectError` with the code and message placing would give.
+        """
+        self._trading()
+        engine = self.engine(symbol)
+        # The engine's checks of the request itself (its state is checked below).
+        price, _, leverage = engine.validate(request)
+        if stop is not None:
+            stop_ticks(engine.contract, stop)
+        user, client_oid = request.user_id, request.client_oid
+        book = self.stop_books[symbol]
+        active = engine.get_by_client_oid(user, client_oid)
+        waiting = book.by_client_oid(user, client_oid)
+        if (active is not None and active.is_active) or (waiting is not None and waiting.is_open):
+            raise RejectError(DUPLICATE_CLIENT_OID,
+                              f"an active order with clientOid {client_oid} already exists")
+        if stop is None:
+            if (request.type == "limit" and request.time_in_force == "GTC"
+                    and engine.active_count(user) >= engine.max_active_per_user):
+                raise RejectError(
+                    TOO_MANY_ACTIVE,
+                    f"too many active orders: at most {engine.max_active_per_user} open "
+                    "limit orders per contract",
+                )
+            return engine, None
+        if len(book.open_orders(user)) >= book.max_per_user:
+            raise RejectError(
+                TOO_MANY_ACTIVE,
+                f"too many untriggered stop orders: at most {book.max_per_user} per contract",
+            )
+        now_ns = self.now_ns()
+        return engine, new_stop(engine.new_order_id(now_ns), request, engine.contract, stop,
+                                price, leverage, now_ns // 1_000_000)
+
+    def submit(self, symbol: str, request: OrderRequest, stop: StopSpec | None = None
+               ) -> tuple[str, str]:
+        """``POST /api/v1/orders``: place an order, or hold a stop order until a trade
+        reaches its stop price (at once when the last trade already has); the
+        (orderId, clientOid) of the reply."""
+        _, held = self._vet(symbol, request, stop)
+        if held is None:
+            order = self.place(symbol, request)
+            self._leverage[(order.user_id, symbol)] = Decimal(order.leverage)
+            return order.id, order.client_oid
+        self.stop_books[symbol].add(held)
+        trades = self.trades.get(symbol)
+        if trades:
+            self._reach(symbol, [{"subject": "match", "data": trades[-1]}])
+        return held.id, held.client_oid
+
+    def check_order(self, symbol: str, request: OrderRequest, stop: StopSpec | None = None
+                    ) -> dict[str, str]:
+        """``POST /api/v1/orders/test``: the checks of :meth:`submit` (the same refusals),
+        nothing placed, held or published; the reply :meth:`submit` would give."""
+        engine, held = self._vet(symbol, request, stop)
+        order_id = held.id if held is not None else engine.new_order_id(self.now_ns())
+        return {"orderId": order_id, "clientOid": request.client_oid}
+
+    def _reach(self, symbol: str, messages: list[Message]) -> None:
+        """Place the stop orders of ``symbol`` that the trades among ``messages`` reach,
+        trade by trade (:meth:`_publish` calls it for every batch, whoever traded).
+
+        Re-entrant by design: a placed stop's own messages come back here through
+        :meth:`_publish` while the outermost call is still placing; they only queue
+        the stops they reach, and the outermost call places the queue in order. So
+        nothing recurses, and each batch is out before the next stop is placed.
+        """
+        book = self.stop_books.get(symbol)
+        if not book:
+            return
+        tick = self.contracts[symbol].tick_size
+        queue = self._stop_queue
+        for m in messages:
+            if m.get("subject") == "match" and book:
+                ticks = int(Decimal(m["data"]["price"]) / tick)
+                queue.extend(book.fire(ticks, self.now_ns() // 1_000_000))
+        if self._firing or not queue:
+            return
+        self._firing = True
+        try:
+            while queue:
+                self._trigger(queue.popleft())
+        except BaseException:
+            for stop in queue:  # fired, never placed: finished, not lost in the queue
+                self.stop_books[stop.symbol].refused(stop, "internal error",
+                                                     self.now_ns() // 1_000_000)
+            queue.clear()
+            raise
+        finally:
+            self._firing = False
+
+    def _trigger(self, stop: StopOrder) -> None:
+        """Place a fired ``stop`` through its engine, keeping its orderId; from then on it
+        is an ordinary order. A refusal finishes it as canceled (and says so in the log:
+        its account only sees it by asking)."""
+        engine = self.engines[stop.symbol]
+        try:
+            order, messages = engine.place(stop.request, self.now_ns(), order_id=stop.id)
+        except RejectError as exc:
+            self.stop_books[stop.symbol].refused(stop, exc.msg, self.now_ns() // 1_000_000)
+            _log.warning("stop order %s of %s on %s reached %s %s but the engine refused it "
+                         "(%s: %s): canceled", stop.id, stop.user_id, stop.symbol, stop.stop,
+                         stop.stop_price_text, exc.code, exc.msg)
+            return
+        self._leverage[(order.user_id, stop.symbol)] = Decimal(order.leverage)
+        self._publish(stop.symbol, messages)
+
+    def _stop_books_for(self, symbol: str | None) -> list[StopBook]:
+        return [self.stop_books[engine.symbol] for engine in self._engines_for(symbol)]
+
+    def stop_orders(self, user_id: str, symbol: str | None = None) -> list[StopOrder]:
+        """``user_id``'s untriggered stop orders (on ``symbol``, or all), newest first."""
+        out = [s for book in self._stop_books_for(symbol) for s in book.open_orders(user_id)]
+        out.sort(key=lambda s: (s.created_at, s.seq), reverse=True)
+        return out
+
+    def cancel_stops(self, user_id: str, symbol: str | None = None) -> list[str]:
+        """Cancel ``user_id``'s untriggered stop orders (on ``symbol``, or all); their ids."""
+        self._trading()
+        now_ms = self.now_ns() // 1_000_000
+        return [order_id for book in self._stop_books_for(symbol)
+                for order_id in book.cancel_all(user_id, now_ms)]
+
+    def _held(self, user_id: str, order_id: str) -> StopOrder | None:
+        """``user_id``'s stop ``order_id`` while its record is the stop book's (not placed)."""
+        for book in self.stop_books.values():
+            held = book.get(order_id)
+            if held is not None and held.user_id == user_id and not held.placed:
+                return held
+        return None
+
+    def order_of(self, user_id: str, order_id: str) -> EngineOrder | StopOrder | None:
+        """``user_id``'s order ``order_id`` (an untriggered stop order too), or None."""
+        return self._held(user_id, order_id) or self.get_order(user_id, order_id)
+
+    def order_by_client_oid(self, user_id: str, client_oid: str, symbol: str | None = None
+                            ) -> EngineOrder | StopOrder | None:
+        """``user_id``'s latest order with ``client_oid`` (stop orders too), active first."""
+        found: list[EngineOrder | StopOrder] = []
+        order = self.get_by_client_oid(user_id, client_oid, symbol)
+        if order is not None:
+            found.append(order)
+        for book in self._stop_books_for(symbol):
+            held = book.by_client_oid(user_id, client_oid)
+            if held is not None and not held.placed:
+                found.append(held)
+        if not found:
+            return None
+        return max(found, key=lambda o: (o.is_active, o.created_at))
+
+    def cancel_order(self, user_id: str, order_id: str) -> list[str]:
+        """Cancel ``user_id``'s order ``order_id``, an untriggered stop order too."""
+        self._trading()
+        held = self._held(user_id, order_id)
+        if held is None:
+            return self.cancel(user_id, order_id)
+        self.stop_books[held.symbol].cancel(order_id, user_id, self.now_ns() // 1_000_000)
+        return [order_id]
+
+    def cancel_order_by_client_oid(self, user_id: str, client_oid: str,
+                                   symbol: str | None = None) -> str:
+        """Cancel ``user_id``'s order with ``client_oid``, an untriggered stop order too."""
+        self._trading()
+        for book in self._stop_books_for(symbol):
+            held = book.by_client_oid(user_id, client_oid)
+            if held is not None and held.is_open:
+                book.cancel(held.id, user_id, self.now_ns() // 1_000_000)
+                return client_oid
+        return self.cancel_by_client_oid(user_id, client_oid, symbol).client_oid
+
+    def order_list(self, user_id: str, *, active: bool, symbol: str | None = None
+                   ) -> list[EngineOrder | StopOrder]:
+        """``user_id``'s active (or done) orders, newest first: done ones include the stop
+        orders canceled before they fired (untriggered ones are :meth:`stop_orders`)."""
+        out: list[EngineOrder | StopOrder] = list(self.orders(user_id, active=active,
+                                                              symbol=symbol))
+        if not active:
+            out.extend(s for book in self._stop_books_for(symbol) for s in book.finished(user_id))
+            out.sort(key=lambda o: (o.created_at, o.order_time if isinstance(o, EngineOrder)
+                                    else 0), reverse=True)
+        return out
+
+    def order_api(self, order: EngineOrder | StopOrder) -> dict[str, Any]:
+        """The order as ``GET /api/v1/orders/{orderId}`` shows it: a triggered stop order
+        keeps its stop fields (and its creation time) in the engine's record."""
+        if isinstance(order, StopOrder):
+            return order.to_api()
+        data = order.to_api()
+        book = self.stop_books.get(order.symbol)
+        held = None if book is None else book.get(order.id)
+        if held is not None and held.placed:
+            data.update(held.stop_fields(), createdAt=held.created_at)
+        return data
+
+    # ------------------------------------------------------------------ account
+
+    def account_overview(self, user_id: str, currency: str) -> dict[str, Any]:
+        """The ``data`` of ``GET /api/v1/account-overview`` for ``user_id`` in ``currency``
+        (services.sandbox.account): its starting balance moved by the contracts settled in
+        ``currency``, their positions valued at the mark."""
+        balances = self.settings.starting_balances
+        known = {c.settle_currency for c in CONTRACTS.values()} | set(balances)
+        if currency not in known:
+            raise RejectError(INVALID_PARAMETER,
+                              f"currency {currency} is not supported: one of {sorted(known)}")
+        holdings = []
+        for symbol, engine in self.engines.items():
+            if engine.contract.settle_currency != currency:
+                continue
+            orders = tuple(OpenOrder(o.remaining_size, o.price, Decimal(o.leverage))
+                           for o in engine.active_orders(user_id) if o.price is not None)
+            holdings.append(Holding(engine.position_of(user_id), self.mark_price(symbol),
+                                    self._leverage.get((user_id, symbol), Decimal(1)), orders))
+        return account_overview(currency, balances.get(currency, Decimal(0)), holdings).to_api()

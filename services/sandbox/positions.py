@@ -3,9 +3,9 @@
 What ``GET /api/v1/position`` shows (docs.kumex.com, "Get Position Details"),
 for the part the sandbox models: the signed quantity, its cost at entry, the
 average entry price, the commission paid, the realised profit of the
-contracts closed and the unrealised profit at the mark price. Margin,
-leverage, liquidation and funding are not modelled (the sandbox has no
-balances to margin against).
+contracts closed and the unrealised profit at the mark price. Liquidation and
+funding are not modelled; the account's balance and margins, from its
+positions, are :mod:`services.sandbox.account`'s.
 
 Values are in the settlement currency: for a linear contract (USDT) a fill's
 value is ``size x multiplier x price``; for an inverse one (XBTUSDM: the size

@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.sandbox.auth import AuthRefused, AuthResult, verify
 from services.sandbox.engine import EngineOrder, OrderRequest, RejectError
 from services.sandbox.exchange import Exchange
+from services.sandbox.stops import STOP_DIRECTIONS, STOP_PRICE_TYPES, StopOrder, StopSpec
 
 __all__ = [
     "CODE_INTERNAL",
@@ -63,7 +64,6 @@ _CLIENT_OID: Final = re.compile(r"[A-Za-z0-9_-]{1,40}")
 _INTEGER: Final = re.compile(r"[+]?[0-9]+")
 _MAX_PAGE_SIZE: Final = 1000
 _DEFAULT_PAGE_SIZE: Final = 50
-_UNSUPPORTED: Final = ("stop", "stopPrice", "stopPriceType")
 
 
 class ApiRefusal(Exception):
@@ -249,8 +249,39 @@ def _number_text(body: Mapping[str, Any], name: str) -> str | None:
     return str(value).strip()
 
 
-def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest]:
-    """The symbol and engine request of a ``POST /api/v1/orders`` body, or :class:`ApiRefusal`.
+def _stop_spec(body: Mapping[str, Any]) -> StopSpec | None:
+    """The stop fields of an order body (None: an ordinary order), their format checked.
+
+    Clients send ``"stop": ""``, ``"stopPrice": 0`` and ``"stopPriceType": ""`` with
+    ordinary orders (the venue's own example does): empty means absent. A stop price
+    or type without ``stop`` is refused rather than silently dropped.
+    """
+    stop = _text(body, "stop") or None
+    price_type = _text(body, "stopPriceType") or None
+    price_text = _number_text(body, "stopPrice")
+    if price_text is not None and Decimal(price_text) == 0:
+        price_text = None
+    if stop is None:
+        if price_type is not None or price_text is not None:
+            raise _invalid("stopPrice and stopPriceType need stop (down or up)")
+        return None
+    if stop not in STOP_DIRECTIONS:
+        raise _invalid("stop must be down or up")
+    if price_type is None:
+        raise _invalid("stopPriceType is required with stop")
+    if price_type not in STOP_PRICE_TYPES:
+        raise _invalid("stopPriceType must be TP, MP or IP")
+    if price_type != "TP":
+        raise _invalid(f"stopPriceType {price_type} ({STOP_PRICE_TYPES[price_type]}) is not "
+                       "supported by the sandbox: use TP (last trade price)")
+    if price_text is None:
+        raise _invalid("stopPrice is required with stop")
+    return StopSpec(stop, Decimal(price_text), price_type)
+
+
+def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest, StopSpec | None]:
+    """The symbol, engine request and stop (None: not a stop order) of a
+    ``POST /api/v1/orders`` body, or :class:`ApiRefusal`.
 
     Numbers may come as JSON numbers or strings (clients send both); JSON
     numbers are read as :class:`~decimal.Decimal`, never through a float.
@@ -276,9 +307,7 @@ def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest]:
     order_type = _text(body, "type") or "limit"
     if order_type not in ("limit", "market"):
         raise _invalid("type must be limit or market")
-    for name in _UNSUPPORTED:
-        if body.get(name) not in (None, ""):
-            raise _invalid(f"{name}: stop orders are not supported by the sandbox")
+    stop = _stop_spec(body)
     price_text = _number_text(body, "price")
     price: Decimal | None = None
     if price_text is not None:
@@ -311,7 +340,7 @@ def parse_order(raw: bytes, user_id: str) -> tuple[str, OrderRequest]:
         leverage=leverage,
         remark=remark,
     )
-    return symbol, request
+    return symbol, request, stop
 
 
 T = TypeVar("T")
@@ -395,8 +424,8 @@ def api_router(exchange: Exchange) -> APIRouter:
         exchange.contract(symbol)
         return symbol
 
-    def order_data(order: EngineOrder) -> dict[str, Any]:
-        return order.to_api()
+    def order_data(order: EngineOrder | StopOrder) -> dict[str, Any]:
+        return exchange.order_api(order)
 
     def bullet(request: Request, user_id: str | None = None) -> dict[str, Any]:
         endpoint = settings.public_url
@@ -507,11 +536,22 @@ def api_router(exchange: Exchange) -> APIRouter:
 
     @router.post("/api/v1/orders")
     async def place_order(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Place an Order": stop orders too (``stop``, ``stopPrice``,
+        ``stopPriceType`` TP), held off the book until the last trade reaches them."""
         auth = await authenticate(request)
-        symbol, order_request = parse_order(await request.body(), auth.user_id)
+        symbol, order_request, stop = parse_order(await request.body(), auth.user_id)
         exchange.contract(symbol)
-        order = exchange.place(symbol, order_request)
-        return ok({"orderId": order.id, "clientOid": order.client_oid})
+        order_id, client_oid = exchange.submit(symbol, order_request, stop)
+        return ok({"orderId": order_id, "clientOid": client_oid})
+
+    @router.post("/api/v1/orders/test")
+    async def place_order_test(request: Request) -> JSONResponse:
+        """KuCoin's "Place Order Test": the body, checks and reply of ``POST
+        /api/v1/orders`` (every refusal the same), but nothing enters the engine."""
+        auth = await authenticate(request)
+        symbol, order_request, stop = parse_order(await request.body(), auth.user_id)
+        exchange.contract(symbol)
+        return ok(exchange.check_order(symbol, order_request, stop))
 
     @router.get("/api/v1/orders/byClientOid")
     async def order_by_client_oid(request: Request) -> JSONResponse:
@@ -520,7 +560,7 @@ def api_router(exchange: Exchange) -> APIRouter:
         if not client_oid:
             raise _invalid("clientOid is required")
         symbol = symbol_param(request, required=False)
-        order = exchange.get_by_client_oid(auth.user_id, client_oid, symbol)
+        order = exchange.order_by_client_oid(auth.user_id, client_oid, symbol)
         if order is None:
             raise RejectError(
                 "100004", f"order with clientOid {client_oid} does not exist", http_status=404
@@ -530,7 +570,7 @@ def api_router(exchange: Exchange) -> APIRouter:
     @router.get("/api/v1/orders/{order_id}")
     async def get_order(order_id: str, request: Request) -> JSONResponse:
         auth = await authenticate(request)
-        order = exchange.get_order(auth.user_id, order_id)
+        order = exchange.order_of(auth.user_id, order_id)
         if order is None:
             raise RejectError("100004", f"order {order_id} does not exist", http_status=404)
         return ok(order_data(order))
@@ -546,10 +586,38 @@ def api_router(exchange: Exchange) -> APIRouter:
         side, order_type = _side_and_type(query)
         orders = [
             o
-            for o in exchange.orders(auth.user_id, active=status == "active", symbol=symbol)
+            for o in exchange.order_list(auth.user_id, active=status == "active", symbol=symbol)
             if (side is None or o.side == side) and (order_type is None or o.type == order_type)
         ]
         return ok(_paged(query, orders, order_data))
+
+    @router.get("/api/v1/stopOrders")
+    async def stop_orders(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Get Untriggered Stop Order List": newest first, by page."""
+        auth = await authenticate(request)
+        query = request.query_params
+        symbol = symbol_param(request, required=False)
+        side, order_type = _side_and_type(query)
+        held = [s for s in exchange.stop_orders(auth.user_id, symbol)
+                if (side is None or s.side == side)
+                and (order_type is None or s.type == order_type)]
+        return ok(_paged(query, held, order_data))
+
+    @router.delete("/api/v1/stopOrders")
+    async def cancel_stop_orders(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Stop Order Mass Cancelation": every untriggered stop order (of
+        ``symbol``, when given)."""
+        auth = await authenticate(request)
+        symbol = symbol_param(request, required=False)
+        return ok({"cancelledOrderIds": exchange.cancel_stops(auth.user_id, symbol)})
+
+    @router.get("/api/v1/account-overview")
+    async def account_overview(request: Request) -> JSONResponse:
+        """docs.kumex.com, "Get Account Overview" (services.sandbox.account): ``currency``
+        XBT by default."""
+        auth = await authenticate(request)
+        currency = request.query_params.get("currency") or "XBT"
+        return ok(exchange.account_overview(auth.user_id, currency))
 
     @router.get("/api/v1/fills")
     async def fills(request: Request) -> JSONResponse:
@@ -594,13 +662,13 @@ def api_router(exchange: Exchange) -> APIRouter:
     async def cancel_by_client_oid(client_oid: str, request: Request) -> JSONResponse:
         auth = await authenticate(request)
         symbol = symbol_param(request, required=False)
-        order = exchange.cancel_by_client_oid(auth.user_id, client_oid, symbol)
-        return ok({"clientOid": order.client_oid})
+        return ok({"clientOid": exchange.cancel_order_by_client_oid(auth.user_id, client_oid,
+                                                                    symbol)})
 
     @router.delete("/api/v1/orders/{order_id}")
     async def cancel_order(order_id: str, request: Request) -> JSONResponse:
         auth = await authenticate(request)
-        return ok({"cancelledOrderIds": exchange.cancel(auth.user_id, order_id)})
+        return ok({"cancelledOrderIds": exchange.cancel_order(auth.user_id, order_id)})
 
     @router.delete("/api/v1/orders")
     async def cancel_all(request: Request) -> JSONResponse:

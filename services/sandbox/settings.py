@@ -8,11 +8,23 @@ raises :class:`SettingsError` whose message names the variable.
 The default API keys (:data:`DEMO_API_KEYS`) are demo credentials, published
 on purpose so that examples and tests can sign requests against a local
 sandbox; they mean nothing anywhere else.
+
+Accounts (one per API key's user):
+
+=============================  ===================================================
+variable                       meaning (default)
+=============================  ===================================================
+``SANDBOX_STARTING_BALANCES``  each account's balance per settlement currency
+                               before it trades, a JSON object (``{"XBT": 10,
+                               "USDT": 100000}``; a currency left out starts at
+                               0): where ``GET /api/v1/account-overview`` starts
+=============================  ===================================================
 """
 
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +107,9 @@ class SandboxSettings(BaseSettings):
     #: L3 snapshots allowed per client (IP) a minute; 0 = unlimited.
     snapshot_rate_per_min: float = Field(default=1.0, ge=0)
     api_keys: tuple[ApiKeyConfig, ...] = DEMO_API_KEYS
+    #: Each account's balance per settlement currency before it trades (module doc).
+    starting_balances: dict[str, Decimal] = Field(
+        default_factory=lambda: {"XBT": Decimal(10), "USDT": Decimal(100_000)})
     #: Advertised by bullet-public/private; unset = ws://{Host the client used}/endpoint
     #: (wss:// when the sandbox serves TLS).
     public_url: str | None = None
@@ -166,6 +181,16 @@ class SandboxSettings(BaseSettings):
             raise ValueError("at least one API key is required")
         if len({k.key for k in value}) != len(value):
             raise ValueError("an API key is listed twice")
+        return value
+
+    @field_validator("starting_balances")
+    @classmethod
+    def _balances(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        for currency, amount in value.items():
+            if not currency or currency != currency.strip().upper():
+                raise ValueError(f"currency {currency!r} must be upper case, e.g. XBT or USDT")
+            if not amount.is_finite() or amount < 0:
+                raise ValueError(f"the balance of {currency} must be a number >= 0")
         return value
 
     @field_validator("public_url")

@@ -8,6 +8,7 @@ checks the ``200000`` envelope itself. Skipped when the package is missing.
 from __future__ import annotations
 
 import importlib
+import re
 import uuid
 import warnings
 from decimal import Decimal
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kumex_l3.testing.procs import wait_for
 from kumex_l3.testing.sandbox_proc import (
     DEMO_KEY_1,
     DEMO_KEY_2,
@@ -233,3 +235,283 @@ def test_bad_credentials_are_refused(sandbox: SandboxProcess) -> None:
     )
     with pytest.raises(Exception, match="400004"):
         trade.get_order_list(status="active")
+
+
+# ---------------------------------------------------------------------- account overview
+
+_OVERVIEW = {"accountEquity", "unrealisedPNL", "marginBalance", "positionMargin", "orderMargin",
+             "frozenFunds", "availableBalance", "currency"}
+
+
+def _user(sandbox: SandboxProcess, key: DemoKey = DEMO_KEY_1) -> Any:
+    return client.User(key=key.key, secret=key.secret, passphrase=key.passphrase,
+                       url=sandbox.base_url)
+
+
+def _book(sandbox: SandboxProcess) -> dict[str, Any]:
+    book: dict[str, Any] = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}",
+                                     timeout=10).json()
+    return book
+
+
+def _book_ids(sandbox: SandboxProcess) -> set[str]:
+    book = _book(sandbox)
+    return {o["orderId"] for side in ("bids", "asks") for lv in book[side] for o in lv["orders"]}
+
+
+def _consistent(overview: dict[str, Any], currency: str) -> None:
+    assert set(overview) == _OVERVIEW and overview["currency"] == currency
+    assert all(isinstance(overview[k], (int, float)) for k in _OVERVIEW - {"currency"})
+    assert overview["frozenFunds"] == 0
+    assert overview["accountEquity"] == pytest.approx(
+        overview["marginBalance"] + overview["unrealisedPNL"], abs=1e-12)
+    assert overview["marginBalance"] == pytest.approx(  # the venue's documented identity
+        overview["positionMargin"] + overview["orderMargin"] + overview["frozenFunds"]
+        + overview["availableBalance"] - overview["unrealisedPNL"], abs=1e-12)
+
+
+def test_account_overview_moves_by_the_profit_less_fees(sandbox: SandboxProcess) -> None:
+    """The SDK's get_account_overview: the venue's fields as numbers; a round trip moves the
+    margin balance by its fills' profit less their fees; a position holds its cost over its
+    leverage, an open order its value over its leverage."""
+    user, trade = _user(sandbox), _trade(sandbox)
+    trade.cancel_all_limit_order(SYMBOL)
+    held = trade.get_position_details(SYMBOL)["currentQty"]
+    if held:  # flat first: the round trip's profit is then its own fills'
+        trade.create_market_order(SYMBOL, "sell" if held > 0 else "buy", "5", size=abs(held))
+    assert trade.get_position_details(SYMBOL)["currentQty"] == 0
+    before = user.get_account_overview("XBT")
+    _consistent(before, "XBT")
+    assert before["positionMargin"] == before["orderMargin"] == before["unrealisedPNL"] == 0
+    seen = {f["tradeId"] for f in _all_fills(trade)}
+
+    buy = trade.create_market_order(SYMBOL, "buy", "5", size=3)["orderId"]
+    during = user.get_account_overview()  # XBT by default
+    _consistent(during, "XBT")
+    position = trade.get_position_details(SYMBOL)
+    assert position["currentQty"] == 3
+    assert during["positionMargin"] == pytest.approx(abs(position["posCost"]) / 5, rel=1e-9)
+    assert during["unrealisedPNL"] == pytest.approx(position["unrealisedPnl"], abs=1e-15)
+    sell = trade.create_market_order(SYMBOL, "sell", "5", size=3)["orderId"]
+    after = user.get_account_overview("XBT")
+    _consistent(after, "XBT")
+    fills = [f for f in _all_fills(trade) if f["tradeId"] not in seen]
+    assert {f["orderId"] for f in fills} == {buy, sell}
+    # XBTUSDM is inverse: a long's profit is what its entry was worth less its exit, in XBT.
+    profit = sum(float(f["value"]) * (1 if f["side"] == "buy" else -1) for f in fills)
+    fees = sum(float(f["fee"]) for f in fills)
+    assert fees > 0
+    # Values are shown to 8 places (fees to 12): each at most 5e-9 off.
+    assert after["marginBalance"] - before["marginBalance"] == pytest.approx(
+        profit - fees, abs=len(fills) * 5e-9 + 1e-12)
+    assert after["positionMargin"] == after["unrealisedPNL"] == 0
+
+    bid = Decimal(_book(sandbox)["bids"][0]["price"])
+    price = bid - 10
+    trade.create_limit_order(SYMBOL, "buy", "10", 7, f"{price:f}")
+    resting = user.get_account_overview("XBT")
+    _consistent(resting, "XBT")
+    assert resting["orderMargin"] == pytest.approx(7 / float(price) / 10, rel=1e-9)
+    assert resting["marginBalance"] == after["marginBalance"]
+    trade.cancel_all_limit_order(SYMBOL)
+    _consistent(user.get_account_overview("USDT"), "USDT")
+    with pytest.raises(Exception, match="400100"):
+        user.get_account_overview("DOGE")
+
+
+# ---------------------------------------------------------------------- order test
+
+
+def test_order_test_refuses_as_an_order_would_and_places_nothing(
+        sandbox: SandboxProcess) -> None:
+    """The SDK's place_order_test: the reply of a placed order, but nothing in the book,
+    on the feed or in the account's orders; every refusal the very one of create_*_order."""
+    trade = _trade(sandbox)
+    trade.cancel_all_limit_order(SYMBOL)
+    trade.cancel_all_stop_order(SYMBOL)
+    book = _book(sandbox)
+    price = Decimal(book["bids"][0]["price"]) - 10
+    client_oid = uuid.uuid4().hex
+    tested = trade.place_order_test(SYMBOL, "buy", "5", "limit", clientOid=client_oid,
+                                    price=f"{price:f}", size=2)
+    assert tested["clientOid"] == client_oid and re.fullmatch(r"[0-9a-f]{24}",
+                                                              tested["orderId"])
+    stop = trade.place_order_test(SYMBOL, "sell", "5", "market", size=1, stop="down",
+                                  stopPrice=f"{price:f}", stopPriceType="TP")
+    assert stop["orderId"] != tested["orderId"]
+    assert _book(sandbox)["sequence"] == book["sequence"]
+    with pytest.raises(Exception, match="100004"):
+        trade.get_order_details(tested["orderId"])
+    assert trade.get_order_list(status="active", symbol=SYMBOL)["items"] == []
+    assert trade.get_open_stop_order(symbol=SYMBOL)["items"] == []
+
+    taken = uuid.uuid4().hex
+    trade.create_limit_order(SYMBOL, "buy", "5", 2, f"{price:f}", clientOid=taken)
+    cases: list[dict[str, Any]] = [
+        {"clientOid": taken},  # 300018: an active order has it
+        {"price": f"{price + Decimal('0.05'):f}"},  # 300000: off the tick
+        {"size": 0},  # 400100
+        {"stop": "down", "stopPrice": f"{price:f}", "stopPriceType": "MP"},  # 400100
+        {"stop": "down", "stopPrice": f"{price:f}"},  # 400100: no stopPriceType
+        {"symbol": "NOPEUSDM"},  # 200003
+    ]
+    for case in cases:
+        body = {"price": f"{price:f}", "size": 1, "clientOid": uuid.uuid4().hex, **case}
+        symbol = body.pop("symbol", SYMBOL)
+        with pytest.raises(Exception) as as_test:
+            trade.place_order_test(symbol, "buy", "5", "limit", **body)
+        size, limit = body.pop("size"), body.pop("price")
+        with pytest.raises(Exception) as as_order:
+            trade.create_limit_order(symbol, "buy", "5", size, limit, **body)
+        assert str(as_test.value) == str(as_order.value), case
+        assert str(as_test.value).startswith(("400-", "404-")), as_test.value
+    trade.cancel_all_limit_order(SYMBOL)
+
+
+# ---------------------------------------------------------------------- stop orders
+
+
+def _stop_state(details: dict[str, Any]) -> tuple[Any, ...]:
+    return (details["stop"], details["stopPrice"], details["stopPriceType"],
+            details["stopTriggered"], details["status"])
+
+
+def test_stop_orders_wait_off_the_book_then_trade_as_ordinary_orders(
+        sandbox: SandboxProcess) -> None:
+    """create_limit_order / create_market_order with stop, stopPrice, stopPriceType: the
+    order waits off the book; a trade at its stop price places it, same orderId, from then
+    on an ordinary order (the limit one rests, the market one fills)."""
+    market = client.Market(url=sandbox.base_url)
+    a, b = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
+    for account in (a, b):
+        account.cancel_all_limit_order(SYMBOL)
+        account.cancel_all_stop_order(SYMBOL)
+    ask = Decimal(_book(sandbox)["asks"][0]["price"])
+    # A buy at the ask trades above every bid (no resting sell is at or below a bid).
+    b.create_limit_order(SYMBOL, "buy", "5", 1, f"{ask:f}", timeInForce="IOC")
+    bid = Decimal(_book(sandbox)["bids"][0]["price"])
+    assert Decimal(market.get_ticker(SYMBOL)["price"]) > bid
+    far = ask + 10  # 100 ticks above the ask: rests when placed
+    stop = {"stop": "down", "stopPrice": f"{bid:f}", "stopPriceType": "TP"}
+    resting = a.create_limit_order(SYMBOL, "sell", "5", 1, f"{far:f}", **stop)["orderId"]
+    taker = a.create_market_order(SYMBOL, "sell", "5", size=1, **stop)["orderId"]
+    sequence = _book(sandbox)["sequence"]
+    for order_id in (resting, taker):
+        assert _stop_state(a.get_order_details(order_id)) == (
+            "down", f"{bid:f}", "TP", False, "open")
+    assert not {resting, taker} & _book_ids(sandbox)
+
+    # The other account sells at the bid, more each time, until a trade is at the bid
+    # (hidden bids above it, which no book shows, take their share first).
+    size = 1
+
+    def triggered() -> bool:
+        nonlocal size
+        b.create_limit_order(SYMBOL, "sell", "5", size, f"{bid:f}", timeInForce="IOC")
+        size *= 2
+        return bool(a.get_order_details(resting)["stopTriggered"])
+
+    wait_for(triggered, "a trade at the stop price")
+    assert _book(sandbox)["sequence"] > sequence
+    placed = a.get_order_details(resting)
+    assert placed["id"] == resting and _stop_state(placed) == (
+        "down", f"{bid:f}", "TP", True, "open")
+    asks = {lv["price"]: [o["orderId"] for o in lv["orders"]] for lv in _book(sandbox)["asks"]}
+    assert resting in asks[f"{far:f}"]
+    assert resting in {o["id"] for o in a.get_order_list(status="active", symbol=SYMBOL)["items"]}
+    filled = a.get_order_details(taker)
+    assert _stop_state(filled) == ("down", f"{bid:f}", "TP", True, "done")
+    assert filled["filledSize"] == 1 and filled["type"] == "market"
+    fills = a.get_fills_details(symbol=SYMBOL, orderId=taker)["items"]
+    assert [(f["size"], f["liquidity"], f["side"]) for f in fills] == [(1, "taker", "sell")]
+    assert a.get_open_stop_order(symbol=SYMBOL)["items"] == []
+    a.cancel_all_limit_order(SYMBOL)
+
+
+def test_open_stop_orders_are_listed_by_page_and_refused_when_bad(
+        sandbox: SandboxProcess) -> None:
+    """get_open_stop_order: the account's untriggered stop orders, newest first, by page and
+    filter, in the venue's order shape; never in the book nor in the active orders."""
+    a, b = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
+    for account in (a, b):
+        account.cancel_all_stop_order(SYMBOL)
+        account.cancel_all_limit_order(SYMBOL)
+    book = _book(sandbox)
+    bid, ask = Decimal(book["bids"][0]["price"]), Decimal(book["asks"][0]["price"])
+    low, high = f"{bid - 100:f}", f"{ask + 100:f}"  # 1000 ticks away: never reached here
+    ids = [
+        a.create_limit_order(SYMBOL, "buy", "5", 1, f"{bid - 200:f}", stop="up",
+                             stopPrice=high, stopPriceType="TP")["orderId"],
+        a.create_market_order(SYMBOL, "sell", "5", size=2, stop="down", stopPrice=low,
+                              stopPriceType="TP")["orderId"],
+        a.create_limit_order(SYMBOL, "sell", "5", 3, f"{ask + 200:f}", stop="down",
+                             stopPrice=low, stopPriceType="TP", reduceOnly=False)["orderId"],
+    ]
+    page = a.get_open_stop_order(symbol=SYMBOL)
+    assert [o["id"] for o in page["items"]] == ids[::-1]
+    assert (page["currentPage"], page["totalNum"], page["totalPage"]) == (1, 3, 1)
+    for item in page["items"]:
+        assert item["symbol"] == SYMBOL and item["stopPriceType"] == "TP"
+        assert item["stopTriggered"] is False and item["isActive"] is True
+        assert item["status"] == "open" and item["settleCurrency"] == "XBT"
+    first = page["items"][-1]
+    assert (first["stop"], first["stopPrice"], first["type"], first["price"], first["size"]) == (
+        "up", high, "limit", f"{bid - 200:f}", 1)
+    second = a.get_open_stop_order(symbol=SYMBOL, pageSize=2, currentPage=2)
+    assert [o["id"] for o in second["items"]] == ids[:1] and second["totalPage"] == 2
+    sells = a.get_open_stop_order(symbol=SYMBOL, side="sell", type="market")
+    assert [o["id"] for o in sells["items"]] == [ids[1]]
+    assert b.get_open_stop_order(symbol=SYMBOL)["items"] == []
+    assert not set(ids) & _book_ids(sandbox)
+    assert a.get_order_list(status="active", symbol=SYMBOL)["items"] == []
+
+    with pytest.raises(Exception, match="400100"):
+        a.create_market_order(SYMBOL, "sell", "5", size=1, stop="down", stopPrice=low,
+                              stopPriceType="MP")
+    with pytest.raises(Exception, match="300000"):
+        a.create_market_order(SYMBOL, "sell", "5", size=1, stop="down",
+                              stopPrice=f"{bid - Decimal('0.05'):f}", stopPriceType="TP")
+    with pytest.raises(Exception, match="400100"):
+        a.create_market_order(SYMBOL, "sell", "5", size=1, stop="sideways", stopPrice=low,
+                              stopPriceType="TP")
+
+    assert a.cancel_order(ids[1])["cancelledOrderIds"] == [ids[1]]
+    canceled = a.get_order_details(ids[1])
+    assert (canceled["status"], canceled["cancelExist"], canceled["stopTriggered"]) == (
+        "done", True, False)
+    assert [o["id"] for o in a.get_open_stop_order(symbol=SYMBOL)["items"]] == [ids[2], ids[0]]
+    a.cancel_all_stop_order(SYMBOL)
+
+
+def test_cancel_all_stop_orders_leaves_limit_orders_and_other_accounts(
+        sandbox: SandboxProcess) -> None:
+    """cancel_all_stop_order: every untriggered stop order of the account and contract,
+    and nothing else; cancel_all_limit_order leaves stop orders alone."""
+    a, b = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
+    for account in (a, b):
+        account.cancel_all_stop_order(SYMBOL)
+        account.cancel_all_limit_order(SYMBOL)
+    book = _book(sandbox)
+    bid, ask = Decimal(book["bids"][0]["price"]), Decimal(book["asks"][0]["price"])
+    low, high = f"{bid - 100:f}", f"{ask + 100:f}"
+    mine = [a.create_market_order(SYMBOL, "sell", "5", size=1, stop="down", stopPrice=low,
+                                  stopPriceType="TP")["orderId"],
+            a.create_limit_order(SYMBOL, "buy", "5", 1, f"{bid - 50:f}", stop="up",
+                                 stopPrice=high, stopPriceType="TP")["orderId"]]
+    theirs = b.create_market_order(SYMBOL, "buy", "5", size=1, stop="up", stopPrice=high,
+                                   stopPriceType="TP")["orderId"]
+    limit = a.create_limit_order(SYMBOL, "buy", "5", 1, f"{bid - 50:f}")["orderId"]
+
+    assert b.cancel_all_limit_order(SYMBOL)["cancelledOrderIds"] == []
+    cancelled = a.cancel_all_stop_order(SYMBOL)["cancelledOrderIds"]
+    assert sorted(cancelled) == sorted(mine)
+    assert a.get_open_stop_order(symbol=SYMBOL)["items"] == []
+    for order_id in mine:
+        details = a.get_order_details(order_id)
+        assert (details["status"], details["cancelExist"], details["stopTriggered"]) == (
+            "done", True, False)
+    assert a.get_order_details(limit)["status"] == "open"
+    assert [o["id"] for o in b.get_open_stop_order(symbol=SYMBOL)["items"]] == [theirs]
+    assert a.cancel_all_stop_order(SYMBOL)["cancelledOrderIds"] == []
+    b.cancel_all_stop_order(SYMBOL)
+    a.cancel_all_limit_order(SYMBOL)
