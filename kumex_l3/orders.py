@@ -43,6 +43,28 @@ After a :func:`reconcile`, the record's ``updatedAt`` (exchange ms) is kept in
 ``exchange_updated_at``: stream messages at or before it are already part of
 the record, so their fills and sizes are not applied a second time (the
 monitor reads the record *now*, while it may still be behind in the stream).
+
+**Two sources.** :func:`apply_change` takes an :class:`~kumex_l3.messages.OrderChange`
+of the private channel (our account's own word on its order: the orderId, the
+filled size and the size still open right after each change). The stream and
+the channel tell the same changes, at the same ``ts``, in either order, and
+either may lose some. They are merged so that neither counts a fill twice nor
+takes a state back:
+
+* a fill counts once by its ``tradeId`` (``trade_ids``), whichever source
+  brings it; a change's cumulative ``filledSize`` catches up fills the stream
+  lost (the filled size never goes down);
+* ``private_ts``: the newest change applied; a stream message at or before it
+  is already told (its fill, open or update is not applied again, and its
+  trade id is not taken, so that a fill sharing that ``ts`` still counts when
+  its own change comes);
+* ``event_ts``: the newest ``ts`` applied from either source; a change older
+  than it (the stream is ahead) confirms, links and adds fills, but does not
+  set the size still open back.
+
+The channel's word links the clientOid with authority (``confirmed_by``
+``exchange``); a change naming another orderId for our clientOid **relinks**
+the order, as a record of our account does in :func:`reconcile`.
 """
 
 from __future__ import annotations
@@ -60,6 +82,7 @@ from kumex_l3.messages import (
     Done,
     Match,
     Open,
+    OrderChange,
     Qty,
     Received,
     Update,
@@ -78,6 +101,7 @@ __all__ = [
     "OwnOrder",
     "Transition",
     "apply",
+    "apply_change",
     "confirm",
     "exchange_status",
     "expire_if_unseen",
@@ -166,7 +190,7 @@ HASH_FIELDS: Final = (
     "reason", "lastSequence", "createdAt", "updatedAt",
     # beyond the documented ones
     "remaining", "submittedAt", "corrected", "exchangeUpdatedAt", "tradeIds", "rev",
-    "afterSequence", "conflicts", "confirmedBy",
+    "afterSequence", "conflicts", "confirmedBy", "privateTs", "eventTs",
 )
 _HASH_FIELD_SET: Final = frozenset(HASH_FIELDS)
 
@@ -184,6 +208,8 @@ class OwnOrder:
     ``received`` at or below it cannot be ours); ``conflicts``: other orders
     seen claiming this clientOid; ``confirmed_by``: ``rest`` or ``exchange``
     once our account's own answer named the orderId (see the module doc).
+    ``private_ts`` and ``event_ts`` (ns): the newest private change applied, and
+    the newest ``ts`` applied from either source (see "Two sources").
     ``extra`` holds the hash fields of the caller's own (e.g. a grid level).
     """
 
@@ -208,6 +234,8 @@ class OwnOrder:
     after_sequence: int = 0
     conflicts: int = 0
     confirmed_by: str = ""
+    private_ts: int = 0
+    event_ts: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -272,6 +300,8 @@ class OwnOrder:
             "afterSequence": str(self.after_sequence),
             "conflicts": str(self.conflicts),
             "confirmedBy": self.confirmed_by,
+            "privateTs": str(self.private_ts),
+            "eventTs": str(self.event_ts),
         }
         out.update(self.extra)
         return out
@@ -308,6 +338,8 @@ class OwnOrder:
                 after_sequence=int(h.get("afterSequence") or 0),
                 conflicts=int(h.get("conflicts") or 0),
                 confirmed_by=h.get("confirmedBy", ""),
+                private_ts=int(h.get("privateTs") or 0),
+                event_ts=int(h.get("eventTs") or 0),
                 extra={k: v for k, v in h.items() if k not in _HASH_FIELD_SET},
             )
         except KeyError as exc:
@@ -425,6 +457,9 @@ def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transitio
     before = _snap(order)
     # Already part of the exchange record a reconciliation adopted (see module doc).
     covered = order.exchange_updated_at > 0 and msg.ts // 1_000_000 <= order.exchange_updated_at
+    # Already told by the private channel (see "Two sources").
+    told = msg.ts <= order.private_ts
+    order.event_ts = max(order.event_ts, msg.ts)
 
     if isinstance(msg, Received):
         order.order_id = msg.order_id
@@ -442,18 +477,18 @@ def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transitio
         return _finish_transition(order, before, Change.DONE, now_ms, seq)
 
     if isinstance(msg, Open):
-        if not covered:
+        if not covered and not told:
             order.status = _forward(order.status, OrderStatus.OPEN)
             order.remaining = msg.qty
         return _finish_transition(order, before, Change.OPEN, now_ms, seq)
 
     if isinstance(msg, Update):
-        if not covered:
+        if not covered and not told:
             order.remaining = msg.qty
         return _finish_transition(order, before, Change.UPDATE, now_ms, seq)
 
     # Match: as maker or as taker.
-    if msg.trade_id in order.trade_ids:
+    if msg.trade_id in order.trade_ids or (told and not covered):
         return _unchanged(order, seq)
     order.trade_ids = (*order.trade_ids, msg.trade_id)[-TRADE_IDS_KEPT:]
     if covered:
@@ -654,3 +689,70 @@ def _reconcile_finished(order: OwnOrder, target: OrderStatus, filled: Qty, updat
     order.exchange_updated_at = max(order.exchange_updated_at, updated_at)
     order.corrected += 1
     return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)
+
+
+def _change_target(change: OrderChange) -> OrderStatus:
+    """The status an order change implies."""
+    if change.kind == "filled":
+        return OrderStatus.FILLED
+    if change.kind == "canceled":
+        return OrderStatus.CANCELED
+    return OrderStatus.PARTIALLY_FILLED if change.filled > 0 else OrderStatus.OPEN
+
+
+#: The change an order change is reported as, by its kind.
+_CHANGE_OF: Final[Mapping[str, Change]] = {
+    "open": Change.OPEN, "match": Change.FILL, "update": Change.UPDATE,
+    "filled": Change.DONE, "canceled": Change.DONE,
+}
+
+
+def apply_change(order: OwnOrder, change: OrderChange, now_ms: int) -> Transition:
+    """Apply one change of the private channel (our account's word) to ``order``.
+
+    See "Two sources" in the module doc. A change of another clientOid or
+    contract changes nothing; one naming another orderId relinks the order. A
+    finished order is corrected only by a final change that disagrees with it.
+    """
+    if change.client_oid != order.client_oid or change.symbol != order.symbol:
+        return _unchanged(order)
+    target = _change_target(change)
+    if order.order_id is not None and change.order_id != order.order_id:
+        order.private_ts = order.event_ts = max(order.event_ts, change.ts)
+        return _relink(order, change.order_id, target, change.filled, change.size,
+                       change.ts // 1_000_000, now_ms)
+    fresh = change.ts >= order.event_ts
+    order.private_ts = max(order.private_ts, change.ts)
+    order.event_ts = max(order.event_ts, change.ts)
+    if order.finished:
+        order.confirmed_by = "exchange"
+        if not change.final:
+            return _unchanged(order)
+        return _reconcile_finished(order, target, change.filled, change.ts // 1_000_000, now_ms)
+    before = _snap(order)
+    order.order_id = change.order_id
+    order.confirmed_by = "exchange"
+    fill: dict[str, Any] = {}
+    if change.kind == "match" and change.trade_id not in order.trade_ids:
+        order.trade_ids = (*order.trade_ids, change.trade_id)[-TRADE_IDS_KEPT:]
+        filled = max(order.filled_size + change.match_qty, change.filled)
+        fill = {"fill_qty": filled - order.filled_size, "fill_price": change.match_price,
+                "trade_id": change.trade_id, "liquidity": change.liquidity}
+        order.filled_size = filled
+    else:
+        order.filled_size = max(order.filled_size, change.filled)
+    if change.final:
+        order.status = target
+        order.reason = target.value
+        order.remaining = 0
+    else:
+        order.status = _forward(order.status, target)
+        if fresh:
+            order.remaining = change.remain
+    if _snap(order)[1:] == before[1:]:
+        kind = Change.CONFIRMED  # only the link (or nothing) is new
+    elif change.kind == "match" and not fill:
+        kind = Change.UPDATE  # a fill counted already; the size still open moved
+    else:
+        kind = _CHANGE_OF[change.kind]
+    return _finish_transition(order, before, kind, now_ms, order.last_sequence, **fill)

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from kumex_l3.messages import Control, DataMessage, parse_message
+from kumex_l3.errors import MessageError
+from kumex_l3.messages import (
+    PRIVATE_TOPIC,
+    Control,
+    DataMessage,
+    OrderChange,
+    parse_message,
+    parse_order_change,
+)
 from kumex_l3.orders import (
     EXCHANGE_STATUS,
     HASH_FIELDS,
@@ -18,6 +26,7 @@ from kumex_l3.orders import (
     OrderStatus,
     OwnOrder,
     apply,
+    apply_change,
     confirm,
     exchange_status,
     expire_if_unseen,
@@ -507,3 +516,107 @@ def test_reconcile_accepts_decimal_and_text_numbers() -> None:
     run(o, received(1))
     reconcile(o, record(size=Decimal(10), filledSize="3"), T0)
     assert o.filled_size == 3 and o.remaining == 7
+
+
+# ------------------------------------------------------------------ the private channel
+
+
+def change(kind: str, seq: int, *, filled: int, remain: int, size: int = 10, oid: str = OID,
+           coid: str = "c1", trade: str = "", match_size: int = 0) -> OrderChange:
+    """The private channel's change at the ``ts`` of stream message ``seq``."""
+    data: dict[str, Any] = {
+        "orderId": oid, "symbol": SYM, "type": kind,
+        "status": "done" if kind in ("filled", "canceled") else "open",
+        "orderType": "limit", "side": "buy", "price": "31570.0", "size": str(size),
+        "remainSize": str(remain), "filledSize": str(filled), "canceledSize": "0",
+        "clientOid": coid, "orderTime": T0 * NS, "ts": (T0 + seq) * NS}
+    if kind == "match":
+        data.update(matchSize=str(match_size), matchPrice="31570.0",
+                    tradeId=trade or f"t{seq}", liquidity="maker")
+    parsed = parse_order_change(json.dumps({"type": "message", "topic": PRIVATE_TOPIC,
+                                            "subject": "orderChange", "data": data}))
+    assert parsed is not None
+    return parsed
+
+
+def test_a_private_change_links_and_confirms_the_order_before_the_stream() -> None:
+    o = new()
+    t = apply_change(o, change("open", 2, filled=0, remain=10), T0 + 5)
+    assert (t.change, o.order_id, o.status, o.confirmed_by) == (
+        Change.OPEN, OID, OrderStatus.OPEN, "exchange")
+    # The stream's own messages of the same changes then change nothing.
+    assert [r.changed for r in run(o, received(1), opened(2, 10))] == [False, False]
+
+
+def test_a_fill_counts_once_whichever_source_brings_it_first() -> None:
+    o = new()
+    run(o, received(1), opened(2, 10))
+    apply_change(o, change("match", 3, filled=4, remain=6, match_size=4), T0)
+    assert not run(o, match(3, 4))[0].changed
+    run(o, match(4, 3))
+    assert not apply_change(o, change("match", 4, filled=7, remain=3, match_size=3), T0).changed
+    assert (o.filled_size, o.remaining) == (7, 3)
+
+
+def test_a_change_older_than_the_stream_does_not_set_the_open_size_back() -> None:
+    o = new()
+    run(o, received(1), opened(2, 10), update(3, 6))
+    assert not apply_change(o, change("open", 2, filled=0, remain=10), T0).changed
+    assert (o.remaining, o.status) == (6, OrderStatus.OPEN)
+
+
+def test_stream_messages_the_private_channel_told_are_not_applied_again() -> None:
+    """More fills than the trade ids kept: the private channel's ``ts`` covers them."""
+    n = TRADE_IDS_KEPT + 8
+    o = new(size=n + 1)
+    apply_change(o, change("open", 2, filled=0, remain=n + 1, size=n + 1), T0)
+    for i in range(n):
+        apply_change(o, change("match", 3 + i, filled=i + 1, remain=n - i, size=n + 1,
+                               match_size=1), T0)
+    assert o.filled_size == n
+    run(o, received(1), opened(2, n + 1), *(match(3 + i, 1) for i in range(n)))
+    assert (o.filled_size, o.remaining) == (n, 1)
+    run(o, match(3 + n, 1), done(4 + n, "filled"))
+    assert (o.filled_size, o.status) == (n + 1, OrderStatus.FILLED)
+
+
+def test_a_change_catches_up_fills_the_stream_lost() -> None:
+    o = new()
+    run(o, received(1), opened(2, 10), match(5, 2))  # the match at 3 (3 lots) was lost
+    t = apply_change(o, change("match", 5, filled=5, remain=5, match_size=2), T0)
+    assert (t.changed, o.filled_size) == (True, 5)  # t5's 2 lots were counted once
+    t = apply_change(o, change("canceled", 6, filled=5, remain=0), T0)
+    assert (t.change, o.status, o.filled_size, o.remaining) == (
+        Change.DONE, OrderStatus.CANCELED, 5, 0)
+
+
+def test_a_final_change_corrects_a_finished_order_and_another_order_id_relinks() -> None:
+    o = new()
+    run(o, received(1), opened(2, 10), done(4, "canceled"))
+    t = apply_change(o, change("canceled", 4, filled=3, remain=0), T0)
+    assert (t.change, o.filled_size, o.corrected) == (Change.RECONCILED, 3, 1)
+    other = new(coid="c2")
+    run(other, received(1, oid=OTHER, coid="c2"))  # someone else's order under our clientOid
+    t = apply_change(other, change("open", 3, filled=0, remain=10, coid="c2"), T0)
+    assert (t.change, other.order_id, t.other_order_id) == (Change.RELINKED, OID, OTHER)
+
+
+def test_a_change_of_another_client_oid_changes_nothing() -> None:
+    o = new()
+    assert not apply_change(o, change("open", 2, filled=0, remain=10, coid="c9"), T0).changed
+    assert o.order_id is None
+
+
+@pytest.mark.parametrize("frame", [
+    "not json", '{"type":"message","topic":"/contractMarket/tradeOrders","data":[]}',
+    '{"type":"message","topic":"/contractMarket/tradeOrders","data":{"type":"boom"}}',
+])
+def test_a_malformed_order_change_is_refused_with_a_reason(frame: str) -> None:
+    with pytest.raises(MessageError):
+        parse_order_change(frame)
+
+
+def test_frames_that_are_not_order_changes_are_none() -> None:
+    assert parse_order_change('{"type":"welcome","id":"x"}') is None
+    assert parse_order_change('{"type":"message","topic":"/contractMarket/level3v2:X",'
+                              '"subject":"open","data":{}}') is None

@@ -16,6 +16,12 @@ order monitor routes them.
   order that was unfinished before the batch that showed the jump, with the
   record read *now* (ahead of the stream). At the end, with the lag drained,
   every own order equals the engine's record.
+* The private channel (the engine's own-order changes, through ``json.dumps``
+  -> ``parse_order_change`` -> :func:`apply_change`): alone (the public stream
+  stopped), every own order equals the engine's record after every action;
+  merged with a lossy, lagging stream in any interleaving, no order ever shows
+  more filled than the engine, no fill is reported twice, and at the end every
+  order equals the record without any reconciliation.
 """
 
 from __future__ import annotations
@@ -28,8 +34,15 @@ from typing import Any
 
 import pytest
 
-from kumex_l3.messages import Control, DataMessage, parse_message
-from kumex_l3.orders import OrderStatus, OwnOrder, apply, reconcile
+from kumex_l3.messages import (
+    PRIVATE_TOPIC,
+    Control,
+    DataMessage,
+    OrderChange,
+    parse_message,
+    parse_order_change,
+)
+from kumex_l3.orders import Change, OrderStatus, OwnOrder, apply, apply_change, reconcile
 from services.sandbox.contracts import CONTRACTS
 from services.sandbox.engine import EngineOrder, MatchingEngine, OrderRequest, RejectError
 from services.sandbox.flow import SyntheticFlow
@@ -62,7 +75,7 @@ class Market:
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.engine = MatchingEngine(CONTRACTS[SYM], id_seed=seed)
+        self.engine = MatchingEngine(CONTRACTS[SYM], id_seed=seed, fills_of=(OWN,))
         self.flow = SyntheticFlow({SYM: self.engine}, seed=seed)
         self.flow.prime(T0)
         self.now = T0 + 1
@@ -124,6 +137,19 @@ class Market:
         for order in self.own.values():
             if finished_too or not order.finished:
                 apply(order, msg, msg.ts // 1_000_000)
+
+
+    def changes(self) -> list[OrderChange]:
+        """The private channel's changes since the last call, as the wire carries them."""
+        out = []
+        for user, data in self.engine.take_private():
+            assert user == OWN
+            change = parse_order_change(json.dumps({
+                "type": "message", "topic": PRIVATE_TOPIC, "subject": "orderChange",
+                "channelType": "private", "data": data}))
+            assert change is not None
+            out.append(change)
+        return out
 
 
 def parsed(raw: dict[str, Any]) -> DataMessage:
@@ -238,3 +264,87 @@ def _own_partial_fill(market: Market, msgs: list[dict[str, Any]]) -> tuple[int, 
         if coid is not None and market.records[coid].is_active:
             return i, coid
     return None
+
+
+@pytest.mark.parametrize("seed", [31, 32])
+def test_private_channel_alone_keeps_every_own_order_equal_to_the_engine(seed: int) -> None:
+    """The public stream stopped: only the private channel tells the monitor."""
+    market = Market(seed)
+    kinds: set[str] = set()
+    for _ in range(1500):
+        market.step()
+        for change in market.changes():
+            kinds.add(change.kind)
+            transition = apply_change(market.own[change.client_oid], change,
+                                      change.ts // 1_000_000)
+            assert transition.change is not Change.RELINKED
+        for coid, order in market.own.items():
+            assert state(order) == expected(market.records[coid]), coid
+            assert order.order_id == market.records[coid].id
+    assert kinds == {"open", "match", "filled", "canceled", "update"}
+
+
+@pytest.mark.parametrize("seed", [41, 42, 43, 44])
+def test_stream_and_private_channel_merged_in_any_order_never_count_a_fill_twice(
+        seed: int) -> None:
+    market = Market(seed)
+    rng = market.rng
+    stream: deque[dict[str, Any]] = deque()
+    private: deque[OrderChange] = deque()
+    reported: dict[str, int] = {}  # fill sizes reported per clientOid, both sources
+    lost = from_stream = from_private = dup = 0
+
+    def note(coid: str, transition: Any, source: str) -> None:
+        nonlocal from_stream, from_private
+        if transition.change is Change.FILL:
+            reported[coid] = reported.get(coid, 0) + int(transition.fill_qty)
+            if source == "stream":
+                from_stream += 1
+            else:
+                from_private += 1
+
+    def read_stream(n: int) -> None:
+        for _ in range(min(n, len(stream))):
+            msg = parsed(stream.popleft())
+            for coid, order in market.own.items():
+                note(coid, apply(order, msg, msg.ts // 1_000_000), "stream")
+
+    def read_private(n: int) -> None:
+        nonlocal dup
+        for _ in range(min(n, len(private))):
+            change = private.popleft()
+            order = market.own[change.client_oid]
+            note(change.client_oid, apply_change(order, change, change.ts // 1_000_000),
+                 "private")
+            if rng.random() < 0.1:  # delivered twice
+                dup += 1
+                note(change.client_oid, apply_change(order, change, change.ts // 1_000_000),
+                     "private")
+
+    for _ in range(2500):
+        msgs = market.step()
+        if msgs and rng.random() < 0.08:
+            start = rng.randrange(len(msgs))
+            del msgs[start:start + rng.randint(1, 6)]  # a run lost in a gap
+            lost += 1
+        stream.extend(msgs)
+        private.extend(market.changes())
+        # Either source may run ahead of the other, by any amount.
+        if rng.random() < 0.35:
+            read_stream(rng.randint(1, 40))
+        if rng.random() < 0.35:
+            read_private(rng.randint(1, 20))
+        for coid, order in market.own.items():
+            rec = market.records[coid]
+            assert order.filled_size <= rec.filled_size, coid
+            # Fills reported as such (a done that says "filled" after a lost match
+            # reports the rest as part of its state, not as a fill).
+            assert reported.get(coid, 0) <= order.filled_size, coid
+    while stream or private:
+        read_stream(rng.randint(1, 40))
+        read_private(rng.randint(1, 20))
+    for coid, order in market.own.items():
+        assert state(order) == expected(market.records[coid]), coid
+        assert reported.get(coid, 0) <= market.records[coid].filled_size, coid
+    assert sum(reported.values()) > 0.9 * sum(r.filled_size for r in market.records.values())
+    assert lost > 50 and from_stream > 20 and from_private > 20 and dup > 20
