@@ -24,15 +24,15 @@ Scripts keep every key of one symbol in the ``{SYM}`` hash slot (Redis Cluster).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 
 from kumex_l3 import keys
 from kumex_l3.errors import Fenced
-from kumex_l3.messages import Qty, format_qty
-from kumex_l3.orders import Change, OwnOrder, Transition, confirm, rest_refused
+from kumex_l3.messages import OrderChange, Qty, format_qty
+from kumex_l3.orders import Change, OwnOrder, Transition, apply_change, confirm, rest_refused
 from kumex_l3.redis_adapter import LuaScript
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "Fence",
     "Fenced",
     "active",
+    "apply_order_change",
     "confirm_order_id",
     "event_fields",
     "load",
@@ -349,6 +350,31 @@ async def save_many(
     return written
 
 
+#: Attempts of a load-change-save against writers that keep changing the same order.
+_UPDATE_ATTEMPTS: Final = 5
+
+
+async def _update(redis: aioredis.Redis, symbol: str, client_oid: str,
+                  change: Callable[[OwnOrder], tuple[Transition, bool]], what: str, *,
+                  finished_ttl_s: int, events_maxlen: int, fence: Fence | None = None,
+                  writer: str | None = None) -> Transition | None:
+    """Load ``client_oid``, ``change`` it (the transition, and whether to write), save it at
+    the revision loaded; again on a stale revision. None when no such order is registered."""
+    for _ in range(_UPDATE_ATTEMPTS):
+        order = await load(redis, symbol, client_oid)
+        if order is None:
+            return None
+        transition, write = change(order)
+        if not write:
+            return transition
+        written = await save_many(redis, [(order, [(transition, None)])],
+                                  finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen,
+                                  fence=fence, writer=writer)
+        if written[0]:
+            return transition
+    raise RuntimeError(f"order {client_oid} kept changing while {what}")
+
+
 async def confirm_order_id(
     redis: aioredis.Redis,
     symbol: str,
@@ -362,18 +388,13 @@ async def confirm_order_id(
     """Our REST reply named ``order_id`` for ``client_oid`` (:func:`kumex_l3.orders.confirm`):
     linked, confirmed, or a conflict (then ask the exchange: :func:`adopt_record`).
     None when no such order is registered."""
-    for _ in range(5):
-        order = await load(redis, symbol, client_oid)
-        if order is None:
-            return None
+    def change(order: OwnOrder) -> tuple[Transition, bool]:
         before = order.confirmed_by
         transition = confirm(order, order_id, now_ms)
-        if not transition.changed and order.confirmed_by == before:
-            return transition
-        if await save_change(redis, order, transition, stream_id=None,
-                             finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen):
-            return transition
-    raise RuntimeError(f"order {client_oid} kept changing while being confirmed")
+        return transition, transition.changed or order.confirmed_by != before
+
+    return await _update(redis, symbol, client_oid, change, "being confirmed",
+                         finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen)
 
 
 async def mark_rejected(
@@ -393,14 +414,34 @@ async def mark_rejected(
     not act). A no-op transition when the order is no longer ``pending`` (the
     stream already showed it); None when no such order is registered.
     """
-    for _ in range(5):
-        order = await load(redis, symbol, client_oid)
-        if order is None:
-            return None
+    def change(order: OwnOrder) -> tuple[Transition, bool]:
         transition = rest_refused(order, code, msg, now_ms)
-        if not transition.changed:
-            return transition
-        if await save_change(redis, order, transition, stream_id=None,
-                             finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen):
-            return transition
-    raise RuntimeError(f"order {client_oid} kept changing while being marked rejected")
+        return transition, transition.changed
+
+    return await _update(redis, symbol, client_oid, change, "being marked rejected",
+                         finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen)
+
+
+async def apply_order_change(
+    redis: aioredis.Redis,
+    change: OrderChange,
+    *,
+    now_ms: int,
+    finished_ttl_s: int = DEFAULT_FINISHED_TTL_S,
+    events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+    fence: Fence | None = None,
+    writer: str | None = None,
+) -> Transition | None:
+    """Apply one change of the private channel (:func:`kumex_l3.orders.apply_change`) to
+    the order registered under its clientOid, and save it (fenced by ``fence``, as the
+    monitor's writes are). None when no order of ours has that clientOid."""
+    def step(order: OwnOrder) -> tuple[Transition, bool]:
+        before = (order.confirmed_by, order.private_ts)
+        transition = apply_change(order, change, now_ms)
+        return transition, transition.changed or (order.confirmed_by, order.private_ts) != before
+
+    if not change.client_oid:
+        return None
+    return await _update(redis, change.symbol, change.client_oid, step,
+                         "applying a private change", finished_ttl_s=finished_ttl_s,
+                         events_maxlen=events_maxlen, fence=fence, writer=writer)

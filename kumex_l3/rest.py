@@ -415,6 +415,12 @@ class KumexRestClient:
         """A WebSocket token and servers (``POST /api/v1/bullet-public``; safe to repeat)."""
         return dict(await self._call("POST", "/api/v1/bullet-public", idempotent=True))
 
+    async def bullet_private(self) -> dict[str, Any]:
+        """A private WebSocket token of this key's account, and servers (``POST
+        /api/v1/bullet-private``, signed; safe to repeat)."""
+        return dict(await self._call("POST", "/api/v1/bullet-private", signed=True,
+                                     idempotent=True))
+
     async def level3_snapshot(self, symbol: str) -> dict[str, Any]:
         """The L3 snapshot's ``data`` (``GET /api/v2/level3/snapshot``; rate-limited)."""
         return dict(await self._call("GET", "/api/v2/level3/snapshot",

@@ -47,7 +47,7 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlencode
@@ -69,7 +69,7 @@ from kumex_l3.errors import (
     WsError,
     WsServerError,
 )
-from kumex_l3.messages import TOPIC_PREFIX
+from kumex_l3.messages import PRIVATE_TOPIC, TOPIC_PREFIX
 from kumex_l3.tasks import cancel_and_wait
 
 __all__ = [
@@ -99,6 +99,7 @@ __all__ = [
     "level3_topic",
     "new_connect_id",
     "parse_bullet",
+    "parse_bullet_data",
     "ping_frame",
     "pong_frame",
     "subscribe_frame",
@@ -188,6 +189,19 @@ def parse_bullet(body: bytes | str) -> Bullet:
         data = msgspec.json.decode(reply.data, type=_BulletData)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise TokenError(f"bullet data is not valid: {exc}") from None
+    return _bullet_of(data)
+
+
+def parse_bullet_data(data: Mapping[str, Any]) -> Bullet:
+    """The token and servers of a bullet reply's ``data`` already decoded (e.g. by the REST
+    client's ``bullet_private``). Raises :class:`TokenError`."""
+    try:
+        return _bullet_of(msgspec.convert(data, type=_BulletData))
+    except msgspec.ValidationError as exc:
+        raise TokenError(f"bullet data is not valid: {exc}") from None
+
+
+def _bullet_of(data: _BulletData) -> Bullet:
     if not data.token:
         raise TokenError("bullet reply has an empty token")
     servers = []
@@ -218,9 +232,11 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def subscribe_frame(msg_id: str, topic: str, *, unsubscribe: bool = False) -> str:
-    """A public ``subscribe`` (or ``unsubscribe``) asking for an ``ack``."""
+    """A ``subscribe`` (or ``unsubscribe``) asking for an ``ack``; ``privateChannel`` true
+    for the private order channel (``/contractMarket/tradeOrders[:SYM]``)."""
+    private = topic == PRIVATE_TOPIC or topic.startswith(PRIVATE_TOPIC + ":")
     return _dumps({"id": msg_id, "type": "unsubscribe" if unsubscribe else "subscribe",
-                   "topic": topic, "privateChannel": False, "response": True})
+                   "topic": topic, "privateChannel": private, "response": True})
 
 
 def ping_frame(msg_id: str) -> str:
@@ -643,6 +659,9 @@ class WsClient:
     ``http`` is the ``httpx.AsyncClient`` for the token request (one is made,
     and closed by :meth:`aclose`, when not given). ``rng`` picks among
     ``instanceServers``; ``clock`` (monotonic seconds) drives the keepalive.
+    ``bullet``: where tokens come from instead of ``bullet-public`` (a private
+    token: ``bullet-private`` is signed, so the caller's REST client asks); it
+    raises :class:`TokenError` on failure.
     """
 
     def __init__(
@@ -654,8 +673,10 @@ class WsClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         ids: Callable[[], IdSource] = IdSource,
+        bullet: Callable[[], Awaitable[Bullet]] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._bullet = bullet
         self.options = options or WsOptions()
         self._http = http
         self._own_http = http is None
@@ -676,7 +697,10 @@ class WsClient:
         await self.aclose()
 
     async def fetch_bullet(self) -> Bullet:
-        """``POST /api/v1/bullet-public``. Raises :class:`TokenError`."""
+        """``POST /api/v1/bullet-public`` (or the ``bullet`` source). Raises
+        :class:`TokenError`."""
+        if self._bullet is not None:
+            return await self._bullet()
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.options.token_timeout,
                                            verify=self.options.tls or True)

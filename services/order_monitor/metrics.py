@@ -28,6 +28,11 @@ metric                                                  what
 ``kumex_order_monitor_active_orders{symbol}``           own orders not finished
 ``kumex_order_monitor_owned{symbol}``                   1 while this replica holds the lease
 ``kumex_order_monitor_batch_seconds{symbol}``           time to handle one batch
+``kumex_order_monitor_private_changes_total{symbol,     private-channel frames: ``applied``,
+result}``                                               ``known``, ``not_ours``, ``not_held``,
+                                                        ``fenced``, ``malformed``, ``other``
+``kumex_order_monitor_private_connected``               1 while subscribed to the channel
+``kumex_order_monitor_private_connections_total``       subscriptions made (reconnects + 1)
 ======================================================  ========================================
 """
 
@@ -85,6 +90,13 @@ class MonitorMetrics:
                             registry=reg)
         self.owned = Gauge(p + "owned", "1 while this replica holds the symbol's lease",
                            ["symbol"], registry=reg)
+        self.private_changes = Counter(p + "private_changes", "Frames of the private "
+                                       "order channel, by what became of them",
+                                       ["symbol", "result"], registry=reg)
+        self.private_connected = Gauge(p + "private_connected", "1 while subscribed to the "
+                                       "private order channel", registry=reg)
+        self.private_connections = Counter(p + "private_connections", "Subscriptions to the "
+                                           "private order channel made", registry=reg)
         self.batch_seconds = Histogram(p + "batch_seconds", "Time to handle one batch",
                                        ["symbol"], registry=reg,
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,

@@ -570,6 +570,11 @@ class SymbolMonitor:
         await self.maybe_reconcile()
         await self.expire_unseen()
 
+    def owe_reconciliation(self) -> None:
+        """Every active own order is owed a check against the exchange (changes of the
+        private channel were lost while it was down): done at the next housekeeping."""
+        self.reconcile_due = self._recheck_all = True
+
     async def _claim_stragglers(self) -> None:
         """Entries a paused previous owner was handed after this replica took over: claim
         and handle them. They come after messages already applied to the same orders,

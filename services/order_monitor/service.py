@@ -4,7 +4,9 @@
 symbols (role ``order_monitor``); for each one gained it starts a
 :class:`~services.order_monitor.monitor.SymbolMonitor` under a supervisor that
 restarts it after an error (with backoff; unacknowledged entries are claimed
-again on restart), and stops it when the lease is lost. :func:`run_monitor`
+again on restart), and stops it when the lease is lost. With credentials it also
+runs the private order channel (:mod:`services.order_monitor.private`) for the
+symbols held, under a supervisor of its own. :func:`run_monitor`
 builds everything from the settings and runs until ``stop`` is set; it then
 stops the consumers, gives the leases back and closes its connections.
 """
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -29,6 +32,7 @@ from kumex_l3.service import start_server
 from kumex_l3.tasks import cancel_and_wait
 from services.order_monitor.metrics import MonitorMetrics
 from services.order_monitor.monitor import LeaseLost, OrderLookup, SymbolMonitor
+from services.order_monitor.private import PrivateChannel
 from services.order_monitor.settings import ROLE, MonitorSettings
 from services.order_monitor.web import make_app
 
@@ -50,6 +54,7 @@ class OrderMonitor:
         lookup: OrderLookup | None,
         *,
         url: str | None = None,
+        private: Callable[[Mapping[str, SymbolMonitor]], PrivateChannel] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -60,6 +65,8 @@ class OrderMonitor:
             ttl=settings.lease_ttl_s, on_gained=self._gained, on_lost=self._lost)
         self.monitors: dict[str, SymbolMonitor] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
+        #: The private order channel, applied to the symbols in ``monitors`` (None: off).
+        self.private = private(self.monitors) if private is not None else None
 
     # ------------------------------------------------------------------ leases
 
@@ -97,10 +104,17 @@ class OrderMonitor:
     async def run(self, stop: asyncio.Event) -> None:
         """Manage leases and consumers until ``stop`` is set; then give everything back."""
         leases = asyncio.create_task(self.leases.run(), name="order-monitor-leases")
+        channel = None if self.private is None else asyncio.create_task(
+            supervise(self.private.run, what="private order channel", symbol="*",
+                      backoff=Backoff(initial=0.5, factor=2.0, max_delay=15.0),
+                      on_failure=lambda _: self.metrics.errors.labels("*").inc()),
+            name="order-monitor-private")
         try:
             await stop.wait()
         finally:
-            await cancel_and_wait(leases)
+            await cancel_and_wait(leases, channel)
+            if self.private is not None:
+                await self.private.aclose()
             await self.leases.close()  # reports each symbol lost: consumers stopped
             await self._stop_workers(*self._workers.values())
 
@@ -124,7 +138,8 @@ class OrderMonitor:
                 "streamTime": None if monitor is None else monitor.stream_ms,
                 "reconcileDue": None if monitor is None else monitor.reconcile_due,
             }
-        return {"ready": ready, "replica": self.settings.replica, "symbols": symbols}
+        return {"ready": ready, "replica": self.settings.replica, "symbols": symbols,
+                "privateChannel": None if self.private is None else self.private.connected}
 
 
 async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
@@ -143,8 +158,18 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
     metrics = MonitorMetrics()
     host = settings.http_host if settings.http_host not in ("0.0.0.0", "::", "") \
         else socket.gethostname()
+    rest = lookup
+
+    def private(monitors: Mapping[str, SymbolMonitor]) -> PrivateChannel:
+        assert rest is not None
+        return PrivateChannel(rest, redis, monitors, settings, metrics)
+
+    if lookup is not None and not settings.private_channel:
+        log.info("private order channel off (MONITOR_PRIVATE_CHANNEL=false)")
     service = OrderMonitor(settings, redis, metrics, lookup,
-                           url=f"http://{host}:{settings.http_port}")
+                           url=f"http://{host}:{settings.http_port}",
+                           private=private if lookup is not None and settings.private_channel
+                           else None)
     try:
         try:
             server, server_task = await start_server(

@@ -29,6 +29,9 @@ variable                           default          meaning
 ``MONITOR_REFRESH_S``              5.0              reload the orderId index from Redis
 ``MONITOR_HTTP_TIMEOUT``           10.0             seconds per REST call
 ``MONITOR_REDIS_TIMEOUT``          5.0              seconds per Redis command (plus BLOCK)
+``MONITOR_PRIVATE_CHANNEL``        true             with credentials: also apply the private
+                                                    order channel (``/contractMarket/
+                                                    tradeOrders``), a second source
 =================================  ===============  ===========================================
 """
 
@@ -73,6 +76,7 @@ class MonitorSettings(CommonSettings):
     refresh_s: float = Field(5.0, gt=0)
     http_timeout: float = Field(10.0, gt=0)
     redis_timeout: float = Field(5.0, gt=0)
+    private_channel: bool = True
 
     @model_validator(mode="after")
     def _default_replica(self) -> MonitorSettings:

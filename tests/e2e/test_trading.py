@@ -87,11 +87,13 @@ def _feed(redis_url: str, sandbox: SandboxProcess) -> ServiceProcess:
         port_var="FEED_HTTP_PORT")
 
 
-def _monitor(redis_url: str, sandbox: SandboxProcess, port: int | None = None) -> ServiceProcess:
+def _monitor(redis_url: str, sandbox: SandboxProcess, port: int | None = None, *,
+             private: bool = True) -> ServiceProcess:
     env = {**_common(redis_url, sandbox), **_creds(DEMO_KEY_1),
            "MONITOR_HTTP_HOST": "127.0.0.1", "MONITOR_REPLICA_ID": "e2e-monitor",
            "MONITOR_BLOCK_MS": "100", "MONITOR_REFRESH_S": "0.5", "MONITOR_LEASE_TTL_S": "2",
-           "MONITOR_UNSEEN_GRACE_MS": "1500"}
+           "MONITOR_UNSEEN_GRACE_MS": "1500",
+           "MONITOR_PRIVATE_CHANNEL": "true" if private else "false"}
     if port is not None:
         env["MONITOR_HTTP_PORT"] = str(port)
     return ServiceProcess("services.order_monitor", env, port_var="MONITOR_HTTP_PORT")
@@ -128,8 +130,9 @@ def stack(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator
         with httpx.Client(base_url=sandbox.base_url, timeout=10) as http:
             http.post("/sandbox/faults",
                       json={"rest_latency_ms": REST_LATENCY_MS}).raise_for_status()
+        # The stream path alone: these tests read which source told each change.
         with _feed(redis_server.url, sandbox) as feed, \
-                _monitor(redis_server.url, sandbox) as monitor:
+                _monitor(redis_server.url, sandbox, private=False) as monitor:
             wait_for(lambda: _consuming(monitor), "the order monitor consuming")
             yield Stack(redis_server.url, sandbox, feed, monitor)
             if request.session.testsfailed > failed_before:
@@ -507,16 +510,7 @@ def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
             httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
             _feed(redis_url, sandbox), _monitor(redis_url, sandbox) as monitor:
         wait_for(lambda: _consuming(monitor), "the order monitor consuming")
-        book = http.get(f"/sandbox/book/{SYM}").json()
-        mid = (Decimal(book["bids"][0]["price"]) + Decimal(book["asks"][0]["price"])) / 2
-        centre = (mid / TICK).to_integral_value() * TICK
-        strategy = ServiceProcess("services.strategy", {
-            **_common(redis_url, sandbox), **_creds(DEMO_KEY_1),
-            "STRATEGY_HTTP_HOST": "127.0.0.1", "STRATEGY_CENTRE_PRICE": f"{centre:f}",
-            "STRATEGY_CLIENT_OID_PREFIX": PREFIX, "STRATEGY_LEVELS": "3",
-            "STRATEGY_STEP_TICKS": "3", "STRATEGY_SIZE": "3", "STRATEGY_MAX_POSITION": "30",
-            "STRATEGY_MAX_OPEN_ORDERS": "40", "STRATEGY_READ_BLOCK": "0.2"},
-            port_var="STRATEGY_HTTP_PORT")
+        strategy = _grid(redis_url, sandbox, http)
         with strategy:
             wait_for(lambda: httpx.get(f"{strategy.url}/readyz", timeout=2).status_code == 200,
                      "the grid placed")
@@ -535,54 +529,12 @@ def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
             target = fills() + 3
             sweeps += _sweep_until(lambda: fills() >= target, http, taker, redis_sync, rng)
             http.post("/sandbox/flow/pause").raise_for_status()
-
-            # Settled: every own order as the exchange has it, the strategy idle.
-            def settled() -> bool:
-                for coid, rec in _all_own(api).items():
-                    h = redis_sync.hgetall(keys.order(SYM, coid))
-                    got = (int(Decimal(h.get(b"filledSize", b"-1").decode())),
-                           h.get(b"status", b"").decode())
-                    if got != (rec["filledSize"], _expected_status(rec)):
-                        return False
-                tail = redis_sync.xrevrange(keys.order_events(SYM), count=1)[0][0].decode()
-                return bool(httpx.get(f"{strategy.url}/state", timeout=5).json()[
-                    "lastEventId"] == tail)
-
-            wait_for(settled, "own orders equal to the exchange's records")
+            wait_for(lambda: _settled(api, redis_sync, strategy),
+                     "own orders equal to the exchange's records")
             position = httpx.get(f"{strategy.url}/state", timeout=5).json()["position"]
             assert strategy.stop() == 0  # SIGTERM: cancels every grid order
-        own = _all_own(api)
-        assert own and not any(rec["isActive"] for rec in own.values())
-
-        def all_final() -> bool:
-            return all(redis_sync.hget(keys.order(SYM, c), "status") in (b"filled", b"canceled")
-                       for c in own)
-
-        wait_for(all_final, "the cancels on the stream")
-        events = [(i.decode(), {k.decode(): v.decode() for k, v in f.items()})
-                  for i, f in redis_sync.xrange(keys.order_events(SYM))]
-        filled_orders = 0
-        for coid, listed in own.items():
-            rec = api.get(f"/api/v1/orders/{listed['id']}").json()["data"]
-            h = {k.decode(): v.decode() for k, v in
-                 redis_sync.hgetall(keys.order(SYM, coid)).items()}
-            assert (int(Decimal(h["filledSize"])), h["status"]) == (
-                rec["filledSize"], _expected_status(rec)), coid
-            assert h["orderId"] == rec["id"]
-            _assert_fills_counted_once([e for e in events if e[1]["clientOid"] == coid],
-                                       rec["filledSize"])
-            filled_orders += rec["filledSize"] > 0
-        # The strategy reacted to each fill once: its position is the exchange's.
-        net = sum((1 if r["side"] == "buy" else -1) * r["filledSize"] for r in own.values())
-        assert position == net
-        # The exchange's own account of it (its position, the net of its fills) and the
-        # order monitor's records say the same.
-        venue = api.get("/api/v1/position", params={"symbol": SYM}).json()["data"]
-        fills_net = sum((1 if f["side"] == "buy" else -1) * f["size"] for f in _fills(api))
-        hashes = [redis_sync.hgetall(keys.order(SYM, coid)) for coid in own]
-        monitor_net = sum((1 if h[b"side"] == b"buy" else -1) * int(Decimal(
-            h[b"filledSize"].decode())) for h in hashes)
-        assert venue["currentQty"] == fills_net == monitor_net == net
+        own, filled_orders = _assert_the_exchange_the_monitor_and_the_grid_agree(
+            api, redis_sync, position)
         print(f"{len(own)} grid orders, {filled_orders} with fills, position {position}, "
               f"{sweeps} sweeps by demo-2; the restarted monitor read "
               f"{metric(monitor.url, 'kumex_order_monitor_messages_read_total'):.0f} entries, "
@@ -590,3 +542,137 @@ def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
               f" orders, corrected "
               f"{metric(monitor.url, 'kumex_order_monitor_corrections_total'):.0f}")
         assert filled_orders >= 4
+
+
+
+#: How long the feed stays stopped (the issue's figure).
+FEED_DOWN_S = 10.0
+
+
+def test_feed_stopped_the_private_channel_keeps_own_orders_and_the_grid_current(
+        redis_url: str, redis_sync: redis.Redis) -> None:
+    """The public stream stops (the feed stopped for at least 10 s) while demo-2 fills the
+    grid's orders: the order monitor learns every change from the private channel alone,
+    and every own order equals the exchange's record before the feed comes back (it stays
+    stopped until then: no time is asserted, the time taken is printed)."""
+    env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "12",
+           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "50"}
+    rng = random.Random(4)
+    with SandboxProcess(env) as sandbox, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10) as http, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as api, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
+            _feed(redis_url, sandbox) as feed, _monitor(redis_url, sandbox) as monitor:
+        wait_for(lambda: _consuming(monitor), "the order monitor consuming")
+        wait_for(lambda: metric(monitor.url, "kumex_order_monitor_private_connected") == 1,
+                 "the private channel subscribed")
+        strategy = _grid(redis_url, sandbox, http)
+        with strategy:
+            wait_for(lambda: httpx.get(f"{strategy.url}/readyz", timeout=2).status_code == 200,
+                     "the grid placed")
+
+            def fills() -> float:
+                return metric(strategy.url, "kumex_strategy_fills_total")
+
+            sweeps = _sweep_until(lambda: fills() >= 2, http, taker, redis_sync, rng)
+            wait_for(lambda: _settled(api, redis_sync, strategy), "settled before the stop")
+            assert feed.stop() == 0
+            stopped = time.monotonic()
+            stream_len = redis_sync.xlen(keys.l3_stream(SYM))
+            events_before = redis_sync.xlen(keys.order_events(SYM))
+            before = fills()
+            # The feed is down: demo-2 keeps filling, the grid keeps answering.
+            while time.monotonic() - stopped < FEED_DOWN_S / 2 or fills() < before + 3:
+                assert time.monotonic() - stopped < SAFETY_S, "no fills while the feed was down"
+                sweeps += _sweep_until(lambda: True, http, taker, redis_sync, rng, at_least=1)
+                time.sleep(0.3)
+            last_sweep = time.monotonic()
+            wait_for(lambda: _settled(api, redis_sync, strategy),
+                     "own orders equal to the exchange's with the feed down")
+            still_down = time.monotonic() - stopped
+            caught_up = time.monotonic() - last_sweep
+            # Nothing came from the stream: every change since is the private channel's.
+            assert redis_sync.xlen(keys.l3_stream(SYM)) == stream_len
+            events = redis_sync.xrange(keys.order_events(SYM))[events_before:]
+            assert events and all(f[b"by"].endswith(b"/private") for _, f in events)
+            time.sleep(max(0.0, FEED_DOWN_S - (time.monotonic() - stopped)))
+            feed.start()
+            sweeps += _sweep_until(lambda: fills() >= before + 6, http, taker, redis_sync, rng)
+            wait_for(lambda: _settled(api, redis_sync, strategy),
+                     "own orders equal to the exchange's after the feed came back")
+            position = httpx.get(f"{strategy.url}/state", timeout=5).json()["position"]
+            assert strategy.stop() == 0
+        own, filled_orders = _assert_the_exchange_the_monitor_and_the_grid_agree(
+            api, redis_sync, position)
+        applied = metric(monitor.url, "kumex_order_monitor_private_changes_total",
+                         symbol=SYM, result="applied")
+        print(f"feed down: {len(events)} own-order changes from the private channel; all "
+              f"orders equal to the exchange's {still_down:.1f} s after the stop "
+              f"({caught_up:.2f} s after the last sweep); {len(own)} grid orders, {sweeps} "
+              f"sweeps, {filled_orders} with fills, {applied:.0f} private changes applied")
+        assert filled_orders >= 4
+
+def _grid(redis_url: str, sandbox: SandboxProcess, http: httpx.Client) -> ServiceProcess:
+    """The grid strategy of demo-1 (clientOids ``PREFIX-*``), centred on the book's mid."""
+    book = http.get(f"/sandbox/book/{SYM}").json()
+    mid = (Decimal(book["bids"][0]["price"]) + Decimal(book["asks"][0]["price"])) / 2
+    centre = (mid / TICK).to_integral_value() * TICK
+    return ServiceProcess("services.strategy", {
+        **_common(redis_url, sandbox), **_creds(DEMO_KEY_1),
+        "STRATEGY_HTTP_HOST": "127.0.0.1", "STRATEGY_CENTRE_PRICE": f"{centre:f}",
+        "STRATEGY_CLIENT_OID_PREFIX": PREFIX, "STRATEGY_LEVELS": "3",
+        "STRATEGY_STEP_TICKS": "3", "STRATEGY_SIZE": "3", "STRATEGY_MAX_POSITION": "30",
+        "STRATEGY_MAX_OPEN_ORDERS": "40", "STRATEGY_READ_BLOCK": "0.2"},
+        port_var="STRATEGY_HTTP_PORT")
+
+
+def _settled(api: httpx.Client, r: redis.Redis, strategy: ServiceProcess) -> bool:
+    """Every own order as the exchange has it, and the strategy has read every event."""
+    for coid, rec in _all_own(api).items():
+        h = r.hgetall(keys.order(SYM, coid))
+        got = (int(Decimal(h.get(b"filledSize", b"-1").decode())),
+               h.get(b"status", b"").decode())
+        if got != (rec["filledSize"], _expected_status(rec)):
+            return False
+    tail = r.xrevrange(keys.order_events(SYM), count=1)[0][0].decode()
+    return bool(httpx.get(f"{strategy.url}/state", timeout=5).json()["lastEventId"] == tail)
+
+
+def _assert_the_exchange_the_monitor_and_the_grid_agree(
+        api: httpx.Client, redis_sync: redis.Redis, position: int,
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """After the grid stopped: every own order final and as the exchange has it, each
+    fill counted once, and one position everywhere. The orders and how many filled."""
+    own = _all_own(api)
+    assert own and not any(rec["isActive"] for rec in own.values())
+
+    def all_final() -> bool:
+        return all(redis_sync.hget(keys.order(SYM, c), "status") in (b"filled", b"canceled")
+                   for c in own)
+
+    wait_for(all_final, "the cancels on the stream")
+    events = [(i.decode(), {k.decode(): v.decode() for k, v in f.items()})
+              for i, f in redis_sync.xrange(keys.order_events(SYM))]
+    filled_orders = 0
+    for coid, listed in own.items():
+        rec = api.get(f"/api/v1/orders/{listed['id']}").json()["data"]
+        h = {k.decode(): v.decode() for k, v in
+             redis_sync.hgetall(keys.order(SYM, coid)).items()}
+        assert (int(Decimal(h["filledSize"])), h["status"]) == (
+            rec["filledSize"], _expected_status(rec)), coid
+        assert h["orderId"] == rec["id"]
+        _assert_fills_counted_once([e for e in events if e[1]["clientOid"] == coid],
+                                   rec["filledSize"])
+        filled_orders += rec["filledSize"] > 0
+    # The strategy reacted to each fill once: its position is the exchange's.
+    net = sum((1 if r["side"] == "buy" else -1) * r["filledSize"] for r in own.values())
+    assert position == net
+    # The exchange's own account of it (its position, the net of its fills) and the
+    # order monitor's records say the same.
+    venue = api.get("/api/v1/position", params={"symbol": SYM}).json()["data"]
+    fills_net = sum((1 if f["side"] == "buy" else -1) * f["size"] for f in _fills(api))
+    hashes = [redis_sync.hgetall(keys.order(SYM, coid)) for coid in own]
+    monitor_net = sum((1 if h[b"side"] == b"buy" else -1) * int(Decimal(
+        h[b"filledSize"].decode())) for h in hashes)
+    assert venue["currentQty"] == fills_net == monitor_net == net
+    return own, filled_orders

@@ -409,7 +409,9 @@ def test_gap_and_sequence_jump_reconcile_with_the_sandbox(
 
     env = {"REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url,
            "KUMEX_API_KEY": DEMO_KEY_1.key, "KUMEX_API_SECRET": DEMO_KEY_1.secret,
-           "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase, "MONITOR_UNSEEN_GRACE_MS": "60000"}
+           "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase, "MONITOR_UNSEEN_GRACE_MS": "60000",
+           # Reconciliation from the records alone (the private channel would tell first).
+           "MONITOR_PRIVATE_CHANNEL": "false"}
     with monitor(env) as mon:
         mon.wait_ready()
         wait_for(lambda: caught_up(redis_sync), "the first entries", proc=mon)
@@ -496,7 +498,8 @@ def _lost_fill_then_cancel(redis_sync: redis.Redis, redis_url: str,
     redis_sync.xadd(keys.l3_stream(SYM), {keys.FIELD_CTL: "connected", "connectId": "y"})
     env = {"REDIS_URL": redis_url, "KUMEX_BASE_URL": sandbox.base_url,
            "KUMEX_API_KEY": DEMO_KEY_1.key, "KUMEX_API_SECRET": DEMO_KEY_1.secret,
-           "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase}
+           "KUMEX_API_PASSPHRASE": DEMO_KEY_1.passphrase,
+           "MONITOR_PRIVATE_CHANNEL": "false"}  # the final record alone corrects it
     with monitor(env) as mon:
         mon.wait_ready()
         oid = place(http, user1, redis_url, clientOid=coid, side="buy", size=5,
