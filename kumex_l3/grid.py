@@ -12,10 +12,16 @@ placement:
 
 * open orders (``pending`` included) never exceed ``max_open_orders``;
 * the position after every open buy filled never exceeds ``max_position``,
-  and after every open sell filled never goes below ``-max_position``.
+  and after every open sell filled never goes below ``-max_position``. The
+  position is the grid's own count of its fills, or the exchange's
+  (``state.exchange_position``, the account's whole position in the contract,
+  read by the service) when that is further in the direction checked: an
+  account that other tools also trade, or a fill the grid has not heard of
+  yet, never lets the grid go past the limit.
 
 A counter-order never needs more position room than its fill freed, so only
-``max_open_orders`` can hold one back (it is then skipped, with its reason).
+``max_open_orders`` can hold one back (it is then skipped, with its reason),
+or the exchange's position when it is beyond the grid's own count.
 
 clientOids are ``{prefix}-{tag}``: ``tag`` is 16 characters (96 bits) of
 HMAC-SHA256 keyed by the grid's secret ``state.salt`` over ``n``, the order's
@@ -162,6 +168,17 @@ class GridState:
     position: int = 0
     next_seq: int = 1
     salt: str = field(default="", repr=False)
+    #: The account's position at the exchange, as last read (None: not known).
+    exchange_position: int | None = None
+
+    def risk_position(self, side: Side) -> int:
+        """The position a ``side`` order's risk is measured from: the grid's own count, or
+        the exchange's when it is further that way (longer for a buy, shorter for a sell)."""
+        if self.exchange_position is None:
+            return self.position
+        if side == "buy":
+            return max(self.position, self.exchange_position)
+        return min(self.position, self.exchange_position)
 
     @classmethod
     def rebuild(cls, orders: Iterable[GridOrder], *, position: int, salt: str,
@@ -241,16 +258,18 @@ def _refusal(config: GridConfig, state: GridState, side: Side, size: int) -> str
     """Why an order of ``side``/``size`` may not be placed now, or None."""
     if state.open_count + 1 > config.max_open_orders:
         return f"max open orders reached ({state.open_count}/{config.max_open_orders})"
+    base = state.risk_position(side)
+    held = f"position {state.position}" + (
+        "" if state.exchange_position is None
+        else f", at the exchange {state.exchange_position}")
     if side == "buy":
-        worst = state.position + state.open_remaining("buy") + size
+        worst = base + state.open_remaining("buy") + size
         if worst > config.max_position:
-            return (f"position could reach {worst} > max {config.max_position} "
-                    f"(position {state.position})")
+            return f"position could reach {worst} > max {config.max_position} ({held})"
     else:
-        worst = state.position - state.open_remaining("sell") - size
+        worst = base - state.open_remaining("sell") - size
         if worst < -config.max_position:
-            return (f"position could reach {worst} < -{config.max_position} "
-                    f"(position {state.position})")
+            return f"position could reach {worst} < -{config.max_position} ({held})"
     return None
 
 

@@ -415,6 +415,17 @@ class KumexRestClient:
         """A WebSocket token and servers (``POST /api/v1/bullet-public``; safe to repeat)."""
         return dict(await self._call("POST", "/api/v1/bullet-public", idempotent=True))
 
+    async def position(self, symbol: str) -> int:
+        """The account's position in ``symbol``, in contracts, + long (``currentQty`` of
+        ``GET /api/v1/position``)."""
+        data = await self._call("GET", "/api/v1/position", params={"symbol": symbol},
+                                signed=True)
+        qty = data.get("currentQty") if isinstance(data, Mapping) else None
+        if isinstance(qty, bool) or not isinstance(qty, int | float | str):
+            raise UnexpectedResponse("", f"position of {symbol} has no currentQty", 200,
+                                     method="GET", path="/api/v1/position")
+        return int(Decimal(str(qty)))
+
     async def bullet_private(self) -> dict[str, Any]:
         """A private WebSocket token of this key's account, and servers (``POST
         /api/v1/bullet-private``, signed; safe to repeat)."""

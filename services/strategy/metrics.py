@@ -15,6 +15,8 @@ metric                                          what
 ``kumex_strategy_decisions_skipped_total``      orders not placed (limits, level held...)
 ``kumex_strategy_open_orders``                  own orders that may still fill
 ``kumex_strategy_position``                     position in contracts (+ long)
+``kumex_strategy_exchange_position``            the account's position at the exchange
+``kumex_strategy_position_mismatches_total``    reads of it that differed from the grid's
 ``kumex_strategy_events_total``                 order-events stream entries read
 ==============================================  ==========================================
 """
@@ -56,5 +58,11 @@ class StrategyMetrics:
                                  "fill", registry=reg)
         self.position = Gauge("kumex_strategy_position", "Position in contracts (+ long)",
                               registry=reg)
+        self.exchange_position = Gauge("kumex_strategy_exchange_position", "The account's "
+                                       "position at the exchange, as last read",
+                                       registry=reg)
+        self.position_mismatches = Counter("kumex_strategy_position_mismatches", "Reads of "
+                                           "the exchange's position that differed from the "
+                                           "grid's own count", registry=reg)
         self.events = Counter("kumex_strategy_events", "Order-events stream entries read",
                               registry=reg)

@@ -18,7 +18,12 @@
 3. **Stop** (SIGTERM / Ctrl-C): cancel all orders on the symbol, confirm at
    the exchange that none of its own is still active (cancelling stragglers
    one by one), and return.
-4. **Keep** its state: should Redis lose it (a restart without persistence),
+4. **Measure risk at the exchange too**: every ``position_check_s`` (and
+   before the first placement) the account's position is read
+   (``GET /api/v1/position``); the limit on the position uses it whenever it
+   is beyond the grid's own count of its fills (:mod:`kumex_l3.grid`), and a
+   difference is counted and logged.
+5. **Keep** its state: should Redis lose it (a restart without persistence),
    the state is written again from memory and the open orders are adopted
    from the exchange, so that the order monitor tracks them again
    (:meth:`GridStrategy._keep_state`, checked every second).
@@ -35,6 +40,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any, Final
 
@@ -146,6 +152,9 @@ class GridStrategy:
         #: now, or never seen by the exchange); the backoff grows until one is accepted.
         self._retries: list[tuple[float, str, str, bool]] = []
         self._retry_backoff = Backoff(initial=_RETRY_AFTER_S, max_delay=_RETRY_MAX_S)
+        self._position_at = 0.0
+        #: The last difference (exchange - own) logged: a lasting one is logged once.
+        self._position_gap = 0
 
     # ------------------------------------------------------------------ status
 
@@ -160,6 +169,7 @@ class GridStrategy:
             "centre": None if config is None else f"{config.centre:f}",
             "step": None if config is None else f"{config.step:f}",
             "position": self.state.position,
+            "exchangePosition": self.state.exchange_position,
             "openOrders": self.state.open_count,
             "nextSeq": self.state.next_seq,
             "lastEventId": self.last_event_id,
@@ -340,6 +350,7 @@ class GridStrategy:
             pass
         if trimmed:
             await self._catch_up()
+        await self._check_position(force=True)
         await self._apply(initial_orders(config, self.state), event_id=None)
         self.ready = True
 
@@ -540,6 +551,7 @@ class GridStrategy:
             while not stop.is_set():
                 try:
                     await self._keep_state()
+                    await self._check_position()
                     await self._retry_due()
                     # Only the wait for entries is interrupted by a stop, never the acting.
                     reply = await self._read_or_stop(block_ms, stop)
@@ -563,6 +575,34 @@ class GridStrategy:
                     await self._recover(stop, policy)
         finally:
             await self.shutdown()
+
+    async def _check_position(self, *, force: bool = False) -> None:
+        """Every ``position_check_s``: the account's position at the exchange, for the risk
+        limit (see the module doc). A failed read keeps the last one (logged)."""
+        every = self.settings.position_check_s
+        now = time.monotonic()
+        if (self.dry_run or not self._has_credentials or every <= 0
+                or (not force and now < self._position_at)):
+            return
+        self._position_at = now + every
+        try:
+            qty = await self.rest.position(self.symbol)
+        except RestError as exc:
+            _log.warning("cannot read the position at the exchange; keeping the last one",
+                         extra=kv(symbol=self.symbol, error=str(exc),
+                                  last=self.state.exchange_position))
+            return
+        self.state = replace(self.state, exchange_position=qty)
+        self.metrics.exchange_position.set(qty)
+        gap = qty - self.state.position
+        if gap:
+            self.metrics.position_mismatches.inc()
+        if gap != self._position_gap:
+            self._position_gap = gap
+            log = _log.warning if gap else _log.info
+            log("position at the exchange " + ("differs from the grid's" if gap
+                                               else "agrees with the grid's again"),
+                extra=kv(symbol=self.symbol, exchange=qty, grid=self.state.position))
 
     async def _retry_due(self) -> None:
         """Decide again the rate-limited orders whose wait is over (new clientOids)."""

@@ -35,6 +35,10 @@ variable                         default                 meaning
 ``STRATEGY_READ_BLOCK``          1.0                     XREAD BLOCK of the event loop, seconds
 ``STRATEGY_SHUTDOWN_TIMEOUT``    10.0                    seconds to wait for cancels to be
                                                          confirmed on exit
+``STRATEGY_POSITION_CHECK_S``    5.0                     read the account's position at the
+                                                         exchange this often (the risk limit
+                                                         uses it when it is beyond the grid's
+                                                         own count); 0 = never
 ===============================  ======================  ===========================================
 """
 
@@ -83,6 +87,7 @@ class StrategySettings(CommonSettings):
     resolve_after: float = Field(5.0, ge=0)
     read_block: float = Field(1.0, gt=0, le=10)
     shutdown_timeout: float = Field(10.0, ge=0)
+    position_check_s: float = Field(5.0, ge=0)
 
     @field_validator("client_oid_prefix")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -262,6 +263,44 @@ async def test_grid_is_placed_and_adopted_on_restart_without_duplicates(
 
     await third.shutdown()
     assert await _own_active(rest, "gt") == []
+
+
+async def _market(rest: KumexRestClient, side: str, size: int) -> None:
+    await rest.place_order(client_oid=f"pos-{uuid.uuid4().hex[:12]}", symbol=SYMBOL,
+                           side=side, size=size, leverage=3, order_type="market")
+
+
+async def _set_position(rest: KumexRestClient, target: int) -> None:
+    """Trade demo-1's account (outside any grid) to ``target`` contracts in ``SYMBOL``."""
+    for _ in range(3):
+        gap = target - await rest.position(SYMBOL)
+        if not gap:
+            return
+        await _market(rest, "buy" if gap > 0 else "sell", abs(gap))
+    assert await rest.position(SYMBOL) == target
+
+
+async def test_the_grid_measures_its_risk_from_the_exchanges_position_too(
+        sandbox: SandboxProcess, redis_url: str, redis: aioredis.Redis,
+        rest: KumexRestClient) -> None:
+    """Another tool left the account long 8: the grid (its own count 0, max 12, size 3)
+    places one buy, not two: 8 + 3 <= 12 < 8 + 6. Both sells fit (0 - 6 >= -12)."""
+    await _set_position(rest, 8)
+    metrics = StrategyMetrics()
+    strategy = GridStrategy(_settings(sandbox, redis_url, await _mark(rest),
+                                      client_oid_prefix="gx"), redis, rest, metrics=metrics)
+    try:
+        await strategy.start()
+        live = await _own_active(rest, "gx")
+        assert sorted(o.side for o in live) == ["buy", "sell", "sell"]
+        assert strategy.state.exchange_position == 8 and strategy.state.position == 0
+        assert strategy.status()["exchangePosition"] == 8
+        assert metrics.registry.get_sample_value("kumex_strategy_exchange_position") == 8
+        assert metrics.registry.get_sample_value(
+            "kumex_strategy_position_mismatches_total") == 1
+    finally:
+        await strategy.shutdown()
+        await _set_position(rest, 0)
 
 
 async def _event(redis: aioredis.Redis, coid: str, status: str, filled: int) -> str:

@@ -281,3 +281,31 @@ def test_limits_hold_across_random_fill_sequences(
             (o.filled if o.side == "buy" else -o.filled) for o in state.orders.values())
     assert len(seen) == len(set(seen))
     assert len(seen) == len(state.orders)
+
+
+def test_the_exchanges_position_limits_the_grid_when_it_is_beyond_its_own() -> None:
+    # Long 5 at the exchange (another tool traded the account), the grid's own count 0:
+    # max 8, size 2: one buy fits (5 + 2 <= 8), as if the grid were long 5 itself.
+    plan = initial_orders(_config(max_position=8), GridState(position=0, exchange_position=5))
+    assert len(_prices(plan, "buy")) == 1
+    assert len(_prices(plan, "sell")) == 3  # a short risk is measured from the grid's 0
+    assert any("at the exchange 5" in d.reason for d in plan.decisions if d.action == "skip")
+    # Behind the grid's own count (a fill it has heard of first): its own count rules.
+    plan = initial_orders(_config(max_position=8), GridState(position=5, exchange_position=0))
+    assert len(_prices(plan, "buy")) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(-12, 12), exchange=st.integers(-30, 30) | st.none(),
+       levels=st.integers(1, 6), size=st.integers(1, 5), max_position=st.integers(0, 20))
+def test_no_order_is_placed_past_the_limit_from_either_position(
+        position: int, exchange: int | None, levels: int, size: int, max_position: int) -> None:
+    config = _config(levels=levels, size=size, max_position=max_position,
+                     max_open_orders=100, centre=Decimal("100.0"))
+    plan = initial_orders(config, GridState(position=position, exchange_position=exchange))
+    buys, sells = (sum(d.size for d in plan.places if d.side == s) for s in ("buy", "sell"))
+    for base in (position, position if exchange is None else exchange):
+        # Placed orders never add risk past the limit, whichever position is the truth
+        # (they may have been too many already: then none is placed on that side).
+        assert buys == 0 or base + buys <= max_position
+        assert sells == 0 or base - sells >= -max_position
