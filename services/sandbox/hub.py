@@ -342,18 +342,10 @@ class Hub:
     def _forget(self, client: _Client) -> None:
         self._clients.discard(client)
         if client.user is not None:
-            held = self._private.get(client.user)
-            if held is not None:
-                held.discard(client)
-                if not held:
-                    del self._private[client.user]
+            _unindex(self._private, client.user, client)
         client.private.clear()
         for symbol in client.symbols:
-            subs = self._subscribers.get(symbol)
-            if subs is not None:
-                subs.discard(client)
-                if not subs:
-                    del self._subscribers[symbol]
+            _unindex(self._subscribers, symbol, client)
         client.symbols.clear()
 
     # ------------------------------------------------------------------ lifecycle, stats
@@ -594,11 +586,7 @@ class Hub:
         else:
             for symbol in symbols:
                 client.symbols.discard(symbol)
-                subs = self._subscribers.get(symbol)
-                if subs is not None:
-                    subs.discard(client)
-                    if not subs:
-                        del self._subscribers[symbol]
+                _unindex(self._subscribers, symbol, client)
         if msg.get("response") is True:
             self._reply(client, {"id": msg_id, "type": "ack"})
 
@@ -631,11 +619,7 @@ class Hub:
         else:
             client.private.difference_update(keys)
             if not client.private:
-                held = self._private.get(user)
-                if held is not None:
-                    held.discard(client)
-                    if not held:
-                        del self._private[user]
+                _unindex(self._private, user, client)
         if msg.get("response") is True:
             self._reply(client, {"id": msg_id, "type": "ack"})
 
@@ -647,6 +631,15 @@ class Hub:
         if not symbols or not all(self.symbol_known(s) for s in symbols):
             return None
         return list(dict.fromkeys(symbols))
+
+
+def _unindex(index: dict[str, set[_Client]], key: str, client: _Client) -> None:
+    """Take ``client`` out of ``index[key]``, and the key out once its set is empty."""
+    held = index.get(key)
+    if held is not None:
+        held.discard(client)
+        if not held:
+            del index[key]
 
 
 def _error(msg_id: Any, code: int, data: str) -> dict[str, Any]:

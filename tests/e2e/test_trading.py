@@ -17,6 +17,7 @@ call is still in flight), and times are only printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -501,20 +502,10 @@ def _fills(api: httpx.Client) -> list[dict[str, Any]]:
 def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
         redis_url: str, redis_sync: redis.Redis) -> None:
     """kill -9 of the order monitor while the flow and another user fill the grid's orders."""
-    env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "11",
-           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "150"}
     rng = random.Random(3)
-    with SandboxProcess(env) as sandbox, \
-            httpx.Client(base_url=sandbox.base_url, timeout=10) as http, \
-            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as api, \
-            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
-            _feed(redis_url, sandbox), _monitor(redis_url, sandbox) as monitor:
-        wait_for(lambda: _consuming(monitor), "the order monitor consuming")
-        strategy = _grid(redis_url, sandbox, http)
-        with strategy:
-            wait_for(lambda: httpx.get(f"{strategy.url}/readyz", timeout=2).status_code == 200,
-                     "the grid placed")
-
+    with _grid_stack(redis_url, seed=11, rest_latency_ms=150) as (
+            sandbox, http, api, taker, _, monitor):
+        with _placed_grid(redis_url, sandbox, http) as strategy:
             def fills() -> float:
                 return metric(strategy.url, "kumex_strategy_fills_total")
 
@@ -555,22 +546,12 @@ def test_feed_stopped_the_private_channel_keeps_own_orders_and_the_grid_current(
     grid's orders: the order monitor learns every change from the private channel alone,
     and every own order equals the exchange's record before the feed comes back (it stays
     stopped until then: no time is asserted, the time taken is printed)."""
-    env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "12",
-           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "50"}
     rng = random.Random(4)
-    with SandboxProcess(env) as sandbox, \
-            httpx.Client(base_url=sandbox.base_url, timeout=10) as http, \
-            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as api, \
-            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
-            _feed(redis_url, sandbox) as feed, _monitor(redis_url, sandbox) as monitor:
-        wait_for(lambda: _consuming(monitor), "the order monitor consuming")
+    with _grid_stack(redis_url, seed=12, rest_latency_ms=50) as (
+            sandbox, http, api, taker, feed, monitor):
         wait_for(lambda: metric(monitor.url, "kumex_order_monitor_private_connected") == 1,
                  "the private channel subscribed")
-        strategy = _grid(redis_url, sandbox, http)
-        with strategy:
-            wait_for(lambda: httpx.get(f"{strategy.url}/readyz", timeout=2).status_code == 200,
-                     "the grid placed")
-
+        with _placed_grid(redis_url, sandbox, http) as strategy:
             def fills() -> float:
                 return metric(strategy.url, "kumex_strategy_fills_total")
 
@@ -611,6 +592,35 @@ def test_feed_stopped_the_private_channel_keeps_own_orders_and_the_grid_current(
               f"({caught_up:.2f} s after the last sweep); {len(own)} grid orders, {sweeps} "
               f"sweeps, {filled_orders} with fills, {applied:.0f} private changes applied")
         assert filled_orders >= 4
+
+@contextlib.contextmanager
+def _grid_stack(redis_url: str, *, seed: int, rest_latency_ms: int) -> Iterator[tuple[
+        SandboxProcess, httpx.Client, httpx.Client, httpx.Client, ServiceProcess,
+        ServiceProcess]]:
+    """A sandbox (flow paused), its control client, demo-1's and demo-2's signed clients,
+    the feed and the order monitor (private channel on), the monitor consuming."""
+    env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": str(seed),
+           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0",
+           "SANDBOX_REST_LATENCY_MS": str(rest_latency_ms)}
+    with SandboxProcess(env) as sandbox, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10) as http, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as api, \
+            httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
+            _feed(redis_url, sandbox) as feed, _monitor(redis_url, sandbox) as monitor:
+        wait_for(lambda: _consuming(monitor), "the order monitor consuming")
+        yield sandbox, http, api, taker, feed, monitor
+
+
+@contextlib.contextmanager
+def _placed_grid(redis_url: str, sandbox: SandboxProcess, http: httpx.Client
+                 ) -> Iterator[ServiceProcess]:
+    """The grid strategy of demo-1 (clientOids ``PREFIX-*``), centred on the book's mid,
+    running and placed."""
+    with _grid(redis_url, sandbox, http) as strategy:
+        wait_for(lambda: httpx.get(f"{strategy.url}/readyz", timeout=2).status_code == 200,
+                 "the grid placed")
+        yield strategy
+
 
 def _grid(redis_url: str, sandbox: SandboxProcess, http: httpx.Client) -> ServiceProcess:
     """The grid strategy of demo-1 (clientOids ``PREFIX-*``), centred on the book's mid."""

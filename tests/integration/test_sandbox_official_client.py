@@ -428,17 +428,25 @@ def test_stop_orders_wait_off_the_book_then_trade_as_ordinary_orders(
     a.cancel_all_limit_order(SYMBOL)
 
 
-def test_open_stop_orders_are_listed_by_page_and_refused_when_bad(
-        sandbox: SandboxProcess) -> None:
-    """get_open_stop_order: the account's untriggered stop orders, newest first, by page and
-    filter, in the venue's order shape; never in the book nor in the active orders."""
+def _two_clean_accounts(sandbox: SandboxProcess
+                        ) -> tuple[Any, Any, Decimal, Decimal, str, str]:
+    """demo-1's and demo-2's SDK clients with no stop or limit order left in ``SYMBOL``, the
+    best bid and ask, and stop prices 1,000 ticks below the bid and above the ask (never reached
+    while the flow is paused)."""
     a, b = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
     for account in (a, b):
         account.cancel_all_stop_order(SYMBOL)
         account.cancel_all_limit_order(SYMBOL)
     book = _book(sandbox)
     bid, ask = Decimal(book["bids"][0]["price"]), Decimal(book["asks"][0]["price"])
-    low, high = f"{bid - 100:f}", f"{ask + 100:f}"  # 1000 ticks away: never reached here
+    return a, b, bid, ask, f"{bid - 100:f}", f"{ask + 100:f}"
+
+
+def test_open_stop_orders_are_listed_by_page_and_refused_when_bad(
+        sandbox: SandboxProcess) -> None:
+    """get_open_stop_order: the account's untriggered stop orders, newest first, by page and
+    filter, in the venue's order shape; never in the book nor in the active orders."""
+    a, b, bid, ask, low, high = _two_clean_accounts(sandbox)
     ids = [
         a.create_limit_order(SYMBOL, "buy", "5", 1, f"{bid - 200:f}", stop="up",
                              stopPrice=high, stopPriceType="TP")["orderId"],
@@ -487,13 +495,7 @@ def test_cancel_all_stop_orders_leaves_limit_orders_and_other_accounts(
         sandbox: SandboxProcess) -> None:
     """cancel_all_stop_order: every untriggered stop order of the account and contract,
     and nothing else; cancel_all_limit_order leaves stop orders alone."""
-    a, b = _trade(sandbox), _trade(sandbox, DEMO_KEY_2)
-    for account in (a, b):
-        account.cancel_all_stop_order(SYMBOL)
-        account.cancel_all_limit_order(SYMBOL)
-    book = _book(sandbox)
-    bid, ask = Decimal(book["bids"][0]["price"]), Decimal(book["asks"][0]["price"])
-    low, high = f"{bid - 100:f}", f"{ask + 100:f}"
+    a, b, bid, _, low, high = _two_clean_accounts(sandbox)
     mine = [a.create_market_order(SYMBOL, "sell", "5", size=1, stop="down", stopPrice=low,
                                   stopPriceType="TP")["orderId"],
             a.create_limit_order(SYMBOL, "buy", "5", 1, f"{bid - 50:f}", stop="up",

@@ -13,7 +13,7 @@ import asyncio
 import importlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,16 +143,17 @@ def _sdk(name: str) -> Any:
         pytest.skip(f"kucoin-futures-python is not usable: {exc!r}")
 
 
-async def test_official_sdk_websocket_client_over_tls_builds_the_engines_book(
-        tls_sandbox: SandboxProcess, tls_files: TlsFiles,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """KuCoin's kucoin-futures-python 1.0.14, unchanged: its WebSocket client (which
-    connects with ``ssl=encrypt``) and its REST snapshot, trusting the throwaway CA
-    through the environment only, give a book equal to the engine's."""
-    client = _sdk("kucoin_futures.client")
-    ws_client = _sdk("kucoin_futures.ws_client")
+def _trusting_sdk(tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """The SDK's ``client`` and ``ws_client`` modules, trusting the throwaway CA through
+    the environment only."""
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))  # websockets' default context
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_files.ca))  # the SDK's REST (requests)
+    return _sdk("kucoin_futures.client"), _sdk("kucoin_futures.ws_client")
+
+
+def _collector() -> tuple[list[dict[str, Any]], asyncio.Event,
+                          Callable[[dict[str, Any]], Awaitable[None]]]:
+    """Frames an SDK callback receives, and an event set at each."""
     frames: list[dict[str, Any]] = []
     got = asyncio.Event()
 
@@ -160,6 +161,17 @@ async def test_official_sdk_websocket_client_over_tls_builds_the_engines_book(
         frames.append(msg)
         got.set()
 
+    return frames, got, on_message
+
+
+async def test_official_sdk_websocket_client_over_tls_builds_the_engines_book(
+        tls_sandbox: SandboxProcess, tls_files: TlsFiles,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """KuCoin's kucoin-futures-python 1.0.14, unchanged: its WebSocket client (which
+    connects with ``ssl=encrypt``) and its REST snapshot, trusting the throwaway CA
+    through the environment only, give a book equal to the engine's."""
+    client, ws_client = _trusting_sdk(tls_files, monkeypatch)
+    frames, got, on_message = _collector()
     sdk_ws = await ws_client.KucoinFuturesWsClient.create(
         None, client.WsToken(url=tls_sandbox.base_url), on_message)
     with _engine(tls_sandbox, tls_files.ca) as http:
@@ -187,19 +199,10 @@ async def test_official_sdk_private_websocket_client_is_told_of_its_orders(
     """The same SDK's private client (a ``bullet-private`` token, ``privateChannel``
     true) on ``/contractMarket/tradeOrders``: its orders placed through its own Trade
     client come back as ``orderChange`` open, then canceled."""
-    client = _sdk("kucoin_futures.client")
-    ws_client = _sdk("kucoin_futures.ws_client")
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_files.ca))
+    client, ws_client = _trusting_sdk(tls_files, monkeypatch)
     creds = {"key": DEMO_KEY_1.key, "secret": DEMO_KEY_1.secret,
              "passphrase": DEMO_KEY_1.passphrase, "url": tls_sandbox.base_url}
-    frames: list[dict[str, Any]] = []
-    got = asyncio.Event()
-
-    async def on_message(msg: dict[str, Any]) -> None:
-        frames.append(msg)
-        got.set()
-
+    frames, got, on_message = _collector()
     sdk_ws = await ws_client.KucoinFuturesWsClient.create(
         None, client.WsToken(**creds), on_message, private=True)
     try:
