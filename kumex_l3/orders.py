@@ -51,16 +51,25 @@ the channel tell the same changes, at the same ``ts``, in either order, and
 either may lose some. They are merged so that neither counts a fill twice nor
 takes a state back:
 
-* a fill counts once by its ``tradeId`` (``trade_ids``), whichever source
-  brings it; a change's cumulative ``filledSize`` catches up fills the stream
-  lost (the filled size never goes down);
+* the stream adds each fill once by its ``tradeId`` (``trade_ids``); a change
+  never adds: it carries the order's cumulative ``filledSize``, and the filled
+  size becomes the larger of the two (so a change delivered twice, after a
+  reconciliation or after the stream, counts nothing again, and one catches up
+  fills the stream lost);
 * ``private_ts``: the newest change applied; a stream message at or before it
   is already told (its fill, open or update is not applied again, and its
   trade id is not taken, so that a fill sharing that ``ts`` still counts when
   its own change comes);
 * ``event_ts``: the newest ``ts`` applied from either source; a change older
-  than it (the stream is ahead) confirms, links and adds fills, but does not
-  set the size still open back.
+  than it (the stream is ahead), or one that knows fewer fills than we do,
+  confirms, links and catches up fills, but does not set the size still open
+  back.
+
+At the venue several messages can share one ``ts`` (a taker sweeping makers).
+A stream fill at the very ``ts`` of the last change applied counts as told: if
+its own change never came, the channel lost it, which only a dropped
+connection does, and every (re)connection reconciles the held orders with the
+exchange's records (the order monitor). Told at most late, never twice.
 
 The channel's word links the clientOid with authority (``confirmed_by``
 ``exchange``); a change naming another orderId for our clientOid **relinks**
@@ -469,8 +478,10 @@ def apply(order: OwnOrder, msg: DataMessage | Control, now_ms: int) -> Transitio
     if isinstance(msg, Done):
         if msg.reason == "filled" and order.remaining > 0:
             # What still rested was filled by a match lost in a gap of the stream: the
-            # done itself says so (no need to wait for a reconciliation).
-            order.filled_size += order.remaining
+            # done itself says so (no need to wait for a reconciliation). Never past the
+            # size: ``remaining`` may be stale (a lost update); the gap's reconciliation
+            # then takes the final record's figure.
+            order.filled_size = min(order.filled_size + order.remaining, order.size)
         order.status = exchange_status(msg.reason)
         order.reason = msg.reason
         order.remaining = 0
@@ -670,22 +681,20 @@ def _reconcile_finished(order: OwnOrder, target: OrderStatus, filled: Qty, updat
                         now_ms: int) -> Transition:
     """A finished order: corrected when the exchange's final record disagrees with it.
 
-    Finished the same way: only a larger ``filled_size`` is taken. Finished
-    another way (``canceled`` against ``filled``): the record's status and
-    ``filled_size``. A record still active changes nothing (the stream said
-    ``done`` for this very orderId).
+    The final record is final: its status and ``filled_size`` are taken as they
+    are, larger or smaller (a ``done filled`` after a lost ``update`` may have
+    counted a stale remaining). A record still active changes nothing (the
+    stream said ``done`` for this very orderId).
     """
     if not target.finished:
         return _unchanged(order)
-    if target is order.status and filled <= order.filled_size:
+    if target is order.status and filled == order.filled_size:
         return _unchanged(order)
     before = _snap(order)
     if target is not order.status:
         order.status = target
         order.reason = target.value
-        order.filled_size = filled
-    else:
-        order.filled_size = filled
+    order.filled_size = filled
     order.exchange_updated_at = max(order.exchange_updated_at, updated_at)
     order.corrected += 1
     return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)
@@ -718,9 +727,13 @@ def apply_change(order: OwnOrder, change: OrderChange, now_ms: int) -> Transitio
         return _unchanged(order)
     target = _change_target(change)
     if order.order_id is not None and change.order_id != order.order_id:
-        order.private_ts = order.event_ts = max(order.event_ts, change.ts)
-        return _relink(order, change.order_id, target, change.filled, change.size,
-                       change.ts // 1_000_000, now_ms)
+        # Everything from our order's change, nothing from the other account's messages.
+        transition = _relink(order, change.order_id, target, change.filled, change.size, 0,
+                             now_ms)
+        order.private_ts = order.event_ts = change.ts
+        if change.trade_id:
+            order.trade_ids = (change.trade_id,)
+        return transition
     fresh = change.ts >= order.event_ts
     order.private_ts = max(order.private_ts, change.ts)
     order.event_ts = max(order.event_ts, change.ts)
@@ -733,22 +746,24 @@ def apply_change(order: OwnOrder, change: OrderChange, now_ms: int) -> Transitio
     order.order_id = change.order_id
     order.confirmed_by = "exchange"
     fill: dict[str, Any] = {}
+    # The change's cumulative filled size, never a sum: whatever counted a fill before
+    # (the stream, a record, this very change delivered twice), it is counted once.
+    filled = max(order.filled_size, change.filled)
     if change.kind == "match" and change.trade_id not in order.trade_ids:
         order.trade_ids = (*order.trade_ids, change.trade_id)[-TRADE_IDS_KEPT:]
-        filled = max(order.filled_size + change.match_qty, change.filled)
-        fill = {"fill_qty": filled - order.filled_size, "fill_price": change.match_price,
-                "trade_id": change.trade_id, "liquidity": change.liquidity}
-        order.filled_size = filled
-    else:
-        order.filled_size = max(order.filled_size, change.filled)
+        if filled > order.filled_size:
+            fill = {"fill_qty": filled - order.filled_size, "fill_price": change.match_price,
+                    "trade_id": change.trade_id, "liquidity": change.liquidity}
+    order.filled_size = filled
     if change.final:
         order.status = target
         order.reason = target.value
         order.remaining = 0
     else:
         order.status = _forward(order.status, target)
-        if fresh:
-            order.remaining = change.remain
+        if fresh and change.filled == filled:
+            # The change knows every fill we know, and nothing newer was applied.
+            order.remaining = min(change.remain, max(order.size - filled, 0))
     if _snap(order)[1:] == before[1:]:
         kind = Change.CONFIRMED  # only the link (or nothing) is new
     elif change.kind == "match" and not fill:

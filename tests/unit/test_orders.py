@@ -487,13 +487,22 @@ def test_reconcile_raises_the_fill_of_an_order_canceled_after_a_lost_match() -> 
     assert (o.status, o.filled_size, o.remaining, o.corrected) == (
         OrderStatus.CANCELED, 5, 0, 1)
     assert "filledSize" in t.fields
-    # The same record again, or one with less, changes nothing.
+    # The same record again changes nothing.
     assert not reconcile(o, final, T0 + 10).changed
-    assert not reconcile(o, record(status="done", isActive=False, cancelExist=True,
-                                   filledSize=3), T0 + 11).changed
-    # A finished order never changes status, even on a contradicting record.
+    # A finished order never changes on a record still active (the stream saw its done).
     assert not reconcile(o, record(status="open", isActive=True, filledSize=7), T0).changed
     assert o.status is OrderStatus.CANCELED and o.filled_size == 5
+
+
+def test_a_final_record_with_less_corrects_a_done_filled_that_counted_a_stale_remaining(
+        ) -> None:
+    # 4 filled, then an update to 3 lost in a gap: the done filled adds the 6 it believed
+    # still open (at most the size); the final record says 7, and it is final.
+    o = new(10)
+    run(o, received(1), opened(2, 10), match(3, 4), done(5, "filled"))
+    assert (o.status, o.filled_size) == (OrderStatus.FILLED, 10)
+    t = reconcile(o, record(status="done", isActive=False, filledSize=7, size=7), T0 + 9)
+    assert t.changed and (o.status, o.filled_size, o.corrected) == (OrderStatus.FILLED, 7, 1)
 
 
 def test_after_reconcile_messages_already_in_the_record_are_not_applied_twice() -> None:
@@ -620,3 +629,47 @@ def test_frames_that_are_not_order_changes_are_none() -> None:
     assert parse_order_change('{"type":"welcome","id":"x"}') is None
     assert parse_order_change('{"type":"message","topic":"/contractMarket/level3v2:X",'
                               '"subject":"open","data":{}}') is None
+
+
+def test_a_change_counted_by_a_reconciliation_is_not_counted_again() -> None:
+    o = new()
+    run(o, received(1), opened(2, 10))
+    reconcile(o, record(filledSize=3, updatedAt=T0 + 3), T0 + 5)  # read ahead of both
+    apply_change(o, change("match", 3, filled=3, remain=7, match_size=3), T0 + 6)
+    run(o, match(3, 3))
+    assert (o.filled_size, o.remaining) == (3, 7)
+
+
+def test_a_relinking_change_delivered_twice_counts_once_and_keeps_none_of_the_others_timing(
+        ) -> None:
+    o = new()
+    # Someone else's order under our clientOid, seen far ahead in time.
+    run(o, received(1, oid=OTHER), opened(50, 10, oid=OTHER))
+    relink = change("match", 3, filled=4, remain=6, match_size=4)
+    t = apply_change(o, relink, T0)
+    assert (t.change, o.order_id, o.filled_size) == (Change.RELINKED, OID, 4)
+    assert (o.private_ts, o.event_ts, o.exchange_updated_at) == ((T0 + 3) * NS,) * 2 + (0,)
+    assert not apply_change(o, relink, T0).changed and o.filled_size == 4
+    # Our own later messages count: the other order's times (ts 50) tell nothing of ours.
+    run(o, raw("match", 51, side="sell", price="31570.0", size="1", makerOrderId=OID,
+               takerOrderId=OTHER, tradeId="t-ours", ts=(T0 + 10) * NS))
+    assert (o.filled_size, o.remaining) == (5, 5)
+
+
+def test_a_change_that_knows_fewer_fills_never_sets_the_open_size_back() -> None:
+    # The venue gives several messages one ts: two fills and the taker's open at ts 3.
+    o = new()
+    same = (T0 + 3) * NS
+    run(o, raw("received", 1, orderId=OID, clientOid="c1"),
+        raw("match", 2, side="buy", price="31570.0", size="2", makerOrderId=OTHER,
+            takerOrderId=OID, tradeId="a", ts=same),
+        raw("match", 3, side="buy", price="31570.0", size="3", makerOrderId=OTHER,
+            takerOrderId=OID, tradeId="b", ts=same),
+        raw("open", 4, side="buy", price="31570.0", size="5", orderId=OID,
+            orderTime=same, ts=same))
+    assert (o.filled_size, o.remaining) == (5, 5)
+    late = change("match", 3, filled=2, remain=8, match_size=2, trade="a")  # ts 3 as well
+    apply_change(o, late, T0)
+    assert (o.filled_size, o.remaining) == (5, 5)
+    run(o, done(5, "filled"))
+    assert (o.filled_size, o.status) == (10, OrderStatus.FILLED)
