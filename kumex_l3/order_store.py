@@ -357,21 +357,22 @@ _UPDATE_ATTEMPTS: Final = 5
 async def _update(redis: aioredis.Redis, symbol: str, client_oid: str,
                   change: Callable[[OwnOrder], tuple[Transition, bool]], what: str, *,
                   finished_ttl_s: int, events_maxlen: int, fence: Fence | None = None,
-                  writer: str | None = None) -> Transition | None:
+                  writer: str | None = None) -> tuple[OwnOrder, Transition] | None:
     """Load ``client_oid``, ``change`` it (the transition, and whether to write), save it at
-    the revision loaded; again on a stale revision. None when no such order is registered."""
+    the revision loaded; again on a stale revision. The order as saved (or left) and the
+    transition; None when no such order is registered."""
     for _ in range(_UPDATE_ATTEMPTS):
         order = await load(redis, symbol, client_oid)
         if order is None:
             return None
         transition, write = change(order)
         if not write:
-            return transition
+            return order, transition
         written = await save_many(redis, [(order, [(transition, None)])],
                                   finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen,
                                   fence=fence, writer=writer)
         if written[0]:
-            return transition
+            return order, transition
     raise RuntimeError(f"order {client_oid} kept changing while {what}")
 
 
@@ -393,8 +394,9 @@ async def confirm_order_id(
         transition = confirm(order, order_id, now_ms)
         return transition, transition.changed or order.confirmed_by != before
 
-    return await _update(redis, symbol, client_oid, change, "being confirmed",
+    done = await _update(redis, symbol, client_oid, change, "being confirmed",
                          finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen)
+    return None if done is None else done[1]
 
 
 async def mark_rejected(
@@ -418,8 +420,9 @@ async def mark_rejected(
         transition = rest_refused(order, code, msg, now_ms)
         return transition, transition.changed
 
-    return await _update(redis, symbol, client_oid, change, "being marked rejected",
+    done = await _update(redis, symbol, client_oid, change, "being marked rejected",
                          finished_ttl_s=finished_ttl_s, events_maxlen=events_maxlen)
+    return None if done is None else done[1]
 
 
 async def apply_order_change(
@@ -431,10 +434,11 @@ async def apply_order_change(
     events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
     fence: Fence | None = None,
     writer: str | None = None,
-) -> Transition | None:
+) -> tuple[OwnOrder, Transition] | None:
     """Apply one change of the private channel (:func:`kumex_l3.orders.apply_change`) to
     the order registered under its clientOid, and save it (fenced by ``fence``, as the
-    monitor's writes are). None when no order of ours has that clientOid."""
+    monitor's writes are): the order and the transition. None when no order of ours has
+    that clientOid."""
     def step(order: OwnOrder) -> tuple[Transition, bool]:
         before = (order.confirmed_by, order.private_ts)
         transition = apply_change(order, change, now_ms)

@@ -30,7 +30,8 @@ metric                                                  what
 ``kumex_order_monitor_batch_seconds{symbol}``           time to handle one batch
 ``kumex_order_monitor_private_changes_total{symbol,     private-channel frames: ``applied``,
 result}``                                               ``known``, ``not_ours``, ``not_held``,
-                                                        ``fenced``, ``malformed``, ``other``
+                                                        ``fenced``, ``malformed``, ``error``
+                                                        (not written), ``other``
 ``kumex_order_monitor_private_connected``               1 while subscribed to the channel
 ``kumex_order_monitor_private_connections_total``       subscriptions made (reconnects + 1)
 ======================================================  ========================================

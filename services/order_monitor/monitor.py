@@ -470,7 +470,7 @@ class SymbolMonitor:
             raise RuntimeError(f"{self.symbol}: own orders kept changing while being saved")
         # Index: what the orders are now; tentative links that did not take are dropped.
         for order in orders.values():
-            self._track(order)
+            self.track(order)
         for it, coids in own:
             if it.subject == "received" and self.by_oid.get(it.order_id) == coids[0]:
                 linked = orders.get(coids[0])
@@ -502,10 +502,10 @@ class SymbolMonitor:
                 assert transition.change is not None
                 self.metrics.changes.labels(self.symbol, transition.change.value).inc()
                 if transition.change is Change.CONFLICT or transition.change is Change.RELINKED:
-                    self._contested(order, transition)
+                    self.contested(order, transition)
         return stale
 
-    def _contested(self, order: OwnOrder, transition: Transition) -> None:
+    def contested(self, order: OwnOrder, transition: Transition) -> None:
         """Another order claimed our clientOid, or ours was relinked: say so; ask the exchange
         (a conflict is resolved by our account's own record, :func:`kumex_l3.orders.reconcile`).
         """
@@ -519,7 +519,10 @@ class SymbolMonitor:
             self.reconcile_due = True
         else:
             self.metrics.relinked.labels(self.symbol).inc()
-            log.warning("our order was linked to someone else's: relinked from our record",
+            if self.by_oid.get(transition.other_order_id) == order.client_oid:
+                del self.by_oid[transition.other_order_id]  # someone else's order
+            log.warning("our order was linked to someone else's: relinked from our "
+                        "account's word (its record or its private channel)",
                         extra=kv(symbol=self.symbol, clientOid=order.client_oid,
                                  orderId=order.order_id, was=transition.other_order_id))
 
@@ -534,7 +537,9 @@ class SymbolMonitor:
         orders.update(reloaded)
         return {c: todo[c] for c in stale if c in reloaded}
 
-    def _track(self, order: OwnOrder) -> None:
+    def track(self, order: OwnOrder) -> None:
+        """Keep the in-memory index of ``order`` current (its orderId while active, its
+        clientOid while pending)."""
         coid = order.client_oid
         if order.finished:
             if order.order_id and self.by_oid.get(order.order_id) == coid:
@@ -667,7 +672,7 @@ class SymbolMonitor:
                 break
             todo = await self._reload_stale(orders, todo, stale)
         for order in orders.values():
-            self._track(order)
+            self.track(order)
         self._recheck -= recheck
         if everything:
             self._recheck_all = False
@@ -750,9 +755,9 @@ class SymbolMonitor:
                             extra=kv(symbol=self.symbol, clientOid=order.client_oid))
             else:
                 self.metrics.corrections.labels(self.symbol).inc()
-            self._track(order)
+            self.track(order)
         for order in orders.values():
             if order.status is not OrderStatus.PENDING:
-                self._track(order)
+                self.track(order)
         self.metrics.rejected_unseen.labels(self.symbol).inc(rejected)
         return rejected

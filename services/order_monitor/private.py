@@ -20,8 +20,13 @@ state back (:mod:`kumex_l3.orders`, "Two sources").
 Loss: each time the connection is (re)made, every held symbol is owed a
 reconciliation of its active orders with the exchange's records, as after a
 gap on the stream (changes told while it was down are not sent again). A frame
-that is not a valid order change is counted and logged, never applied; the
-connection goes on.
+that is not a valid order change is counted and logged, never applied; a
+change that cannot be written (Redis down, a hash that keeps changing or cannot
+be read) is counted and logged, and its symbol owes a reconciliation: the
+connection goes on either way. A change that links or relinks an order is
+also given to the symbol's consumer, so that the stream's messages of that
+orderId are recognised at once (and a relink is counted and logged as the
+consumer's are).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from kumex_l3 import order_store
 from kumex_l3.errors import Fenced, KumexError, MessageError
@@ -118,31 +124,37 @@ class PrivateChannel:
         if not CLIENT_OID_PATTERN.fullmatch(change.client_oid):
             return self._count("not_ours", change.symbol)
         try:
-            transition = await order_store.apply_order_change(
+            done = await order_store.apply_order_change(
                 self.redis, change, now_ms=self._clock_ms(),
                 finished_ttl_s=self.settings.finished_ttl_s,
                 events_maxlen=self.settings.events_maxlen, fence=monitor.fence,
                 writer=f"{self.settings.consumer}/private")
         except Fenced:
             return self._count("fenced", change.symbol)
-        if transition is None:
+        except (RedisError, RuntimeError, ValueError) as exc:
+            # Not written: the exchange's record will say it (and the stream may too).
+            monitor.owe_reconciliation()
+            return self._count("error", change.symbol,
+                               reason=f"{change.client_oid}: {type(exc).__name__}: {exc}")
+        if done is None:
             return self._count("not_ours", change.symbol)  # placed by another tool
+        order, transition = done
         if not transition.changed:
             return self._count("known", change.symbol)
         if transition.change is not None:
             self.metrics.changes.labels(change.symbol, transition.change.value).inc()
         if transition.change is Change.RELINKED:
-            log.warning("our order was linked to someone else's: relinked from the private "
-                        "channel", extra=kv(symbol=change.symbol, clientOid=change.client_oid,
-                                            orderId=change.order_id,
-                                            previous=transition.other_order_id))
+            monitor.contested(order, transition)
+        if transition.linked or transition.finished:
+            monitor.track(order)
         return self._count("applied", change.symbol)
 
     def _count(self, result: str, symbol: str, *, reason: str = "") -> str:
         self.metrics.private_changes.labels(symbol, result).inc()
-        if result == "malformed":
+        if result in ("malformed", "error"):
             now = time.monotonic()
             if now - self._logged_at >= _LOG_EVERY_S:
                 self._logged_at = now
-                log.warning("private channel: frame refused", extra=kv(reason=reason[:200]))
+                log.warning("private channel: change not applied", extra=kv(
+                    result=result, symbol=symbol, reason=reason[:200]))
         return result
