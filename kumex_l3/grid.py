@@ -13,15 +13,17 @@ placement:
 * open orders (``pending`` included) never exceed ``max_open_orders``;
 * the position after every open buy filled never exceeds ``max_position``,
   and after every open sell filled never goes below ``-max_position``. The
-  position is the grid's own count of its fills, or the exchange's
-  (``state.exchange_position``, the account's whole position in the contract,
-  read by the service) when that is further in the direction checked: an
-  account that other tools also trade, or a fill the grid has not heard of
-  yet, never lets the grid go past the limit.
+  position is the grid's own count of its fills, or, for a grid level, the
+  exchange's (``state.exchange_position``, the account's whole position in
+  the contract, read by the service) when that is further in the direction
+  checked: an account that other tools also trade, or a fill the grid has not
+  heard of yet, never lets the grid open a level past the limit.
 
-A counter-order never needs more position room than its fill freed, so only
-``max_open_orders`` can hold one back (it is then skipped, with its reason),
-or the exchange's position when it is beyond the grid's own count.
+A counter-order never needs more position room than its fill freed (by the
+grid's own count, which is what it answers: the exchange's figure, read at
+another moment, may not include that fill yet, or include it twice with the
+order's remaining size), so only ``max_open_orders`` can hold one back (it is
+then skipped, with its reason).
 
 clientOids are ``{prefix}-{tag}``: ``tag`` is 16 characters (96 bits) of
 HMAC-SHA256 keyed by the grid's secret ``state.salt`` over ``n``, the order's
@@ -254,11 +256,13 @@ class Fill:
     status: str | None = None
 
 
-def _refusal(config: GridConfig, state: GridState, side: Side, size: int) -> str | None:
-    """Why an order of ``side``/``size`` may not be placed now, or None."""
+def _refusal(config: GridConfig, state: GridState, side: Side, size: int, *,
+             counter: bool = False) -> str | None:
+    """Why an order of ``side``/``size`` may not be placed now, or None. A ``counter``
+    order is measured from the grid's own count only (see the module doc)."""
     if state.open_count + 1 > config.max_open_orders:
         return f"max open orders reached ({state.open_count}/{config.max_open_orders})"
-    base = state.risk_position(side)
+    base = state.position if counter else state.risk_position(side)
     held = f"position {state.position}" + (
         "" if state.exchange_position is None
         else f", at the exchange {state.exchange_position}")
@@ -274,8 +278,8 @@ def _refusal(config: GridConfig, state: GridState, side: Side, size: int) -> str
 
 
 def _place(config: GridConfig, state: GridState, side: Side, price: Decimal, size: int,
-           why: str) -> tuple[GridState, Decision]:
-    refusal = _refusal(config, state, side, size)
+           why: str, *, counter: bool = False) -> tuple[GridState, Decision]:
+    refusal = _refusal(config, state, side, size, counter=counter)
     what = f"{side} {size} @ {price}"
     if refusal is not None:
         return state, Decision("skip", f"{what} ({why}): {refusal}", side=side, price=price,
@@ -348,7 +352,7 @@ def on_fill(config: GridConfig, state: GridState, fill: Fill) -> GridPlan:
     if price <= 0:
         decisions.append(Decision("skip", f"{counter_side} @ {price} ({why}): price <= 0"))
         return GridPlan(state, tuple(decisions))
-    state, decision = _place(config, state, counter_side, price, delta, why)
+    state, decision = _place(config, state, counter_side, price, delta, why, counter=True)
     decisions.append(decision)
     return GridPlan(state, tuple(decisions))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -309,3 +310,15 @@ def test_no_order_is_placed_past_the_limit_from_either_position(
         # (they may have been too many already: then none is placed on that side).
         assert buys == 0 or base + buys <= max_position
         assert sells == 0 or base - sells >= -max_position
+
+
+def test_a_counter_order_answers_its_fill_whatever_the_exchange_said() -> None:
+    # The exchange was read just after a buy of 2 filled (long 2), and counts the buys
+    # still open too: the counter sell of that fill still goes, by the grid's own count.
+    config = _config(levels=1, size=2, max_position=2)
+    plan = initial_orders(config, GridState())
+    (buy,) = [d for d in plan.places if d.side == "buy"]
+    assert buy.client_oid is not None
+    state = replace(plan.state, exchange_position=-2)  # a stale read: short 2
+    plan = on_fill(config, state, Fill(buy.client_oid, 2))
+    assert [(d.action, d.side) for d in plan.decisions] == [("place", "sell")]
