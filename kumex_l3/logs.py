@@ -15,15 +15,19 @@ spans two lines (and a crafted value cannot forge a log line).
 
 :class:`RedactFilter` replaces every configured secret (API secret, passphrase,
 the Redis password...) by ``***`` wherever it appears: message, arguments,
-fields, exception text. It is a last line of defence; code still never logs a
-secret on purpose. :func:`setup_logging` installs both on the root logger
-(uvicorn's and the libraries' records go through it too).
+fields, exception text; and the value of every ``token=`` in a URL's query (a
+WebSocket token is a bearer credential: a private one reads an account's
+order flow), whatever logged it (an access log line of ``/endpoint?token=...``).
+It is a last line of defence; code still never logs a secret on purpose.
+:func:`setup_logging` installs both on the root logger (uvicorn's and the
+libraries' records go through it too).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -45,6 +49,8 @@ __all__ = [
 FIELDS_ATTR: Final = "kv_fields"
 _MASK: Final = "***"
 _LEVELS: Final = frozenset({"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"})
+#: The value of a ``token`` query parameter (up to the next ``&``, quote or space).
+_TOKEN_QUERY: Final = re.compile(r"([?&]token=)[^&\s\"']+")
 
 
 def kv(**fields: object) -> dict[str, Any]:
@@ -109,15 +115,16 @@ class RedactFilter(logging.Filter):
         self._secrets = tuple(sorted(unique, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
-        """``text`` with every secret replaced by ``***``."""
+        """``text`` with every secret, and every ``token=`` query value, replaced by
+        ``***``."""
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, _MASK)
+        if "token=" in text:
+            text = _TOKEN_QUERY.sub(r"\1" + _MASK, text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
         message = self.redact(record.getMessage())
         record.msg, record.args = message, None
         fields = getattr(record, FIELDS_ATTR, None)

@@ -7,6 +7,7 @@ import sys
 
 import uvicorn
 
+from kumex_l3.logs import RedactFilter
 from kumex_l3.service import http_protocol, loop_name, serve_app
 from services.sandbox.app import create_app
 from services.sandbox.settings import SandboxSettings, SettingsError, load_settings
@@ -32,6 +33,10 @@ def main() -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # WebSocket tokens (bearer credentials: a private one reads an account's orders) out
+    # of every line, uvicorn's access lines of /endpoint?token=... included.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())
     # Our one start-up line says where we listen; uvicorn's own lines only when asked
     # (debug, or access logs on).
     quiet = settings.log_level == "info" and not settings.access_log

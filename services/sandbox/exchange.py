@@ -738,7 +738,16 @@ class Exchange:
         self._firing = True
         try:
             while queue:
-                self._trigger(queue.popleft())
+                stop = queue.popleft()
+                try:
+                    self._trigger(stop)
+                except Exception:  # a bug of ours: this stop ends, the others still fire,
+                    # and the request whose trade fired it (already done) is not failed
+                    _log.exception("stop order %s of %s on %s could not be placed: canceled",
+                                   stop.id, stop.user_id, stop.symbol)
+                    if self.engines[stop.symbol].get_order(stop.id) is None:
+                        self.stop_books[stop.symbol].refused(stop, "internal error",
+                                                             self.now_ns() // 1_000_000)
         except BaseException:
             for stop in queue:  # fired, never placed: finished, not lost in the queue
                 self.stop_books[stop.symbol].refused(stop, "internal error",

@@ -17,7 +17,6 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from kumex_l3.messages import PRIVATE_TOPIC, parse_order_change
@@ -88,8 +87,17 @@ def _place(sandbox: SandboxProcess, key: DemoKey, **body: Any) -> str:
                    .json()["data"]["orderId"])
 
 
+def _cancel_all(sandbox: SandboxProcess) -> None:
+    """No resting order of either account in ``SYM`` (the sandbox is shared): a sweep then
+    meets only this test's orders of theirs."""
+    for key in (DEMO_KEY_1, DEMO_KEY_2):
+        with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(key)) as http:
+            http.delete("/api/v1/orders", params={"symbol": SYM}).raise_for_status()
+
+
 async def test_an_account_is_told_of_its_own_orders_and_of_no_one_elses(
         sandbox: SandboxProcess) -> None:
+    _cancel_all(sandbox)
     async with _socket(sandbox, DEMO_KEY_1) as mine, _socket(sandbox, DEMO_KEY_2) as theirs:
         assert (await _ask(mine, PRIVATE_TOPIC))["type"] == "ack"
         assert (await _ask(theirs, PRIVATE_TOPIC))["type"] == "ack"
@@ -169,10 +177,9 @@ async def test_a_contract_topic_and_what_is_refused(sandbox: SandboxProcess) -> 
         assert frames[1]["data"]["type"] == "canceled"
 
 
-@pytest.mark.parametrize("key", [DEMO_KEY_1])
-async def test_a_private_token_is_the_accounts_own(sandbox: SandboxProcess,
-                                                   key: DemoKey) -> None:
-    """Two tokens of one account each get its changes; the public one is refused."""
+async def test_every_private_token_of_an_account_is_told(sandbox: SandboxProcess) -> None:
+    """Two tokens of one account, two connections: each is told of its orders."""
+    key = DEMO_KEY_1
     async with _socket(sandbox, key) as a, _socket(sandbox, key) as b:
         for ws in (a, b):
             assert (await _ask(ws, PRIVATE_TOPIC))["type"] == "ack"
@@ -184,3 +191,18 @@ async def test_a_private_token_is_the_accounts_own(sandbox: SandboxProcess,
             http.delete(f"/api/v1/orders/{order}").raise_for_status()
         for ws in (a, b):
             assert (await _changes(ws, 1))[0]["data"]["type"] == "canceled"
+
+
+async def test_tokens_never_reach_the_sandbox_log_even_with_access_logs_on() -> None:
+    """A private token is a bearer credential for an account's order flow: uvicorn's access
+    line of ``/endpoint?token=...`` is written with the token masked."""
+    env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_ACCESS_LOG": "true",
+           "SANDBOX_LOG_LEVEL": "debug"}
+    with SandboxProcess(env) as sandbox:
+        token, endpoint = _token(sandbox, DEMO_KEY_1)
+        async with connect(f"{endpoint}?token={token}&connectId=logged") as ws:
+            assert (await _recv(ws))["type"] == "welcome"
+            assert (await _ask(ws, PRIVATE_TOPIC))["type"] == "ack"
+        log = sandbox.log_text()
+    assert "/endpoint?token=***" in log  # the access line is there, masked
+    assert token not in log
