@@ -421,10 +421,16 @@ class KumexRestClient:
         data = await self._call("GET", "/api/v1/position", params={"symbol": symbol},
                                 signed=True)
         qty = data.get("currentQty") if isinstance(data, Mapping) else None
-        if isinstance(qty, bool) or not isinstance(qty, int | float | str):
-            raise UnexpectedResponse("", f"position of {symbol} has no currentQty", 200,
-                                     method="GET", path="/api/v1/position")
-        return int(Decimal(str(qty)))
+        try:
+            if isinstance(qty, bool) or not isinstance(qty, int | float | str):
+                raise ValueError("no currentQty")
+            value = Decimal(str(qty))
+            if not value.is_finite() or value != value.to_integral_value():
+                raise ValueError(f"currentQty {str(qty)[:40]!r} is not a whole number")
+            return int(value)
+        except (ValueError, ArithmeticError) as exc:
+            raise UnexpectedResponse("", f"position of {symbol}: {exc}", 200,
+                                     method="GET", path="/api/v1/position") from None
 
     async def bullet_private(self) -> dict[str, Any]:
         """A private WebSocket token of this key's account, and servers (``POST

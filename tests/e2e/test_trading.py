@@ -499,11 +499,13 @@ def _fills(api: httpx.Client) -> list[dict[str, Any]]:
         page += 1
 
 
+@pytest.mark.parametrize("private", [True, False], ids=["private-channel", "stream-only"])
 def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
-        redis_url: str, redis_sync: redis.Redis) -> None:
-    """kill -9 of the order monitor while the flow and another user fill the grid's orders."""
+        redis_url: str, redis_sync: redis.Redis, private: bool) -> None:
+    """kill -9 of the order monitor while the flow and another user fill the grid's orders
+    (with the private channel as a second source, and from the stream alone)."""
     rng = random.Random(3)
-    with _grid_stack(redis_url, seed=11, rest_latency_ms=150) as (
+    with _grid_stack(redis_url, seed=11, rest_latency_ms=150, private=private) as (
             sandbox, http, api, taker, _, monitor):
         with _placed_grid(redis_url, sandbox, http) as strategy:
             def fills() -> float:
@@ -594,11 +596,12 @@ def test_feed_stopped_the_private_channel_keeps_own_orders_and_the_grid_current(
         assert filled_orders >= 4
 
 @contextlib.contextmanager
-def _grid_stack(redis_url: str, *, seed: int, rest_latency_ms: int) -> Iterator[tuple[
+def _grid_stack(redis_url: str, *, seed: int, rest_latency_ms: int,
+                private: bool = True) -> Iterator[tuple[
         SandboxProcess, httpx.Client, httpx.Client, httpx.Client, ServiceProcess,
         ServiceProcess]]:
     """A sandbox (flow paused), its control client, demo-1's and demo-2's signed clients,
-    the feed and the order monitor (private channel on), the monitor consuming."""
+    the feed and the order monitor (its private channel on or off), the monitor consuming."""
     env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": str(seed),
            "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0",
            "SANDBOX_REST_LATENCY_MS": str(rest_latency_ms)}
@@ -606,7 +609,8 @@ def _grid_stack(redis_url: str, *, seed: int, rest_latency_ms: int) -> Iterator[
             httpx.Client(base_url=sandbox.base_url, timeout=10) as http, \
             httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as api, \
             httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_2)) as taker, \
-            _feed(redis_url, sandbox) as feed, _monitor(redis_url, sandbox) as monitor:
+            _feed(redis_url, sandbox) as feed, \
+            _monitor(redis_url, sandbox, private=private) as monitor:
         wait_for(lambda: _consuming(monitor), "the order monitor consuming")
         yield sandbox, http, api, taker, feed, monitor
 
