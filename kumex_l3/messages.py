@@ -9,7 +9,7 @@ the feed stored it in Redis, and returns a typed message:
   ``pong``, ``ping``, ``error``): :class:`Control`.
 
 ``parse_order_change(raw)`` takes one frame of the private channel
-``/contractMarket/tradeOrders`` (an account's own orders, kumex-api.md §8) and
+``/contractMarket/tradeOrders`` (an account's own orders, docs/protocol.md §8) and
 returns an :class:`OrderChange`, or None for a frame that is not an order change
 (``welcome``, ``ack``, ``pong``...).
 
@@ -467,13 +467,13 @@ def parse_snapshot(data: Mapping[str, Any] | bytes | str) -> Snapshot:
 
 #: The private channel of an account's orders (``:SYM`` for one contract's).
 PRIVATE_TOPIC: Final = "/contractMarket/tradeOrders"
-#: The ``type`` values of an order change (kumex-api.md §8).
+#: The ``type`` values of an order change (docs/protocol.md §8).
 CHANGE_TYPES: Final = frozenset({"open", "match", "filled", "canceled", "update"})
 
 
 @dataclass(frozen=True, slots=True)
 class OrderChange:
-    """One change of an own order, as the private channel tells it (kumex-api.md §8).
+    """One change of an own order, as the private channel tells it (docs/protocol.md §8).
 
     ``kind``: ``open``, ``match``, ``filled``, ``canceled`` or ``update``;
     ``filled`` and ``remain`` are the order's filled size and size still open

@@ -2,7 +2,7 @@
 
 With API credentials, the order monitor holds one WebSocket connection to the
 exchange's private order channel (``/contractMarket/tradeOrders``, a token from
-the signed ``bullet-private``; kumex-api.md §8). Every change it tells
+the signed ``bullet-private``; docs/protocol.md §8). Every change it tells
 (``open``, ``match``, ``filled``, ``canceled``, ``update``, each with the
 order's filled size and size still open) is applied to the own order of that
 clientOid (:func:`kumex_l3.order_store.apply_order_change`: load, merge with

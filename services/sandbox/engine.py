@@ -413,7 +413,7 @@ class MatchingEngine:
 
     def _private(self, order: EngineOrder, kind: str, status: str, ts: int,
                  **extra: Any) -> None:
-        """One change of ``order`` as the private channel tells its owner (kumex-api.md §8):
+        """One change of ``order`` as the private channel tells its owner (docs/protocol.md §8):
         kept only for the users whose fills are kept (the API keys' users)."""
         if order.user_id not in self.fills:
             return

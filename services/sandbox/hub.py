@@ -58,7 +58,7 @@ subscribe, with ``privateChannel: true``, to ``/contractMarket/tradeOrders``
 (every contract: subject ``orderChange``) and ``/contractMarket/tradeOrders:SYM``
 (one contract: subject ``symbolOrderChange``), and receive the changes of that
 account's orders and no one else's (:meth:`Hub.publish_private`, fed by the
-engines; the message shape is the venue's, kumex-api.md §8). A public token
+engines; the message shape is the venue's, docs/protocol.md §8). A public token
 asking for a private channel gets an ``error`` 401. The drop, duplicate and
 reorder faults are the public feed's and leave private messages alone; delay,
 disconnects and outages apply to every connection.

@@ -32,7 +32,7 @@ from kumex_l3.testing.sandbox_proc import (
 SYM = "XBTUSDM"
 TICK = Decimal("0.1")
 SAFETY_S = 10.0  # a ceiling against a hang, never a measurement
-#: Every field of an order change (kumex-api.md §8), and those only a match carries.
+#: Every field of an order change (docs/protocol.md §8), and those only a match carries.
 FIELDS = {"orderId", "symbol", "type", "status", "orderType", "side", "price", "size",
           "remainSize", "filledSize", "canceledSize", "clientOid", "orderTime", "ts"}
 MATCH_FIELDS = {"matchSize", "matchPrice", "tradeId", "liquidity"}
