@@ -3,6 +3,11 @@
 The client is ``kucoin-futures-python`` (KuCoin's own SDK, ``kucoin_futures``),
 unchanged: it signs with key version 2, sends numbers as it pleases and
 checks the ``200000`` envelope itself. Skipped when the package is missing.
+
+The sandbox serves TLS here, as the venue does (HTTPS, ``wss://`` with
+``encrypt: true``), with a throwaway CA that the SDK trusts through
+``REQUESTS_CA_BUNDLE`` only (its REST is ``requests``); its WebSocket client is
+checked in tests/integration/test_sandbox_tls.py.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import importlib
 import re
 import uuid
 import warnings
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -21,10 +27,12 @@ from kumex_l3.testing.procs import wait_for
 from kumex_l3.testing.sandbox_proc import (
     DEMO_KEY_1,
     DEMO_KEY_2,
+    SANDBOX_TEST_ENV,
     DemoKey,
     SandboxProcess,
     queue_ahead,
 )
+from kumex_l3.testing.tls import make_tls
 
 try:
     with warnings.catch_warnings():
@@ -36,6 +44,35 @@ except Exception as exc:
     pytest.skip(f"kucoin-futures-python is not usable: {exc!r}", allow_module_level=True)
 
 SYMBOL = "XBTUSDM"
+
+
+@pytest.fixture(scope="module")
+def tls_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxProcess]:
+    """This module's own sandbox, over TLS; the SDK trusts its CA through the environment."""
+    files = make_tls(tmp_path_factory.mktemp("sdk-tls"))
+    with pytest.MonkeyPatch.context() as env, SandboxProcess(SANDBOX_TEST_ENV,
+                                                             tls=files) as sandbox:
+        env.setenv("REQUESTS_CA_BUNDLE", str(files.ca))
+        yield sandbox
+
+
+@pytest.fixture
+def sandbox(tls_sandbox: SandboxProcess) -> SandboxProcess:
+    """The TLS sandbox with its flow paused (the shared fixture's, for this module)."""
+    with _control(tls_sandbox) as http:
+        http.post("/sandbox/flow/pause").raise_for_status()
+    return tls_sandbox
+
+
+def _control(sandbox: SandboxProcess) -> httpx.Client:
+    return httpx.Client(base_url=sandbox.base_url, verify=sandbox.verify, timeout=10)
+
+
+def _engine_book(sandbox: SandboxProcess) -> dict[str, Any]:
+    """The engine's own book (``/sandbox/book``)."""
+    with _control(sandbox) as http:
+        book: dict[str, Any] = http.get(f"/sandbox/book/{SYMBOL}").json()
+    return book
 
 
 def _trade(sandbox: SandboxProcess, key: DemoKey = DEMO_KEY_1) -> Any:
@@ -65,6 +102,7 @@ def test_ws_token(sandbox: SandboxProcess) -> None:
     assert token["token"]
     (server,) = token["instanceServers"]
     assert server["endpoint"] == f"{sandbox.ws_url}"
+    assert server["endpoint"].startswith("wss://") and server["encrypt"] is True
     assert server["pingInterval"] == 18000 and server["protocol"] == "websocket"
     private = client.WsToken(
         key=DEMO_KEY_1.key,
@@ -112,7 +150,7 @@ def test_ticker_level2_and_trade_history(sandbox: SandboxProcess) -> None:
     trade.cancel_all_limit_order(SYMBOL)
     ask = market.l2_order_book(SYMBOL)["asks"][0]
     taker = trade.create_limit_order(SYMBOL, "buy", "5", 1, ask[0], timeInForce="IOC")
-    engine = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}", timeout=10).json()
+    engine = _engine_book(sandbox)
     level2 = market.l2_order_book(SYMBOL)
     ticker = market.get_ticker(SYMBOL)
     history = market.get_trade_history(SYMBOL)
@@ -146,10 +184,10 @@ def _cross(sandbox: SandboxProcess, maker: Any, taker: Any, side: str,
            size: int) -> tuple[str, str]:
     """``maker`` joins the best level of ``side`` with ``size``; ``taker`` sends an IOC at
     that price for everything ahead of it and ``size`` more. (maker order, taker order)."""
-    book = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}", timeout=10).json()
+    book = _engine_book(sandbox)
     price = book["bids" if side == "buy" else "asks"][0]["price"]
     rest = maker.create_limit_order(SYMBOL, side, "5", size, price, postOnly=True)["orderId"]
-    book = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}", timeout=10).json()
+    book = _engine_book(sandbox)
     take = queue_ahead(book, side, Decimal(price), rest) + size
     hit = taker.create_limit_order(SYMBOL, "sell" if side == "buy" else "buy", "5", take,
                                    price, timeInForce="IOC")["orderId"]
@@ -249,9 +287,7 @@ def _user(sandbox: SandboxProcess, key: DemoKey = DEMO_KEY_1) -> Any:
 
 
 def _book(sandbox: SandboxProcess) -> dict[str, Any]:
-    book: dict[str, Any] = httpx.get(f"{sandbox.base_url}/sandbox/book/{SYMBOL}",
-                                     timeout=10).json()
-    return book
+    return _engine_book(sandbox)
 
 
 def _book_ids(sandbox: SandboxProcess) -> set[str]:
