@@ -246,6 +246,8 @@ class StopBook:
         self._open: dict[str, StopOrder] = {}
         self._by_user: dict[str, dict[str, StopOrder]] = {}
         self._done: dict[str, StopOrder] = {}
+        #: (user, clientOid) -> the latest remembered stop with it (lookups without a scan).
+        self._done_by_coid: dict[tuple[str, str], StopOrder] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -341,11 +343,7 @@ class StopBook:
         for stop in self._by_user.get(user_id, {}).values():
             if stop.client_oid == client_oid:
                 return stop
-        found = None
-        for stop in self._done.values():
-            if stop.user_id == user_id and stop.client_oid == client_oid:
-                found = stop
-        return found
+        return self._done_by_coid.get((user_id, client_oid))
 
     def open_orders(self, user_id: str) -> list[StopOrder]:
         """``user_id``'s waiting stops, oldest first."""
@@ -368,6 +366,8 @@ class StopBook:
         assert users == self._open and all(self._by_user.values())
         assert all(s.is_open for s in self._open.values())
         assert not any(s.is_open for s in self._done.values())
+        latest = {(s.user_id, s.client_oid): s for s in self._done.values()}
+        assert self._done_by_coid == latest
         assert len(self._done) <= self.max_done
 
     # ------------------------------------------------------------------ internals
@@ -393,5 +393,9 @@ class StopBook:
 
     def _remember(self, stop: StopOrder) -> None:
         self._done[stop.id] = stop
+        self._done_by_coid[(stop.user_id, stop.client_oid)] = stop
         while len(self._done) > self.max_done:
-            del self._done[next(iter(self._done))]
+            old = self._done.pop(next(iter(self._done)))
+            key = (old.user_id, old.client_oid)
+            if self._done_by_coid.get(key) is old:
+                del self._done_by_coid[key]
