@@ -397,6 +397,20 @@ class Exchange:
                 raise UnknownSymbol(symbol) from None
         return self.engine(symbol).snapshot(self.now_ns())
 
+    def snapshot_v1(self, symbol: str) -> dict[str, Any]:
+        """The ``data`` of ``GET /api/v1/level3/snapshot``: the v2 snapshot with the older
+        five-element rows ``[orderTime, orderId, price, size, ts]`` (kumex-api.md §5; a
+        replayed capture has no orderTime: its ``ts`` stands in)."""
+        data = self.snapshot(symbol)
+        engine = None if self.replayer is not None else self.engines.get(symbol)
+
+        def row(r: list[Any]) -> list[Any]:
+            order = engine.get_order(r[0]) if engine is not None else None
+            return [r[3] if order is None else order.order_time, *r]
+
+        return {**data, "asks": [row(r) for r in data["asks"]],
+                "bids": [row(r) for r in data["bids"]]}
+
     def level2(self, symbol: str) -> dict[str, Any]:
         """The ``data`` of ``GET /api/v1/level2/snapshot``: the visible book by price,
         best first (``[price, size]``), aggregated from the L3 snapshot."""

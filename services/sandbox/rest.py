@@ -479,6 +479,14 @@ def api_router(exchange: Exchange) -> APIRouter:
 
     @router.get("/api/v2/level3/snapshot")
     async def level3_snapshot(request: Request) -> JSONResponse:
+        return l3_snapshot(request, exchange.snapshot)
+
+    @router.get("/api/v1/level3/snapshot")
+    async def level3_snapshot_v1(request: Request) -> JSONResponse:
+        return l3_snapshot(request, exchange.snapshot_v1)
+
+    def l3_snapshot(request: Request, build: Callable[[str], dict[str, Any]]) -> JSONResponse:
+        """An L3 snapshot, both versions under one limit per client (kumex-api.md §5)."""
         symbol = request.query_params.get("symbol")
         if not symbol:
             raise _invalid("symbol is required")
@@ -497,7 +505,7 @@ def api_router(exchange: Exchange) -> APIRouter:
             response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             return response
         faults.counts["snapshots_served"] += 1
-        return ok(exchange.snapshot(symbol))
+        return ok(build(symbol))
 
     def market_symbol(request: Request) -> str:
         symbol = request.query_params.get("symbol")

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kumex_l3.messages import parse_snapshot
 from kumex_l3.testing.procs import wait_for
 from kumex_l3.testing.sandbox_proc import (
     DEMO_KEY_1,
@@ -95,6 +96,21 @@ def test_market_data_endpoints(sandbox: SandboxProcess) -> None:
     assert snapshot["symbol"] == SYMBOL and snapshot["bids"] and snapshot["asks"]
     with pytest.raises(Exception, match="200003"):
         market.get_contract_detail("NOPEUSDM")
+
+
+def test_level3_snapshot_v1_has_the_older_rows_and_the_same_book(
+        sandbox: SandboxProcess) -> None:
+    """l3_order_book (v1): rows ``[orderTime, orderId, price, size, ts]``, the book of v2
+    (the venue's older shape, which our parser accepts as well)."""
+    market = client.Market(url=sandbox.base_url)
+    v1, v2 = market.l3_order_book(SYMBOL), market.l3_order_book_v2(SYMBOL)
+    assert v1["sequence"] == v2["sequence"] and v1["bids"] and v1["asks"]
+    for side in ("bids", "asks"):
+        assert [r[1:] for r in v1[side]] == v2[side]
+        assert all(isinstance(r[0], int) and 0 < r[0] <= r[4] for r in v1[side])
+    parsed = parse_snapshot(v1)
+    assert [o.order_id for o in parsed.bids] == [r[0] for r in v2["bids"]]
+    assert all(o.order_time is not None for o in parsed.asks)
 
 
 def test_ws_token(sandbox: SandboxProcess) -> None:
