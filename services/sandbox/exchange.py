@@ -234,8 +234,24 @@ class Exchange:
             self.hub.publish(symbol, messages)
         engine = self.engines.get(symbol)
         if engine is not None and engine.private:
-            self.hub.publish_private(symbol, engine.take_private())
+            changes = engine.take_private()
+            self.hub.publish_private(symbol, changes)
+            self._tell_positions(engine, changes)
         self._reach(symbol, messages)
+
+    def _tell_positions(self, engine: MatchingEngine,
+                        changes: list[tuple[str, dict[str, Any]]]) -> None:
+        """Each account that traded in these changes: its position now, on its
+        ``/contract/position:{symbol}`` channel (``changeReason`` ``positionChange``)."""
+        traders = dict.fromkeys(user for user, data in changes if data["type"] == "match")
+        if not traders:
+            return
+        mark = self.mark_price(engine.symbol)
+        now_ms = time.time_ns() // 1_000_000
+        for user in traders:
+            data = engine.position_of(user).to_api(mark, now_ms)
+            data["changeReason"] = "positionChange"
+            self.hub.publish_position(engine.symbol, user, data)
 
     def journal_after(self, symbol: str, after: int, limit: int) -> dict[str, Any]:
         """Journalled messages of ``symbol`` with a sequence above ``after`` (oldest first)."""

@@ -58,7 +58,9 @@ subscribe, with ``privateChannel: true``, to ``/contractMarket/tradeOrders``
 (every contract: subject ``orderChange``) and ``/contractMarket/tradeOrders:SYM``
 (one contract: subject ``symbolOrderChange``), and receive the changes of that
 account's orders and no one else's (:meth:`Hub.publish_private`, fed by the
-engines; the message shape is the venue's, docs/protocol.md §8). A public token
+engines; the message shape is the venue's, docs/protocol.md §8); and to
+``/contract/position:SYM``, its position in a contract after each of its fills
+(subject ``position.change``, :meth:`Hub.publish_position`). A public token
 asking for a private channel gets an ``error`` 401. The drop, duplicate and
 reorder faults are the public feed's and leave private messages alone; delay,
 disconnects and outages apply to every connection.
@@ -88,6 +90,7 @@ __all__ = [
     "CLOSE_POLICY",
     "CLOSE_TRY_AGAIN",
     "MAX_TOPICS",
+    "POSITION_TOPIC",
     "PRIVATE_TOPIC",
     "TOKEN_TTL_S",
     "TOPIC_PREFIX",
@@ -101,6 +104,10 @@ _SUBJECT_ALL: Final = "orderChange"
 _SUBJECT_ONE: Final = "symbolOrderChange"
 #: A private subscription to every contract (in ``_Client.private``).
 _ALL: Final = ""
+#: The private channel of an account's position in one contract (``:SYM``).
+POSITION_TOPIC: Final = "/contract/position"
+#: ``_Client.private`` keys of position subscriptions: this prefix and the symbol.
+_POS: Final = "pos:"
 #: Topics one connection may hold (the real venue's limit).
 MAX_TOPICS: Final = 100
 #: How long an issued token stays valid.
@@ -135,7 +142,8 @@ class _Client:
         self.connect_id = connect_id
         #: The account of a private token (None: a public one).
         self.user = user
-        #: Private subscriptions: symbols, and ``_ALL`` for every contract.
+        #: Private subscriptions: symbols, ``_ALL`` for every contract, and ``_POS`` + symbol
+        #: for a position.
         self.private: set[str] = set()
         #: This connection's own dice: drop/duplicate/reorder, delay jitter, lifetime.
         self.filter = WsFaultFilter(faults, seed=seed)
@@ -280,6 +288,20 @@ class Hub:
                         "channelType": "private", "data": data})
                 self.published_private += 1
                 self._enqueue(client, [text])
+
+    def publish_position(self, symbol: str, user: str, data: dict[str, Any]) -> None:
+        """Send ``user``'s position in ``symbol`` (the ``data`` of ``position.change``) to
+        its subscribers of ``/contract/position:{symbol}``. Never waits."""
+        key = _POS + symbol
+        clients = [c for c in self._private.get(user, ()) if key in c.private]
+        if not clients:
+            return
+        text = _dumps({"type": "message", "topic": f"{POSITION_TOPIC}:{symbol}",
+                       "subject": "position.change", "channelType": "private",
+                       "data": data})
+        for client in clients:
+            self.published_private += 1
+            self._enqueue(client, [text])
 
     def flush(self, symbol: str) -> None:
         """Send the messages of ``symbol`` held back by the reorder fault, unswapped."""
@@ -566,7 +588,8 @@ class Hub:
             self._reply(client, _error(msg_id, 401, "private channels need bullet-private"))
             return
         if isinstance(topic, str) and (topic == PRIVATE_TOPIC
-                                       or topic.startswith(PRIVATE_TOPIC + ":")):
+                                       or topic.startswith(PRIVATE_TOPIC + ":")
+                                       or topic.startswith(POSITION_TOPIC + ":")):
             self._private_subscription(client, msg_id, kind, msg, topic)
             return
         symbols = self._parse_topic(topic)
@@ -603,11 +626,12 @@ class Hub:
         if topic == PRIVATE_TOPIC:
             keys = [_ALL]
         else:
-            keys = list(dict.fromkeys(s.strip() for s in topic[len(PRIVATE_TOPIC) + 1:]
-                                      .split(",")))
-            if not keys or not all(self.symbol_known(s) for s in keys):
+            base, _, listed = topic.partition(":")
+            symbols = list(dict.fromkeys(s.strip() for s in listed.split(",")))
+            if not symbols or not all(self.symbol_known(s) for s in symbols):
                 self._reply(client, _error(msg_id, 404, f"topic {topic} is not found"))
                 return
+            keys = symbols if base == PRIVATE_TOPIC else [_POS + s for s in symbols]
         if kind == "subscribe":
             new = [k for k in keys if k not in client.private]
             if len(client.symbols) + len(client.private) + len(new) > MAX_TOPICS:

@@ -206,3 +206,30 @@ async def test_tokens_never_reach_the_sandbox_log_even_with_access_logs_on() -> 
         log = sandbox.log_text()
     assert "/endpoint?token=***" in log  # the access line is there, masked
     assert token not in log
+
+
+async def test_the_position_channel_tells_the_position_after_each_fill(
+        sandbox: SandboxProcess) -> None:
+    """``/contract/position:SYM``: after a fill of the account, its position as
+    ``GET /api/v1/position`` gives it (``position.change``, ``positionChange``)."""
+    _cancel_all(sandbox)
+    async with _socket(sandbox, DEMO_KEY_1) as ws, _socket(sandbox, DEMO_KEY_2) as other:
+        assert (await _ask(ws, f"/contract/position:{SYM}"))["type"] == "ack"
+        assert (await _ask(other, f"/contract/position:{SYM}"))["type"] == "ack"
+        refused = await _ask(ws, "/contract/position:NOPEUSDM")
+        assert (refused["type"], refused["code"]) == ("error", 404)
+        _place(sandbox, DEMO_KEY_1, side="buy", type="market", size=2)
+        told = await _recv(ws)
+        assert (told["topic"], told["subject"], told["channelType"]) == (
+            f"/contract/position:{SYM}", "position.change", "private")
+        with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as http:
+            venue = http.get("/api/v1/position", params={"symbol": SYM}).json()["data"]
+            http.post("/api/v1/orders", json={  # back to where it was
+                "clientOid": uuid.uuid4().hex, "symbol": SYM, "side": "sell", "type": "market",
+                "size": 2, "leverage": "5"}).raise_for_status()
+        data = told["data"]
+        assert data["changeReason"] == "positionChange"
+        assert (data["currentQty"], data["avgEntryPrice"], data["currentCost"]) == (
+            venue["currentQty"], venue["avgEntryPrice"], venue["currentCost"])
+        assert (await _recv(ws))["data"]["currentQty"] == venue["currentQty"] - 2
+        assert await _quiet(other)  # the flow's makers it traded with are not demo-2
