@@ -2,8 +2,10 @@
 
 A ``bullet-private`` token belongs to the signing key's account: its connection
 is told of that account's orders, in the venue's ``orderChange`` shape, and of
-no one else's. The sandbox is the shared real process; clients are the
-``websockets`` library. Waits are bounded by a safety ceiling, never asserted.
+no one else's. The sandbox is a real process of this module's own, its flow
+paused and its book emptied at start (hidden orders too), so that two
+accounts' orders meet only each other; clients are the ``websockets`` library.
+Waits are bounded by a safety ceiling, never asserted.
 """
 
 from __future__ import annotations
@@ -11,31 +13,42 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from kumex_l3.messages import PRIVATE_TOPIC, parse_order_change
 from kumex_l3.testing.sandbox_proc import (
     DEMO_KEY_1,
     DEMO_KEY_2,
+    SANDBOX_TEST_ENV,
     DemoKey,
     KcAuth,
     SandboxProcess,
-    sweep_through,
 )
 
 SYM = "XBTUSDM"
-TICK = Decimal("0.1")
 SAFETY_S = 10.0  # a ceiling against a hang, never a measurement
 #: Every field of an order change (docs/protocol.md §8), and those only a match carries.
 FIELDS = {"orderId", "symbol", "type", "status", "orderType", "side", "price", "size",
           "remainSize", "filledSize", "canceledSize", "clientOid", "orderTime", "ts"}
 MATCH_FIELDS = {"matchSize", "matchPrice", "tradeId", "liquidity"}
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxProcess]:
+    """This module's sandbox: one contract, no flow, an empty book."""
+    with SandboxProcess({**SANDBOX_TEST_ENV, "SANDBOX_SYMBOLS": SYM}) as venue:
+        for side in ("sell", "buy"):  # demo-2 takes every primed order, hidden ones too
+            _place(venue, DEMO_KEY_2, side=side, type="market", size=5_000_000)
+        with httpx.Client(base_url=venue.base_url, timeout=10) as control:
+            book = control.get(f"/sandbox/book/{SYM}").json()
+            assert book["bids"] == [] and book["asks"] == []  # hidden ones went first
+        yield venue
 
 
 def _token(sandbox: SandboxProcess, key: DemoKey | None) -> tuple[str, str]:
@@ -101,10 +114,7 @@ async def test_an_account_is_told_of_its_own_orders_and_of_no_one_elses(
     async with _socket(sandbox, DEMO_KEY_1) as mine, _socket(sandbox, DEMO_KEY_2) as theirs:
         assert (await _ask(mine, PRIVATE_TOPIC))["type"] == "ack"
         assert (await _ask(theirs, PRIVATE_TOPIC))["type"] == "ack"
-        with httpx.Client(base_url=sandbox.base_url, timeout=10) as control:
-            book = control.get(f"/sandbox/book/{SYM}").json()
-        best_bid, best_ask = (Decimal(book[s][0]["price"]) for s in ("bids", "asks"))
-        price = f"{best_bid + TICK if best_bid + TICK < best_ask else best_bid:f}"
+        price = "30000.0"  # the book is empty: only these two orders meet
         maker = _place(sandbox, DEMO_KEY_1, side="buy", price=price, size=10)
         (opened,) = await _changes(mine, 1)
         assert (opened["topic"], opened["subject"], opened["channelType"]) == (
@@ -115,21 +125,12 @@ async def test_an_account_is_told_of_its_own_orders_and_of_no_one_elses(
                 data["remainSize"], data["filledSize"], data["price"], data["side"]) == (
             maker, "open", "open", "10", "10", "0", price, "buy")
         assert await _quiet(theirs)
-        # demo-2 takes what is ahead of it and 6 of it with an IOC: our trade is told to
-        # each side as its own.
-        with httpx.Client(base_url=sandbox.base_url, timeout=10) as control, \
-                httpx.Client(base_url=sandbox.base_url, timeout=10,
-                             auth=KcAuth(DEMO_KEY_2)) as http:
-            taker = sweep_through(control, http, SYM, side="buy", price=Decimal(price),
-                                  order_id=maker, take=6, client_oid=uuid.uuid4().hex
-                                  ).raise_for_status().json()["data"]["orderId"]
+        # demo-2 takes 6 of it with an IOC: one trade, told to each side as its own.
+        taker = _place(sandbox, DEMO_KEY_2, side="sell", price=price, size=6,
+                       timeInForce="IOC")
         (match,) = await _changes(mine, 1)
-        told = [await _recv(theirs)]
-        while told[-1]["data"]["type"] == "match":
-            told.append(await _recv(theirs))
-        their_done = told[-1]
-        m = match["data"]
-        t = next(f["data"] for f in told if f["data"].get("tradeId") == m["tradeId"])
+        their_match, their_done = await _changes(theirs, 2)
+        m, t = match["data"], their_match["data"]
         assert set(m) >= MATCH_FIELDS and set(t) >= MATCH_FIELDS
         assert (m["orderId"], m["type"], m["status"], m["liquidity"], m["matchSize"],
                 m["filledSize"], m["remainSize"]) == (maker, "match", "open", "maker", "6",
@@ -218,18 +219,17 @@ async def test_the_position_channel_tells_the_position_after_each_fill(
         assert (await _ask(other, f"/contract/position:{SYM}"))["type"] == "ack"
         refused = await _ask(ws, "/contract/position:NOPEUSDM")
         assert (refused["type"], refused["code"]) == ("error", 404)
+        _place(sandbox, DEMO_KEY_2, side="sell", price="31000.0", size=2)
         _place(sandbox, DEMO_KEY_1, side="buy", type="market", size=2)
-        told = await _recv(ws)
+        told, their = await _recv(ws), await _recv(other)
         assert (told["topic"], told["subject"], told["channelType"]) == (
             f"/contract/position:{SYM}", "position.change", "private")
-        with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(DEMO_KEY_1)) as http:
-            venue = http.get("/api/v1/position", params={"symbol": SYM}).json()["data"]
-            http.post("/api/v1/orders", json={  # back to where it was
-                "clientOid": uuid.uuid4().hex, "symbol": SYM, "side": "sell", "type": "market",
-                "size": 2, "leverage": "5"}).raise_for_status()
-        data = told["data"]
-        assert data["changeReason"] == "positionChange"
-        assert (data["currentQty"], data["avgEntryPrice"], data["currentCost"]) == (
-            venue["currentQty"], venue["avgEntryPrice"], venue["currentCost"])
-        assert (await _recv(ws))["data"]["currentQty"] == venue["currentQty"] - 2
-        assert await _quiet(other)  # the flow's makers it traded with are not demo-2
+        for key, frame in ((DEMO_KEY_1, told), (DEMO_KEY_2, their)):
+            with httpx.Client(base_url=sandbox.base_url, timeout=10, auth=KcAuth(key)) as http:
+                venue = http.get("/api/v1/position", params={"symbol": SYM}).json()["data"]
+            data = frame["data"]
+            assert data["changeReason"] == "positionChange"
+            assert (data["currentQty"], data["avgEntryPrice"], data["currentCost"]) == (
+                venue["currentQty"], venue["avgEntryPrice"], venue["currentCost"])
+        assert told["data"]["currentQty"] - their["data"]["currentQty"] >= 4  # +2 and -2
+        assert await _quiet(ws) and await _quiet(other)  # one fill: one change each
