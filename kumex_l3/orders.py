@@ -68,8 +68,9 @@ takes a state back:
 At the venue several messages can share one ``ts`` (a taker sweeping makers).
 A stream fill at the very ``ts`` of the last change applied counts as told: if
 its own change never came, the channel lost it, which only a dropped
-connection does, and every (re)connection reconciles the held orders with the
-exchange's records (the order monitor). Told at most late, never twice.
+connection does; the order monitor then checks every order that was active
+when it dropped against the exchange's record, finished or not by then, and a
+final record is taken as it is. Told at most late, never twice.
 
 The channel's word links the clientOid with authority (``confirmed_by``
 ``exchange``); a change naming another orderId for our clientOid **relinks**
@@ -600,18 +601,19 @@ def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transi
     """Adopt the exchange's record of ``order`` (``GET /api/v1/orders/...`` data).
 
     Uses ``id``, ``clientOid``, ``status`` (``open``/``done``), ``isActive``,
-    ``cancelExist``, ``size``, ``filledSize`` and ``updatedAt``. The status and
-    ``filled_size`` only move forward (a record can lag the stream, never the
-    reverse); a ``done`` record is ``canceled`` when ``cancelExist`` (or not
-    fully filled), else ``filled``. When anything differed, ``corrected`` is
-    incremented and the transition's change is ``reconciled``. A record with
-    another ``clientOid`` changes nothing. A record of our account with our
-    clientOid and another ``id`` is the truth: the order was linked to someone
-    else's order (see the module doc): it is **relinked** and its state taken
-    from the record, finished or not (:attr:`Change.RELINKED`). A finished
-    order linked right is corrected when the final record disagrees with it (a
-    ``match`` lost in a gap before the ``done canceled``: the exchange's final
-    record is the truth; nothing on the stream can follow it).
+    ``cancelExist``, ``size``, ``filledSize`` and ``updatedAt``. For an
+    unfinished order the status and ``filled_size`` only move forward (an active
+    record can lag the stream, never the reverse); a ``done`` record is
+    ``canceled`` when ``cancelExist`` (or not fully filled), else ``filled``.
+    When anything differed, ``corrected`` is incremented and the transition's
+    change is ``reconciled``. A record with another ``clientOid`` changes
+    nothing. A record of our account with our clientOid and another ``id`` is
+    the truth: the order was linked to someone else's order (see the module
+    doc): it is **relinked** and its state taken from the record, finished or
+    not (:attr:`Change.RELINKED`). A finished order linked right is corrected
+    when the final record disagrees with it, either way (a ``match`` lost in a
+    gap before the ``done canceled``, or a ``done filled`` that counted a stale
+    open size: a final record is final; nothing on the stream can follow it).
     """
     record_id = record.get("id")
     if not isinstance(record_id, str) or not record_id:
@@ -654,6 +656,9 @@ def reconcile(order: OwnOrder, record: Mapping[str, Any], now_ms: int) -> Transi
     else:
         order.remaining = max(size - order.filled_size, 0)
     order.exchange_updated_at = max(order.exchange_updated_at, updated_at)
+    # What the record told is newer than any change at or before its time: a private
+    # change from then must not set the open size back (see "Two sources").
+    order.event_ts = max(order.event_ts, updated_at * 1_000_000)
     if _snap(order) != before:
         order.corrected += 1
     return _finish_transition(order, before, Change.RECONCILED, now_ms, order.last_sequence)
@@ -671,6 +676,9 @@ def _relink(order: OwnOrder, record_id: str, target: OrderStatus, filled: Qty, s
     order.reason = target.value if target.finished else ""
     order.trade_ids = ()
     order.exchange_updated_at = updated_at
+    # None of the other order's timing: ours starts at what this word of ours told.
+    order.private_ts = 0
+    order.event_ts = updated_at * 1_000_000
     order.confirmed_by = "exchange"
     order.corrected += 1
     transition = _finish_transition(order, before, Change.RELINKED, now_ms, order.last_sequence)
@@ -726,7 +734,10 @@ def apply_change(order: OwnOrder, change: OrderChange, now_ms: int) -> Transitio
     if change.client_oid != order.client_oid or change.symbol != order.symbol:
         return _unchanged(order)
     target = _change_target(change)
-    if order.order_id is not None and change.order_id != order.order_id:
+    unseen = order.status is OrderStatus.REJECTED and order.order_id is None
+    if unseen or (order.order_id is not None and change.order_id != order.order_id):
+        # Linked to someone else's order, or rejected as never seen while the engine had
+        # it: our account's word says which order is ours, and its state.
         # Everything from our order's change, nothing from the other account's messages.
         transition = _relink(order, change.order_id, target, change.filled, change.size, 0,
                              now_ms)
@@ -763,7 +774,8 @@ def apply_change(order: OwnOrder, change: OrderChange, now_ms: int) -> Transitio
         order.status = _forward(order.status, target)
         if fresh and change.filled == filled:
             # The change knows every fill we know, and nothing newer was applied.
-            order.remaining = min(change.remain, max(order.size - filled, 0))
+            order.remaining = change.remain
+        order.remaining = min(order.remaining, max(order.size - filled, 0))
     if _snap(order)[1:] == before[1:]:
         kind = Change.CONFIRMED  # only the link (or nothing) is new
     elif change.kind == "match" and not fill:

@@ -673,3 +673,32 @@ def test_a_change_that_knows_fewer_fills_never_sets_the_open_size_back() -> None
     assert (o.filled_size, o.remaining) == (5, 5)
     run(o, done(5, "filled"))
     assert (o.filled_size, o.status) == (10, OrderStatus.FILLED)
+
+
+def test_a_change_older_than_a_reconciliation_does_not_set_the_open_size_back() -> None:
+    o = new()
+    run(o, received(1), opened(2, 10))
+    # The record, read now: 4 filled, then the order reduced to 7 (3 still open).
+    reconcile(o, record(filledSize=4, size=7, updatedAt=T0 + 6), T0 + 7)
+    assert (o.filled_size, o.remaining) == (4, 3)
+    # The channel's change of that fill (at 4, before the reduction) arrives late.
+    apply_change(o, change("match", 4, filled=4, remain=6, match_size=4), T0 + 8)
+    assert (o.filled_size, o.remaining) == (4, 3)
+
+
+def test_a_relink_from_a_record_keeps_none_of_the_other_orders_timing() -> None:
+    o = new()
+    run(o, received(1, oid=OTHER), opened(50, 10, oid=OTHER))
+    reconcile(o, record(filledSize=0, updatedAt=T0 + 3), T0 + 4)  # ours is OID
+    assert (o.order_id, o.event_ts, o.private_ts) == (OID, (T0 + 3) * NS, 0)
+    apply_change(o, change("match", 5, filled=3, remain=7, match_size=3), T0 + 6)
+    assert (o.filled_size, o.remaining) == (3, 7)
+
+
+def test_an_order_rejected_as_unseen_that_the_engine_had_is_taken_from_the_channel() -> None:
+    o = new()
+    assert expire_if_unseen(o, T0 + 60_000, 10_000).changed
+    assert o.status is OrderStatus.REJECTED and o.order_id is None
+    t = apply_change(o, change("match", 3, filled=2, remain=8, match_size=2), T0 + 61_000)
+    assert (t.change, o.order_id, o.status, o.filled_size, o.remaining) == (
+        Change.RELINKED, OID, OrderStatus.PARTIALLY_FILLED, 2, 8)
