@@ -324,12 +324,18 @@ def on_fill(config: GridConfig, state: GridState, fill: Fill) -> GridPlan:
 
     ``fill.filled_size`` is cumulative (as in the order's hash); only the part
     above the order's ``filled`` is new. An event of an order the grid does not
-    hold, or with nothing new, changes nothing but the status.
+    hold, or with nothing new, changes nothing but the status. A final event
+    (``filled``/``canceled``) with less than the grid counted is the exchange's
+    final word correcting an earlier figure (a fill guessed after a loss): the
+    position is corrected, and no counter-order follows (the one placed for the
+    guess stays: a real order, whose own fills count as any).
     """
     order = state.orders.get(fill.client_oid)
     if order is None:
         return GridPlan(state, (Decision("skip", f"{fill.client_oid}: not a grid order"),))
-    filled = min(max(fill.filled_size, order.filled), order.size)
+    final = fill.status in ("filled", "canceled")
+    floor = 0 if final else order.filled
+    filled = min(max(fill.filled_size, floor), order.size)
     delta = filled - order.filled
     status = fill.status or order.status
     if delta > 0 and fill.status is None:
@@ -343,6 +349,10 @@ def on_fill(config: GridConfig, state: GridState, fill: Fill) -> GridPlan:
         decisions.append(Decision(
             "skip", f"{order.client_oid}: filled {fill.filled_size} > size {order.size}, "
                     f"counted {order.size}"))
+    if delta < 0:
+        decisions.append(Decision(
+            "skip", f"{order.client_oid}: the final figure is {filled}, not {order.filled} "
+                    f"as counted: position corrected to {state.position}"))
     if delta <= 0:
         return GridPlan(state, tuple(decisions))
     counter_side: Side = "sell" if order.side == "buy" else "buy"

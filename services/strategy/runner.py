@@ -528,6 +528,13 @@ class GridStrategy:
                 price=f"{before.price:f}", filled=f"{after.filled}/{after.size}",
                 delta=delta, position=plan.state.position, eventId=event_id or ""))
             await self._apply(plan, event_id=event_id, filled={fill.client_oid: after.filled})
+        elif delta < 0:
+            # The exchange's final word below what was counted (a fill guessed after a
+            # loss): the position is corrected, and kept so.
+            _log.warning("fill corrected down", extra=kv(
+                symbol=self.symbol, clientOid=fill.client_oid, was=before.filled,
+                now=after.filled, position=plan.state.position, eventId=event_id or ""))
+            await self._apply(plan, event_id=event_id, filled={fill.client_oid: after.filled})
         else:
             await self._apply(plan, event_id=None)
 

@@ -322,3 +322,20 @@ def test_a_counter_order_answers_its_fill_whatever_the_exchange_said() -> None:
     state = replace(plan.state, exchange_position=-2)  # a stale read: short 2
     plan = on_fill(config, state, Fill(buy.client_oid, 2))
     assert [(d.action, d.side) for d in plan.decisions] == [("place", "sell")]
+
+
+def test_a_final_figure_below_the_count_corrects_the_position_without_a_counter() -> None:
+    # A done filled after a loss counted 2 of 2; the exchange's final record says 1.
+    config = _config(levels=1, size=2, max_position=10)
+    plan = initial_orders(config, GridState())
+    (buy,) = [d for d in plan.places if d.side == "buy"]
+    assert buy.client_oid is not None
+    plan = on_fill(config, plan.state, Fill(buy.client_oid, 2))
+    assert plan.state.position == 2 and len(plan.places) == 1
+    plan = on_fill(config, plan.state, Fill(buy.client_oid, 1, "filled"))
+    assert plan.state.position == 1 and plan.places == ()
+    assert plan.state.orders[buy.client_oid].filled == 1
+    assert any("position corrected to 1" in d.reason for d in plan.decisions)
+    # A figure below the count that is not final is not a correction: ignored.
+    plan = on_fill(config, plan.state, Fill(buy.client_oid, 0))
+    assert plan.state.position == 1
