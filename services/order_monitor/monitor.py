@@ -54,7 +54,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
@@ -574,6 +574,14 @@ class SymbolMonitor:
             await self._claim_stragglers()
         await self.maybe_reconcile()
         await self.expire_unseen()
+
+    def recheck(self, client_oids: Iterable[str] | None = None) -> None:
+        """Owe these orders (default: every one active now) a check against the exchange,
+        finished or not by the time it runs (changes of them may have been lost)."""
+        if client_oids is None:
+            client_oids = {*self.by_oid.values(), *self.pending}
+        self._recheck.update(client_oids)
+        self.reconcile_due = True
 
     def owe_reconciliation(self) -> None:
         """Every active own order is owed a check against the exchange (changes of the

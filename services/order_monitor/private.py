@@ -17,16 +17,18 @@ link with our account's authority (a ``received`` on the public stream can be
 anyone's). The two are merged so that neither counts a fill twice nor takes a
 state back (:mod:`kumex_l3.orders`, "Two sources").
 
-Loss: each time the connection is (re)made, every held symbol is owed a
-reconciliation of its active orders with the exchange's records, as after a
-gap on the stream (changes told while it was down are not sent again). A frame
-that is not a valid order change is counted and logged, never applied; a
-change that cannot be written (Redis down, a hash that keeps changing or cannot
-be read) is counted and logged, and its symbol owes a reconciliation: the
-connection goes on either way. A change that links or relinks an order is
-also given to the symbol's consumer, so that the stream's messages of that
-orderId are recognised at once (and a relink is counted and logged as the
-consumer's are).
+Loss: when the connection drops, every order active then is owed a check
+against the exchange's record, even if the stream finishes it meanwhile (a
+change the channel never sent may be the only word of a fill); each time the
+connection is (re)made, every active order is too, as after a gap on the
+stream. A frame that is not a valid order change is counted and logged, never
+applied; a change that cannot be written (Redis down, a hash that keeps
+changing) is counted and logged, and its order owes a check; one whose hash
+cannot be read is counted and logged. The connection goes on either way.
+
+A change that links or relinks an order is also given to the symbol's
+consumer, so that the stream's messages of that orderId are recognised at
+once (and a relink is counted and logged as the consumer's are).
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ class PrivateChannel:
 
     async def run(self) -> None:
         """Connect, subscribe, owe every held symbol a reconciliation, apply changes."""
+        subscribed = False
         try:
             async with self.client.connect([PRIVATE_TOPIC]) as conn:
+                subscribed = True
                 self.connected = True
                 self.metrics.private_connected.set(1)
                 self.metrics.private_connections.inc()
@@ -109,6 +113,9 @@ class PrivateChannel:
         finally:
             self.connected = False
             self.metrics.private_connected.set(0)
+            if subscribed:  # what it did not send from now on is lost: check them all
+                for monitor in list(self.monitors.values()):
+                    monitor.recheck()
 
     async def handle(self, text: str) -> str:
         """Apply one frame; what became of it (the ``result`` label of the counter)."""
@@ -131,11 +138,14 @@ class PrivateChannel:
                 writer=f"{self.settings.consumer}/private")
         except Fenced:
             return self._count("fenced", change.symbol)
-        except (RedisError, RuntimeError, ValueError) as exc:
+        except (RedisError, RuntimeError) as exc:
             # Not written: the exchange's record will say it (and the stream may too).
-            monitor.owe_reconciliation()
+            monitor.recheck([change.client_oid])
             return self._count("error", change.symbol,
                                reason=f"{change.client_oid}: {type(exc).__name__}: {exc}")
+        except ValueError as exc:  # a hash that cannot be read: nothing to check it against
+            return self._count("error", change.symbol,
+                               reason=f"{change.client_oid}: unreadable hash: {exc}")
         if done is None:
             return self._count("not_ours", change.symbol)  # placed by another tool
         order, transition = done

@@ -126,8 +126,17 @@ async def test_a_relink_is_counted_and_a_change_past_the_lease_is_fenced(
     assert await redis_client.hgetall(keys.order(SYM, "c1")) == before
 
 
-async def test_a_hash_that_cannot_be_read_costs_a_reconciliation_not_the_connection(
+async def test_a_change_that_cannot_be_written_is_counted_and_costs_a_check(
         held: Held, redis_client: redis.asyncio.Redis) -> None:
-    await redis_client.hset(keys.order(SYM, "c1"), mapping={"clientOid": "c1"})  # corrupt
-    assert await held.channel.handle(frame("open")) == "error"
-    assert held.monitor.reconcile_due
+    await redis_client.hset(keys.order(SYM, "c9"), mapping={"clientOid": "c9"})  # corrupt
+    assert await held.channel.handle(frame("open", coid="c9")) == "error"
+    assert held.count("error") == 1 and not held.monitor.reconcile_due  # nothing to ask
+    await order_store.register(redis_client, SYM, "c1", side="buy", price="31570.0", size=10,
+                               now_ms=T0)
+    await redis_client.config_set("maxmemory", "1")  # Redis refuses the write (OOM)
+    try:
+        assert await held.channel.handle(frame("open")) == "error"
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+    assert held.monitor.reconcile_due and "c1" in held.monitor._recheck
+    assert (await order_store.load(redis_client, SYM, "c1")).status.value == "pending"
