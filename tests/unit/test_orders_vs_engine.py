@@ -20,8 +20,9 @@ order monitor routes them.
   -> ``parse_order_change`` -> :func:`apply_change`): alone (the public stream
   stopped), every own order equals the engine's record after every action;
   merged with a lossy, lagging stream in any interleaving, with changes
-  delivered twice, runs of them lost (a dropped connection, then the
-  reconciliation a reconnection brings) and reconciliations at any time, no
+  delivered twice, the channel down for a while (what it would have sent
+  lost; at reconnection every order active at the drop is checked, finished or
+  not by then) and reconciliations at any time, no
   order ever shows more filled than the engine, no fill is reported twice, and
   at the end every order equals the record.
 """
@@ -323,14 +324,18 @@ def test_stream_and_private_channel_merged_in_any_order_never_count_a_fill_twice
                 note(change.client_oid, apply_change(order, change, change.ts // 1_000_000),
                      "private")
 
-    def reconcile_unfinished() -> None:
+    def reconcile_unfinished(also: set[str] | None = None) -> None:
         """What the monitor does after a gap or a (re)connection of the channel: every
-        unfinished own order against its record, read now (ahead of both sources)."""
+        unfinished own order (and ``also``, finished or not by now) against its record,
+        read now (ahead of both sources)."""
         nonlocal reconciled
         for coid, order in market.own.items():
-            if not order.finished:
+            if not order.finished or coid in (also or ()):
                 reconcile(order, market.records[coid].to_api(), market.now // 1_000_000)
                 reconciled += 1
+
+    dropped: set[str] = set()  # active when the channel dropped: checked at reconnection
+    reconnect_in = 0
 
     for _ in range(2500):
         msgs = market.step()
@@ -340,12 +345,20 @@ def test_stream_and_private_channel_merged_in_any_order_never_count_a_fill_twice
             lost += 1
         stream.extend(msgs)
         changes = market.changes()
-        if changes and rng.random() < 0.03:
-            # The channel's connection drops: changes sent meanwhile are lost, and the
-            # reconnection reconciles, while both sources may still carry older ones.
+        if reconnect_in:
+            # The channel is down: what it would have sent is lost; the stream goes on.
+            changes = []
+            reconnect_in -= 1
+            if not reconnect_in:
+                reconcile_unfinished(dropped)
+                dropped = set()
+        elif changes and rng.random() < 0.03:
+            # The connection drops mid-step; it comes back some steps later, and then
+            # every order active at the drop is checked, finished or not by then.
             del changes[rng.randrange(len(changes)):]
             reconnects += 1
-            reconcile_unfinished()
+            dropped = {c for c, o in market.own.items() if not o.finished}
+            reconnect_in = rng.randint(1, 30)
         elif rng.random() < 0.02:
             reconcile_unfinished()  # a gap on the stream showed
         private.extend(changes)
@@ -363,7 +376,7 @@ def test_stream_and_private_channel_merged_in_any_order_never_count_a_fill_twice
     while stream or private:
         read_stream(rng.randint(1, 40))
         read_private(rng.randint(1, 20))
-    reconcile_unfinished()  # the last loss may have had nothing after it to show it
+    reconcile_unfinished(dropped)  # the last loss may have had nothing after it to show it
     for coid, order in market.own.items():
         assert state(order) == expected(market.records[coid]), coid
         assert reported.get(coid, 0) <= market.records[coid].filled_size, coid
