@@ -80,6 +80,7 @@ __all__ = [
     "Message",
     "OrderRequest",
     "RejectError",
+    "duplicate_client_oid",
 ]
 
 Message = dict[str, Any]
@@ -138,6 +139,12 @@ class OrderRequest:
     close_order: bool = False
     leverage: str | Decimal = "1"
     remark: str | None = None
+
+
+def duplicate_client_oid(client_oid: str) -> RejectError:
+    """The refusal of an order whose clientOid an active order of the user has (300018)."""
+    return RejectError(DUPLICATE_CLIENT_OID,
+                       f"an active order with clientOid {client_oid} already exists")
 
 
 def _fmt_value(value: Decimal, inverse: bool) -> str:
@@ -434,8 +441,9 @@ class MatchingEngine:
         out, self.private = self.private, []
         return out
 
-    def _msg_finished(self, order: EngineOrder, reason: str, now_ns: int) -> Message:
-        """``order`` is finished (:meth:`_finish` done): its ``done``, and the owner's change."""
+    def _end(self, order: EngineOrder, reason: str, now_ns: int) -> Message:
+        """Finish ``order`` (:meth:`_finish`): its ``done``, and the owner's change."""
+        self._finish(order, reason, now_ns)
         left = order.size - order.filled_size
         msg = self._msg_done(order, reason, now_ns)
         if reason == "canceled":
@@ -662,8 +670,7 @@ class MatchingEngine:
                     if fill == maker_left:
                         del queue[maker.id]
                         self._resting_count[opp] -= 1
-                        self._finish(maker, "filled", now_ns)
-                        out.append(self._msg_finished(maker, "filled", now_ns))
+                        out.append(self._end(maker, "filled", now_ns))
             if not level.visible and not level.hidden:
                 del levels[ticks]
                 keys.pop()
@@ -708,30 +715,38 @@ class MatchingEngine:
         """A fresh orderId of this contract (one :meth:`place` would draw itself)."""
         return self._new_order_id(now_ns)
 
+    def check(self, req: OrderRequest, *, resting: bool = True
+              ) -> tuple[Decimal | None, int, str]:
+        """Every check :meth:`place` makes, nothing placed: :meth:`validate`, then an
+        active order of the user with the clientOid (300018), then (unless ``resting``
+        is False: a stop order, not an order yet) the user's open-order limit (300001).
+        Returns what :meth:`validate` does, or raises :class:`RejectError`."""
+        price, ticks, leverage = self.validate(req)
+        active = self._user_active.get(req.user_id)
+        if active:
+            existing = self._by_client_oid.get((req.user_id, req.client_oid))
+            if existing is not None and existing.is_active:
+                raise duplicate_client_oid(req.client_oid)
+            if (resting and req.type == "limit" and req.time_in_force == "GTC"
+                    and len(active) >= self.max_active_per_user):
+                raise RejectError(
+                    TOO_MANY_ACTIVE,
+                    f"too many active orders: at most {self.max_active_per_user} open "
+                    "limit orders per contract",
+                )
+        return price, ticks, leverage
+
     def place(self, req: OrderRequest, now_ns: int, *, order_id: str | None = None
               ) -> tuple[EngineOrder, list[Message]]:
         """Accept, match and rest (or finish) an order; return it and its messages.
 
         ``order_id``: the id it gets (one drawn earlier by :meth:`new_order_id`, e.g.
         a stop order's, which keeps its id when triggered); a fresh one by default.
-        Raises :class:`RejectError` (nothing emitted) when the request breaks a rule.
+        Raises :class:`RejectError` (nothing emitted) when the request breaks a rule
+        (:meth:`check`).
         """
-        price, ticks, leverage = self.validate(req)
+        price, ticks, leverage = self.check(req)
         is_limit = req.type == "limit"
-        active = self._user_active.get(req.user_id)
-        if active:
-            existing = self._by_client_oid.get((req.user_id, req.client_oid))
-            if existing is not None and existing.is_active:
-                raise RejectError(
-                    DUPLICATE_CLIENT_OID,
-                    f"an active order with clientOid {req.client_oid} already exists",
-                )
-            if is_limit and req.time_in_force == "GTC" and len(active) >= self.max_active_per_user:
-                raise RejectError(
-                    TOO_MANY_ACTIVE,
-                    f"too many active orders: at most {self.max_active_per_user} open "
-                    "limit orders per contract",
-                )
         now_ms = now_ns // 1_000_000
         order = EngineOrder(
             id=order_id if order_id is not None else self._new_order_id(now_ns),
@@ -769,13 +784,11 @@ class MatchingEngine:
         out = [self._msg_received(order, now_ns)]
         side = _SIDE_INDEX[req.side]
         if req.post_only and self._crosses(side, ticks):
-            self._finish(order, "canceled", now_ns)
-            out.append(self._msg_finished(order, "canceled", now_ns))
+            out.append(self._end(order, "canceled", now_ns))
             return order, out
         self._match(order, ticks if is_limit else None, out, now_ns)
         if order.filled_size == order.size:
-            self._finish(order, "filled", now_ns)
-            out.append(self._msg_finished(order, "filled", now_ns))
+            out.append(self._end(order, "filled", now_ns))
         elif is_limit and req.time_in_force == "GTC":
             ts = self._next_ts(now_ns)
             if not order.hidden:
@@ -783,8 +796,7 @@ class MatchingEngine:
             self._rest(order, ts)
             self._private(order, "open", "open", ts)
         else:
-            self._finish(order, "canceled", now_ns)
-            out.append(self._msg_finished(order, "canceled", now_ns))
+            out.append(self._end(order, "canceled", now_ns))
         return order, out
 
     def cancel(self, order_id: str, now_ns: int, user_id: str | None = None) -> list[Message]:
@@ -799,8 +811,7 @@ class MatchingEngine:
                 CANNOT_CANCEL, f"order {order_id} cannot be canceled: it is {order.done_reason}"
             )
         self._unrest(order)
-        self._finish(order, "canceled", now_ns)
-        return [self._msg_finished(order, "canceled", now_ns)]
+        return [self._end(order, "canceled", now_ns)]
 
     def cancel_by_client_oid(
         self, user_id: str, client_oid: str, now_ns: int

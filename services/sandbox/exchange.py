@@ -41,9 +41,7 @@ from services.sandbox.auth import ApiCredential
 from services.sandbox.contracts import CONTRACTS, Contract
 from services.sandbox.engine import (
     CANNOT_CANCEL,
-    DUPLICATE_CLIENT_OID,
     INVALID_PARAMETER,
-    TOO_MANY_ACTIVE,
     EngineOrder,
     MatchingEngine,
     Message,
@@ -246,10 +244,8 @@ class Exchange:
         traders = dict.fromkeys(user for user, data in changes if data["type"] == "match")
         if not traders:
             return
-        mark = self.mark_price(engine.symbol)
-        now_ms = time.time_ns() // 1_000_000
         for user in traders:
-            data = engine.position_of(user).to_api(mark, now_ms)
+            (data,) = self.positions(user, engine.symbol)
             data["changeReason"] = "positionChange"
             self.hub.publish_position(engine.symbol, user, data)
 
@@ -692,31 +688,15 @@ class Exchange:
         """
         self._trading()
         engine = self.engine(symbol)
-        # The engine's checks of the request itself (its state is checked below).
-        price, _, leverage = engine.validate(request)
+        # The engine's own checks (a stop order does not count among its open orders),
+        # then the stop book's: a waiting stop holds its clientOid too.
+        price, _, leverage = engine.check(request, resting=stop is None)
         if stop is not None:
             stop_ticks(engine.contract, stop)
-        user, client_oid = request.user_id, request.client_oid
-        book = self.stop_books[symbol]
-        active = engine.get_by_client_oid(user, client_oid)
-        waiting = book.by_client_oid(user, client_oid)
-        if (active is not None and active.is_active) or (waiting is not None and waiting.is_open):
-            raise RejectError(DUPLICATE_CLIENT_OID,
-                              f"an active order with clientOid {client_oid} already exists")
+        self.stop_books[symbol].admit(request.user_id, request.client_oid,
+                                      stop=stop is not None)
         if stop is None:
-            if (request.type == "limit" and request.time_in_force == "GTC"
-                    and engine.active_count(user) >= engine.max_active_per_user):
-                raise RejectError(
-                    TOO_MANY_ACTIVE,
-                    f"too many active orders: at most {engine.max_active_per_user} open "
-                    "limit orders per contract",
-                )
             return engine, None
-        if len(book.open_orders(user)) >= book.max_per_user:
-            raise RejectError(
-                TOO_MANY_ACTIVE,
-                f"too many untriggered stop orders: at most {book.max_per_user} per contract",
-            )
         now_ns = self.now_ns()
         return engine, new_stop(engine.new_order_id(now_ns), request, engine.contract, stop,
                                 price, leverage, now_ns // 1_000_000)

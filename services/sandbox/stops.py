@@ -36,11 +36,11 @@ from typing import Any, Final
 from services.sandbox.contracts import Contract, format_price
 from services.sandbox.engine import (
     CANNOT_CANCEL,
-    DUPLICATE_CLIENT_OID,
     ILLEGAL_PARAMETER,
     TOO_MANY_ACTIVE,
     OrderRequest,
     RejectError,
+    duplicate_client_oid,
 )
 
 __all__ = [
@@ -262,21 +262,25 @@ class StopBook:
         """
         if stop.id in self._open or stop.id in self._done:
             raise ValueError(f"stop order {stop.id} is already known")
-        mine = self._by_user.get(stop.user_id, {})
-        if any(s.client_oid == stop.client_oid for s in mine.values()):
-            raise RejectError(DUPLICATE_CLIENT_OID,
-                              f"an active order with clientOid {stop.client_oid} already exists")
-        if len(mine) >= self.max_per_user:
-            raise RejectError(
-                TOO_MANY_ACTIVE,
-                f"too many untriggered stop orders: at most {self.max_per_user} per contract",
-            )
+        self.admit(stop.user_id, stop.client_oid)
         self._seq += 1
         stop.seq = self._seq
         stop.status = _OPEN
         self._open[stop.id] = stop
         self._by_user.setdefault(stop.user_id, {})[stop.id] = stop
         insort(self._down if stop.stop == "down" else self._up, self._key(stop))
+
+    def admit(self, user_id: str, client_oid: str, *, stop: bool = True) -> None:
+        """:class:`RejectError` 300018 when a waiting stop of ``user_id`` has ``client_oid``;
+        for a ``stop`` to add, 300001 when the account holds ``max_per_user`` here."""
+        mine = self._by_user.get(user_id, {})
+        if any(s.client_oid == client_oid for s in mine.values()):
+            raise duplicate_client_oid(client_oid)
+        if stop and len(mine) >= self.max_per_user:
+            raise RejectError(
+                TOO_MANY_ACTIVE,
+                f"too many untriggered stop orders: at most {self.max_per_user} per contract",
+            )
 
     def cancel(self, order_id: str, user_id: str, now_ms: int) -> StopOrder:
         """Cancel ``user_id``'s waiting stop ``order_id``.
