@@ -598,10 +598,7 @@ class Hub:
             return
         if kind == "subscribe":
             new = [s for s in symbols if s not in client.symbols]
-            if len(client.symbols) + len(client.private) + len(new) > MAX_TOPICS:
-                self._reply(client, _error(
-                    msg_id, 400, f"exceed max subscription count limitation of {MAX_TOPICS}"
-                ))
+            if self._over_limit(client, msg_id, len(new)):
                 return
             for symbol in new:
                 client.symbols.add(symbol)
@@ -612,6 +609,15 @@ class Hub:
                 _unindex(self._subscribers, symbol, client)
         if msg.get("response") is True:
             self._reply(client, {"id": msg_id, "type": "ack"})
+
+    def _over_limit(self, client: _Client, msg_id: Any, more: int) -> bool:
+        """Whether ``more`` topics would take ``client`` past :data:`MAX_TOPICS` (public and
+        private together); if so, it is told (``error`` 400)."""
+        if len(client.symbols) + len(client.private) + more <= MAX_TOPICS:
+            return False
+        self._reply(client, _error(
+            msg_id, 400, f"exceed max subscription count limitation of {MAX_TOPICS}"))
+        return True
 
     def _private_subscription(self, client: _Client, msg_id: Any, kind: str,
                               msg: dict[str, Any], topic: str) -> None:
@@ -634,9 +640,7 @@ class Hub:
             keys = symbols if base == PRIVATE_TOPIC else [_POS + s for s in symbols]
         if kind == "subscribe":
             new = [k for k in keys if k not in client.private]
-            if len(client.symbols) + len(client.private) + len(new) > MAX_TOPICS:
-                self._reply(client, _error(
-                    msg_id, 400, f"exceed max subscription count limitation of {MAX_TOPICS}"))
+            if self._over_limit(client, msg_id, len(new)):
                 return
             client.private.update(new)
             self._private.setdefault(user, set()).add(client)
