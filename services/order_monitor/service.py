@@ -158,11 +158,9 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
     metrics = MonitorMetrics()
     host = settings.http_host if settings.http_host not in ("0.0.0.0", "::", "") \
         else socket.gethostname()
-    rest = lookup
-
     def private(monitors: Mapping[str, SymbolMonitor]) -> PrivateChannel:
-        assert rest is not None
-        return PrivateChannel(rest, redis, monitors, settings, metrics)
+        assert lookup is not None
+        return PrivateChannel(lookup, redis, monitors, settings, metrics)
 
     if lookup is not None and not settings.private_channel:
         log.info("private order channel off (MONITOR_PRIVATE_CHANNEL=false)")
