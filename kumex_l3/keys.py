@@ -14,6 +14,8 @@ __all__ = [
     "feed_alive",
     "feed_scheduler",
     "l3_stream",
+    "members",
+    "moves",
     "order",
     "order_events",
     "order_id",
@@ -133,6 +135,18 @@ def order_events(symbol: str) -> str:
 def owner(symbol: str, role: str) -> str:
     """String with a TTL: the lease naming which replica of ``role`` serves the symbol."""
     return f"kumex:{{{symbol}}}:owner:{role}"
+
+
+def members(role: str) -> str:
+    """Sorted set: the live replicas of ``role`` (score: the Redis-clock ms their entry
+    lapses at), from which each replica works out its even share of the symbols."""
+    return f"kumex:{{{role}}}:members"
+
+
+def moves(role: str) -> str:
+    """String counter: bumped when a replica of ``role`` joins, leaves or hands a symbol
+    off, so that the others look again at once instead of at their next period."""
+    return f"kumex:{{{role}}}:moves"
 
 
 def dlq(symbol: str) -> str:

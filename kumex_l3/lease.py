@@ -13,12 +13,29 @@ takes at most ``ttl + period``. The operations are atomic on the server:
 
 :class:`LeaseManager` runs these for a list of symbols: it acquires free
 symbols, renews held ones, and reports each transition to the service through
-``on_gained`` / ``on_lost``. Balancing is first come, first served with a cap:
-while other owners are visible a replica takes at most
+``on_gained`` / ``on_lost``.
+
+**Even shares** (``members=True``: the book and the order monitor). Every
+replica of the role keeps an entry in the sorted set :func:`kumex_l3.keys.members`
+(scored by the Redis server's clock, so that no two hosts' clocks are compared),
+and each works out its own share from the same list: with ``S`` symbols and
+``R`` live replicas sorted by id, the replica of rank ``r`` holds
+``S // R``, plus one when ``r < S % R``. The shares add up to ``S``, so the
+replicas converge to an even split (within one symbol) whoever joins or leaves.
+A replica over its share *hands off* the excess: ``on_handoff`` runs while the
+lease is still held (the book writes its last checkpoint there), then the lease
+is released and :func:`kumex_l3.keys.moves` is bumped. Every replica looks at
+that counter every ``watch`` seconds and steps at once when it moved, so a
+symbol handed off is taken within about ``watch`` seconds, not a period.
+:meth:`LeaseManager.drain` hands everything off the same way (leaving the
+membership first, so that the others' shares have grown when the symbols come
+free): a replica stopped cleanly costs each of its symbols one handoff.
+
+Without ``members`` (the feed's writer leases) balancing is first come, first
+served with a cap: while other owners are visible a replica takes at most
 ``ceil(symbols / replicas)`` (replicas = distinct owners seen, itself
-included); a replica alone takes everything. A replica that holds nothing is
-invisible to the others, so nothing is taken away from a live replica to feed
-a newcomer: leases move only when their holder stops or dies.
+included); a replica alone takes everything, and leases move only when their
+holder stops or dies.
 
 Redis trouble never stops the manager: it keeps trying every period, and a
 lease not renewed in time is reported lost a little *before* it can expire on
@@ -88,6 +105,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+""")
+
+# Keep this replica's membership entry (or drop it: ARGV[3] = "1") and the live list; the
+# counter of moves is bumped whenever the list changes. TIME: the server's clock only.
+_MEMBERS: Final = LuaScript("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local changed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[3] == '1' then
+  changed = changed + redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  changed = changed + redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+end
+if changed > 0 then
+  redis.call('INCR', KEYS[2])
+end
+return {redis.call('GET', KEYS[2]) or '0', redis.call('ZRANGE', KEYS[1], 0, -1)}
 """)
 
 _REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
@@ -184,7 +218,10 @@ class LeaseManager:
         period: float | None = None,
         on_gained: LeaseCallback = _nothing,
         on_lost: LeaseCallback = _nothing,
+        on_handoff: LeaseCallback | None = None,
         balance: bool = True,
+        members: bool = False,
+        watch: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         key: Callable[[str], str] | None = None,
@@ -202,7 +239,20 @@ class LeaseManager:
             raise ValueError("period must be > 0 and below ttl")
         self.on_gained = on_gained
         self.on_lost = on_lost
-        self.balance = balance
+        #: Awaited before a lease is given up to another replica (default ``on_lost``).
+        self.on_handoff = on_handoff if on_handoff is not None else on_lost
+        self.balance = balance or members
+        #: Seconds between two looks at the moves counter (``members`` only).
+        self.watch = watch
+        self._members_key = keys.members(role) if members else None
+        self._moves_key = keys.moves(role)
+        #: Live replicas of the role at the last step, by id (``members`` only).
+        self.members: tuple[str, ...] = ()
+        self._moves: bytes = b""
+        #: Set by :meth:`drain`: hold nothing, take nothing.
+        self.draining = False
+        #: Symbols given up to another replica by handoff since the start.
+        self.handoffs = 0
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         #: The lease key of a symbol (default :func:`kumex_l3.keys.owner` of the role).
@@ -249,9 +299,15 @@ class LeaseManager:
         return owners
 
     def limit(self) -> int:
-        """How many symbols this replica may hold now (see the module doc)."""
+        """How many symbols this replica may hold now: its share (see the module doc)."""
+        if self.draining:
+            return 0
         if not self.balance or not self.symbols:
             return len(self.symbols)
+        if self._members_key is not None:
+            ids = sorted({*self.members, self.owner.id})
+            share, extra = divmod(len(self.symbols), len(ids))
+            return share + (1 if ids.index(self.owner.id) < extra else 0)
         alive = {o.id for o in self._owners.values() if o is not None}
         alive.add(self.owner.id)
         return math.ceil(len(self.symbols) / len(alive))
@@ -263,7 +319,23 @@ class LeaseManager:
         while not self._closed:
             started = self._clock()
             await self.step()
-            await asyncio.sleep(max(0.0, self.period - (self._clock() - started)))
+            await self._pause(self.period - (self._clock() - started))
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``; with ``members``, cut short when the moves counter moved."""
+        if self._members_key is None:
+            await asyncio.sleep(max(0.0, seconds))
+            return
+        end = self._clock() + seconds
+        while not self._closed and (left := end - self._clock()) > 0:
+            await asyncio.sleep(min(self.watch, left))
+            try:
+                async with asyncio.timeout(max(self.watch, 0.05)):
+                    moves = await self.client.get(self._moves_key)
+            except _REDIS_ERRORS:
+                continue
+            if (moves or b"0") != self._moves:
+                return
 
     async def step(self) -> None:
         """One round: renew held leases, read owners, acquire free symbols, expire stale ones.
@@ -279,6 +351,7 @@ class LeaseManager:
             try:
                 async with asyncio.timeout(max(self.period, 0.05)):
                     await self._renew_all(lost)
+                    await self._heartbeat()
                     self._owners = await self._read_owners()
                     await self._acquire_free(gained)
             except _REDIS_ERRORS as exc:
@@ -293,11 +366,24 @@ class LeaseManager:
             for symbol in gained:
                 if symbol in self._held:
                     await self._report(self.on_gained, symbol)
+            if self._members_key is not None:
+                await self._shed()
+
+    async def drain(self) -> None:
+        """Leave the membership, then hand every held symbol off (each released as soon
+        as its own handoff is done); the manager then holds and takes nothing."""
+        async with self._lock:
+            self.draining = True
+            await self._heartbeat(leaving=True)
+            for symbol in [s for s in self.symbols if s in self._held]:
+                await self._hand_off(symbol)
 
     async def close(self, *, release_leases: bool = True) -> None:
         """Stop stepping and give the leases back (each reported through ``on_lost``)."""
         async with self._lock:
             self._closed = True
+            if release_leases:
+                await self._heartbeat(leaving=True)
             for symbol in list(self._held):
                 del self._held[symbol]
                 if release_leases:
@@ -307,6 +393,51 @@ class LeaseManager:
                 await self._report(self.on_lost, symbol)
 
     # ------------------------------------------------------------------ internals
+
+    async def _heartbeat(self, *, leaving: bool = False) -> None:
+        """Keep (or drop) this replica's membership entry and read the live list."""
+        if self._members_key is None:
+            return
+        call = _MEMBERS.run(self.client, [self._members_key, self._moves_key],
+                            [self.owner.id, _ms(self.ttl), "1" if leaving else "0"])
+        if leaving:
+            # Best effort: a replica that cannot say it leaves lapses after the TTL.
+            with contextlib.suppress(*_REDIS_ERRORS):
+                async with asyncio.timeout(self.period):
+                    await call
+            return
+        moves, members = await call
+        self._moves = moves
+        self.members = tuple(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+
+    async def _shed(self) -> None:
+        """Hand off what this replica holds beyond its share, last configured first."""
+        excess = len(self._held) - self.limit()
+        if excess <= 0:
+            return
+        log.info("over its share: handing symbols off", extra=kv(
+            role=self.role, held=len(self._held), share=self.limit(),
+            replicas=len(self.members)))
+        for symbol in [s for s in reversed(self.symbols) if s in self._held][:excess]:
+            await self._hand_off(symbol)
+
+    async def _hand_off(self, symbol: str) -> None:
+        """``on_handoff`` while still held, then release and bump the moves counter."""
+        await self._report(self.on_handoff, symbol)
+        if self._held.pop(symbol, None) is None:
+            return
+        self._owners[symbol] = None
+        self.handoffs += 1
+        try:
+            async with asyncio.timeout(self.period):
+                await _RELEASE.run(self.client, [self.key(symbol)], [self.owner.to_json()])
+                await self.client.incr(self._moves_key)
+        except _REDIS_ERRORS as exc:
+            log.warning("handoff release failed: the lease lapses at its TTL",
+                        extra=kv(symbol=symbol, role=self.role, error=repr(exc)))
+        else:
+            log.info("lease given up after its handoff", extra=kv(symbol=symbol,
+                                                                    role=self.role))
 
     async def _read_owners(self) -> dict[str, LeaseOwner | None]:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -341,15 +472,23 @@ class LeaseManager:
         # A lease of ours left by a previous run of this replica id is taken back first.
         mine = [s for s in self.symbols
                 if s not in self._held and self._owners.get(s) == self.owner]
-        for symbol in mine + free:
-            if symbol in free and len(self._held) >= limit:
-                break
+        value, ttl_ms = self.owner.to_json(), _ms(self.ttl)
+        # One pipeline per round of attempts (as many as there is room for); a symbol
+        # someone else took meanwhile makes room for the next free one.
+        while True:
+            room = max(0, limit - len(self._held) - len(mine))
+            batch, mine, free = mine + free[:room], [], free[room:]
+            if not batch:
+                return
             sent = self._clock()
-            if await _ACQUIRE.run(self.client, [self.key(symbol)],
-                                  [self.owner.to_json(), _ms(self.ttl)]):
-                self._held[symbol] = self._deadline(sent)
-                self._owners[symbol] = self.owner
-                gained.append(symbol)
+            results = await _ACQUIRE.run_many(
+                self.client, [([self.key(symbol)], [value, ttl_ms]) for symbol in batch],
+                raise_on_error=True)
+            for symbol, ok in zip(batch, results, strict=True):
+                if ok:
+                    self._held[symbol] = self._deadline(sent)
+                    self._owners[symbol] = self.owner
+                    gained.append(symbol)
 
     def _expire(self, lost: list[str]) -> None:
         now = self._clock()

@@ -27,10 +27,11 @@ import contextlib
 import importlib.util
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, Final, Literal, NoReturn, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
@@ -109,6 +110,22 @@ def service_app(title: str, status: Status, registry: CollectorRegistry, *,
 class HttpServer(uvicorn.Server):
     """A uvicorn server that leaves signals to its host process."""
 
+    def __init__(self, config: uvicorn.Config,
+                 before_shutdown: Callable[[], Awaitable[object]] | None = None) -> None:
+        super().__init__(config)
+        self.before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Run ``before_shutdown`` while the server still answers (the book hands its
+        symbols off there, proxying to their next owners meanwhile), then uvicorn's."""
+        if self.before_shutdown is not None and not self.force_exit:
+            try:
+                async with asyncio.timeout(_BEFORE_SHUTDOWN_S):
+                    await self.before_shutdown()
+            except Exception:
+                logging.getLogger(__name__).exception("before shutdown failed")
+        await super().shutdown(sockets)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
@@ -141,6 +158,10 @@ async def start_server(app: FastAPI, host: str, port: int, *,
     return server, task
 
 
+#: Bound on ``before_shutdown``: a clean stop never hangs on it.
+_BEFORE_SHUTDOWN_S: Final = 20.0
+
+
 class ProcessServer(uvicorn.Server):
     """uvicorn's server, but a SIGTERM/SIGINT ends in a normal exit (status 0).
 
@@ -148,6 +169,22 @@ class ProcessServer(uvicorn.Server):
     included) and then raises the signal again, so the process would die of
     it; a service that stopped cleanly should say so with its exit status.
     """
+
+    def __init__(self, config: uvicorn.Config,
+                 before_shutdown: Callable[[], Awaitable[object]] | None = None) -> None:
+        super().__init__(config)
+        self.before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Run ``before_shutdown`` while the server still answers (the book hands its
+        symbols off there, proxying to their next owners meanwhile), then uvicorn's."""
+        if self.before_shutdown is not None and not self.force_exit:
+            try:
+                async with asyncio.timeout(_BEFORE_SHUTDOWN_S):
+                    await self.before_shutdown()
+            except Exception:
+                logging.getLogger(__name__).exception("before shutdown failed")
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -163,9 +200,10 @@ class ProcessServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve_app(config: uvicorn.Config) -> bool:
+def serve_app(config: uvicorn.Config,
+              before_shutdown: Callable[[], Awaitable[object]] | None = None) -> bool:
     """Run a :class:`ProcessServer` until SIGTERM/SIGINT; whether it had started."""
-    server = ProcessServer(config)
+    server = ProcessServer(config, before_shutdown)
     server.run()
     return server.started
 

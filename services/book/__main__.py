@@ -1,8 +1,9 @@
 """``python -m services.book``: settings, logging, then the HTTP server (wiring only).
 
-Stops cleanly on SIGTERM or SIGINT, with exit status 0: uvicorn stops
-accepting, the lifespan checkpoints every owned book and releases its leases
-so that other replicas take the symbols over at once
+Stops cleanly on SIGTERM or SIGINT, with exit status 0: while it still
+answers (proxying), the replica hands every owned book off (a last checkpoint,
+then its lease released, so that another replica takes it over at once); then
+uvicorn stops accepting and the lifespan closes the rest
 (:func:`kumex_l3.service.serve_app`).
 """
 
@@ -31,7 +32,7 @@ def main() -> None:
                             log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5, loop=loop_name(settings.event_loop),
                             http=http_protocol(fast=app.state.fast_route))
-    serve_app(config)
+    serve_app(config, before_shutdown=app.state.drain)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,25 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
         svc: BookService = holder["service"]
         return svc
 
+    async def drain() -> int:
+        """Hand every owned book off to the other replicas (SIGTERM, ``POST /admin/drain``)."""
+        svc: BookService | None = holder.get("service")
+        return 0 if svc is None else await svc.drain()
+
+    app.state.drain = drain
+
+    @app.post("/admin/drain")
+    async def admin_drain(request: Request) -> Response:
+        """Hand every book of this replica off and take none any more (it keeps answering
+        by proxy): before maintenance, or to move load off a busy host. Needs the token
+        of ``BOOK_API_TOKEN`` (open on a loopback-only replica without one)."""
+        if not guard.allows(presented_token(request.headers, request.query_params)):
+            return _unavailable(guard.refusal("draining", "BOOK_API_TOKEN"), 403)
+        moved = await drain()
+        log.info("drained on request", extra=kv(replica=replica, handed_off=moved))
+        return JSONResponse({"replica": replica, "draining": True, "handedOff": moved},
+                            headers={REPLICA_HEADER: replica})
+
     def known(symbol: str) -> None:
         if symbol not in symbols:
             raise HTTPException(404, f"unknown symbol {symbol}")

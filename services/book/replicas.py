@@ -1,7 +1,11 @@
 """Several book replicas sharing the symbols: leases, local consumers, and the owners' URLs.
 
 :class:`BookService` holds this replica's symbol leases (role ``book``) through
-:class:`~kumex_l3.lease.LeaseManager`: for each symbol it gains it runs a
+:class:`~kumex_l3.lease.LeaseManager`, in even shares with the other live
+replicas: a replica over its share (another one joined) hands the excess off
+(a last checkpoint at the book's sequence, then the lease released; the next
+owner starts from that checkpoint), and a replica stopped cleanly hands off
+everything it holds. For each symbol it gains it runs a
 :class:`~services.book.consumer.SymbolConsumer` (restarted after a bug, with
 backoff), and stops it at once when the lease is lost, so that a symbol is
 never served by a replica that no longer owns it. Requests for symbols owned
@@ -46,7 +50,8 @@ class BookService:
         self.owner = LeaseOwner(settings.replica, settings.url)
         self.leases = LeaseManager(client, ROLE, settings.symbols, self.owner,
                                    ttl=settings.lease_ttl_seconds, on_gained=self._gained,
-                                   on_lost=self._lost)
+                                   on_lost=self._lost, on_handoff=self._handoff,
+                                   members=True)
         self._consumers: dict[str, SymbolConsumer] = {}
         #: One XREAD for every book kept here (services.book.reader).
         self.reader = StreamReader(client, settings, errors=REDIS_ERRORS)
@@ -64,10 +69,19 @@ class BookService:
         if self._lease_task is None:
             self._lease_task = asyncio.create_task(self.leases.run(), name="book-leases")
 
-    async def stop(self) -> None:
-        """Checkpoint every owned book, then give the leases back for a quick takeover."""
+    async def drain(self) -> int:
+        """Hand every owned book off (a last checkpoint, then the lease given back, one
+        symbol after the other) so that the other replicas take them at once, and take
+        nothing any more; this replica still answers (by proxy). The books handed off."""
         task, self._lease_task = self._lease_task, None
         await cancel_and_wait(task)
+        before = self.leases.handoffs
+        await self.leases.drain()
+        return self.leases.handoffs - before
+
+    async def stop(self) -> None:
+        """Drain (if not done yet), then stop reading and close the leases."""
+        await self.drain()
         for symbol in list(self._supervisors):
             await self._stop_symbol(symbol, checkpoint=True)
         await self.reader.stop()
@@ -187,6 +201,12 @@ class BookService:
         self.metrics.owned.labels(symbol).set(0)
         # Another replica may own it already: no last checkpoint from here.
         await self._stop_symbol(symbol, checkpoint=False)
+
+    async def _handoff(self, symbol: str) -> None:
+        # The lease is still ours: the last checkpoint is where the next owner starts.
+        log.info("symbol handed off", extra=kv(symbol=symbol, replica=self.owner.id))
+        self.metrics.owned.labels(symbol).set(0)
+        await self._stop_symbol(symbol, checkpoint=True)
 
     async def _stop_symbol(self, symbol: str, *, checkpoint: bool) -> None:
         await cancel_and_wait(self._supervisors.pop(symbol, None))

@@ -62,7 +62,8 @@ class OrderMonitor:
         self.lookup = lookup
         self.leases = LeaseManager(
             redis, ROLE, settings.symbols, LeaseOwner(settings.replica, url),
-            ttl=settings.lease_ttl_s, on_gained=self._gained, on_lost=self._lost)
+            ttl=settings.lease_ttl_s, on_gained=self._gained, on_lost=self._lost,
+            members=True)
         self.monitors: dict[str, SymbolMonitor] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         #: The private order channel, applied to the symbols in ``monitors`` (None: off).
@@ -115,7 +116,8 @@ class OrderMonitor:
             await cancel_and_wait(leases, channel)
             if self.private is not None:
                 await self.private.aclose()
-            await self.leases.close()  # reports each symbol lost: consumers stopped
+            await self.leases.drain()  # each symbol's consumer stopped, then released
+            await self.leases.close()
             await self._stop_workers(*self._workers.values())
 
     @staticmethod

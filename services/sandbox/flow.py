@@ -25,20 +25,19 @@ the same messages.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from collections.abc import Mapping
 from decimal import Decimal
 
+from services.sandbox.contracts import ACTIVITY, MIDS
 from services.sandbox.engine import EngineOrder, MatchingEngine, Message, OrderRequest, RejectError
 
 __all__ = ["DEFAULT_MIDS", "SyntheticFlow"]
 
-DEFAULT_MIDS: dict[str, Decimal] = {
-    "XBTUSDM": Decimal("30000"),
-    "XBTUSDTM": Decimal("30000"),
-    "ETHUSDTM": Decimal("2000"),
-}
-"""Start mids used when ``start_mid`` does not name a symbol."""
+DEFAULT_MIDS: dict[str, Decimal] = MIDS
+"""Start mids used when ``start_mid`` does not name a symbol (the catalog's prices)."""
 
 _FALLBACK_MID_TICKS = 100_000
 _N_TAKERS = 4
@@ -117,6 +116,11 @@ class SyntheticFlow:
             else:
                 mid_ticks = float(mid / engine.contract.tick_size)
             self._symbols.append(_SymbolFlow(symbol, engine, max(mid_ticks, 4.0 * levels)))
+        # Each step draws its symbol by the catalog's activity; symbols of equal
+        # weight (the three of old alone, say) are drawn uniformly, as they always were.
+        weights = [ACTIVITY.get(sf.symbol, 1.0) for sf in self._symbols]
+        self._cum_weights: list[float] | None = (
+            None if len(set(weights)) <= 1 else list(itertools.accumulate(weights)))
         # Enough makers that they never hit the per-user active order limit.
         n_makers = max(8, (3 * target_resting) // max(1, max_active) + 2)
         self._makers = [f"flow-maker-{i}" for i in range(n_makers)]
@@ -345,7 +349,11 @@ class SyntheticFlow:
         """One participant action on one symbol; returns ``[(symbol, messages)]``
         (empty when the action emitted nothing)."""
         rng = self._rng
-        sf = self._symbols[rng.randrange(len(self._symbols))]
+        cum = self._cum_weights
+        if cum is None:
+            sf = self._symbols[rng.randrange(len(self._symbols))]
+        else:
+            sf = self._symbols[bisect.bisect_right(cum, rng.random() * cum[-1])]
         sf.mid = max(2.0 * self.levels, sf.mid + rng.gauss(0.0, 0.6))
         engine = sf.engine
         msgs: list[Message]

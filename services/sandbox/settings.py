@@ -93,7 +93,8 @@ class SandboxSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8090, ge=0, le=65535)
-    #: Comma-separated contract symbols to list and trade.
+    #: Comma-separated contract symbols to list and trade; ``all`` for every contract of the
+    #: catalog (services.sandbox.contracts: 102, the three defaults first).
     symbols: str = "XBTUSDM,XBTUSDTM,ETHUSDTM"
     #: Seed of the synthetic flow, the WS fault dice and the order ids.
     seed: int = 0
@@ -157,6 +158,8 @@ class SandboxSettings(BaseSettings):
     @field_validator("symbols")
     @classmethod
     def _known_symbols(cls, value: str) -> str:
+        if value.strip().lower() == "all":
+            return ",".join(CONTRACTS)
         names = [s.strip() for s in value.split(",") if s.strip()]
         if not names:
             raise ValueError("at least one symbol is required")

@@ -211,3 +211,104 @@ async def test_redis_down_means_lost_before_expiry(
     # Redis is back and the keys (real TTL 10 s) are still ours: taken back at once.
     await a.step()
     assert a.held == frozenset(SYMBOLS)
+
+
+class Handoffs(Recorder):
+    """Also records handoffs, with whether the lease was still ours in Redis then."""
+
+    def __init__(self, client: redis.asyncio.Redis, owner: LeaseOwner) -> None:
+        super().__init__()
+        self.client = client
+        self.owner = owner
+
+    async def handoff(self, symbol: str) -> None:
+        self.events.append(("handoff", symbol))
+        assert await read_owner(self.client, symbol, ROLE) == self.owner
+
+
+def held_counts(ms: list[LeaseManager]) -> list[int]:
+    return [len(m.held) for m in ms]
+
+
+async def test_even_shares_as_replicas_join_and_leave(
+    redis_url: str, redis_client: redis.asyncio.Redis, managers: list[LeaseManager]
+) -> None:
+    symbols = tuple(f"S{i}" for i in range(31))
+    owners = [LeaseOwner(f"replica-{c}", f"http://127.0.0.1:{i}") for i, c in enumerate("abc")]
+    recs = [Handoffs(redis_client, o) for o in owners]
+    ms = [make(redis_url, managers, o, r, symbols=symbols, ttl=30.0, members=True,
+               on_handoff=r.handoff) for o, r in zip(owners, recs, strict=True)]
+    a, b, c = ms
+    await a.step()
+    assert held_counts(ms) == [31, 0, 0] and a.members == ("replica-a",)
+    await b.step()  # joins: its share is 15, nothing is free yet
+    assert held_counts(ms) == [31, 0, 0] and a.limit() == 31 and b.limit() == 15
+    await a.step()  # sees B: hands off 15, each while still holding it
+    assert held_counts(ms) == [16, 0, 0] and a.handoffs == 15
+    handed = [s for kind, s in recs[0].events if kind == "handoff"]
+    assert len(handed) == 15 and not any(s in a.held for s in handed)
+    assert set((await read_owners(redis_client, handed, ROLE)).values()) == {None}
+    await b.step()
+    assert held_counts(ms) == [16, 15, 0] and set(b.held) == set(handed)
+    await c.step()
+    for m in (a, b, c):
+        await m.step()
+    # 31 = 11 + 10 + 10, by rank of id.
+    assert held_counts(ms) == [11, 10, 10]
+    assert a.held | b.held | c.held == frozenset(symbols)
+    # A leaves cleanly: each symbol handed off, and the others' shares grow to take it.
+    await a.drain()
+    assert a.held == frozenset() and a.limit() == 0
+    assert await redis_client.zrange(keys.members(ROLE), 0, -1) == [b"replica-b", b"replica-c"]
+    await b.step()
+    await c.step()
+    assert held_counts(ms) == [0, 16, 15]
+    assert b.held | c.held == frozenset(symbols)
+
+
+async def test_handoff_wakes_the_others_within_the_watch(
+    redis_url: str, redis_client: redis.asyncio.Redis, managers: list[LeaseManager]
+) -> None:
+    symbols = tuple(f"S{i}" for i in range(6))
+    # A long period: without the moves counter, B would take nothing for 10 s.
+    a = make(redis_url, managers, A, Recorder(), symbols=symbols, ttl=30.0, period=10.0,
+             members=True)
+    b = make(redis_url, managers, B, Recorder(), symbols=symbols, ttl=30.0, period=10.0,
+             members=True, watch=0.05)
+    await a.step()
+    task_a = asyncio.create_task(a.run(), name="a")
+    task_b = asyncio.create_task(b.run(), name="b")
+    try:
+        async with asyncio.timeout(SAFETY_S):
+            while len(b.held) < 3:  # B joined, A was woken and handed off, B was woken
+                await asyncio.sleep(0.02)
+        assert len(a.held) == 3 and a.held.isdisjoint(b.held)
+        task_a.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task_a
+        await a.drain()
+        async with asyncio.timeout(SAFETY_S):
+            while len(b.held) < 6:
+                await asyncio.sleep(0.02)
+    finally:
+        for t in (task_a, task_b):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+async def test_a_dead_member_lapses_and_its_share_returns(
+    redis_url: str, redis_client: redis.asyncio.Redis, managers: list[LeaseManager]
+) -> None:
+    symbols = tuple(f"S{i}" for i in range(4))
+    a = make(redis_url, managers, A, Recorder(), symbols=symbols, ttl=0.6, members=True)
+    b = make(redis_url, managers, B, Recorder(), symbols=symbols, ttl=0.6, members=True)
+    await a.step()
+    await b.step()
+    await a.step()
+    await b.step()
+    assert held_counts([a, b]) == [2, 2]
+    # B dies (no drain, no release): its membership and its leases lapse by Redis's clock.
+    await asyncio.sleep(0.7)
+    await a.step()
+    assert a.members == ("replica-a",) and a.held == frozenset(symbols)
