@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import ssl
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     AliasChoices,
     BeforeValidator,
@@ -27,11 +29,15 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_BASE_URL", "CommonSettings", "OptionalSecret", "check_http_url",
-           "check_redis_url", "load_settings", "redact_url", "tls_context"]
+__all__ = ["ALL_SYMBOLS", "DEFAULT_BASE_URL", "CommonSettings", "OptionalSecret",
+           "check_http_url", "check_redis_url", "load_settings", "redact_url", "tls_context",
+           "venue_symbols"]
 
 #: The local sandbox exchange: the default target (the real venue withdrew public L3).
 DEFAULT_BASE_URL = "http://127.0.0.1:8090"
+
+#: ``KUMEX_SYMBOLS=all``: every open contract the venue lists, read at start-up.
+ALL_SYMBOLS = "all"
 
 _S = TypeVar("_S", bound=BaseSettings)
 
@@ -79,6 +85,8 @@ class CommonSettings(BaseSettings):
     @field_validator("symbols", mode="before")
     @classmethod
     def _split_symbols(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == ALL_SYMBOLS:
+            return [ALL_SYMBOLS]  # resolved by load_settings from the venue's contract list
         if isinstance(value, str):
             value = [s.strip() for s in value.split(",") if s.strip()]
         if isinstance(value, list):
@@ -164,9 +172,13 @@ def redact_url(url: str) -> str:
 
 
 def load_settings(cls: type[_S]) -> _S:
-    """Build ``cls`` from the environment, or exit with a message naming each bad variable."""
+    """Build ``cls`` from the environment, or exit with a message naming each bad variable.
+
+    ``KUMEX_SYMBOLS=all`` becomes every open contract the venue lists
+    (:func:`venue_symbols`).
+    """
     try:
-        return cls()
+        settings = cls()
     except ValidationError as exc:
         prefix = str(cls.model_config.get("env_prefix") or "")
         # A shared variable (REDIS_URL...) is reported under its own name, not prefixed;
@@ -185,3 +197,43 @@ def load_settings(cls: type[_S]) -> _S:
             lines.append(f"  {name}: {err['msg']}")
         sys.stderr.write(f"invalid configuration for {cls.__name__}:\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
+    if isinstance(settings, CommonSettings) and settings.symbols == [ALL_SYMBOLS]:
+        try:
+            listed = venue_symbols(settings.base_url, settings.tls())
+        except (httpx.HTTPError, ValueError) as exc:
+            sys.stderr.write(f"KUMEX_SYMBOLS=all: cannot read the contract list of "
+                             f"{settings.base_url}: {exc}\n")
+            raise SystemExit(2) from None
+        settings = settings.model_copy(update={"symbols": listed})
+    return settings
+
+
+def venue_symbols(base_url: str, verify: ssl.SSLContext | bool = True, *,
+                  attempts: int = 30, wait_s: float = 1.0) -> list[str]:
+    """Every open contract of ``GET /api/v1/contracts/active``, in the venue's order.
+
+    Tried ``attempts`` times ``wait_s`` apart (a venue, or a sandbox started
+    beside the service, may not answer yet), saying so on stderr; the last
+    error is raised.
+    """
+    url = base_url.rstrip("/") + "/api/v1/contracts/active"
+    for attempt in range(1, attempts + 1):
+        try:
+            reply = httpx.get(url, verify=verify, timeout=10.0)
+            reply.raise_for_status()
+            data = reply.json().get("data")
+            if not isinstance(data, list):
+                raise ValueError("the reply has no list of contracts")
+            symbols = [c["symbol"] for c in data
+                       if isinstance(c, dict) and isinstance(c.get("symbol"), str)
+                       and c.get("status", "Open") == "Open"]
+            if not symbols:
+                raise ValueError("the venue lists no open contract")
+            return symbols
+        except httpx.TransportError as exc:
+            if attempt == attempts:
+                raise
+            sys.stderr.write(f"KUMEX_SYMBOLS=all: {url} not reachable yet ({exc}); "
+                             f"attempt {attempt} of {attempts}\n")
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")

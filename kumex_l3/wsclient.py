@@ -74,6 +74,7 @@ from kumex_l3.tasks import cancel_and_wait
 
 __all__ = [
     "BULLET_PATH",
+    "MAX_TOPICS_PER_CONNECTION",
     "AckTimeout",
     "Bullet",
     "ConnectError",
@@ -97,6 +98,7 @@ __all__ = [
     "connect_url",
     "is_retryable",
     "level3_topic",
+    "level3_topics",
     "new_connect_id",
     "parse_bullet",
     "parse_bullet_data",
@@ -129,6 +131,25 @@ def is_retryable(exc: BaseException) -> bool:
 def level3_topic(symbol: str) -> str:
     """``/contractMarket/level3v2:{symbol}``."""
     return TOPIC_PREFIX + symbol
+
+
+#: Topics one connection may hold at the venue (kumex-api.md §3.6); a comma list of
+#: symbols counts one topic per symbol.
+MAX_TOPICS_PER_CONNECTION: Final = 100
+
+
+def level3_topics(symbols: Sequence[str],
+                  per: int = MAX_TOPICS_PER_CONNECTION) -> list[list[str]]:
+    """The level3v2 subscriptions for ``symbols``, one list per connection.
+
+    Each connection gets at most ``per`` symbols, in one subscribe message
+    (``/contractMarket/level3v2:A,B,C``): the venue also allows only 100 client
+    messages in 10 s, so one subscribe per symbol would not do for 100 of them.
+    """
+    if per < 1:
+        raise ValueError("per must be >= 1")
+    return [[TOPIC_PREFIX + ",".join(symbols[i:i + per])]
+            for i in range(0, len(symbols), per)]
 
 
 def topic_symbol(topic: str | None) -> str | None:

@@ -82,6 +82,7 @@ from kumex_l3.wsclient import (
     WsClient,
     WsOptions,
     level3_topic,
+    level3_topics,
 )
 from services.feed.arbiter import Arbiter, GapDeclared, Rebased, Refused, Released
 from services.feed.capture import Capture
@@ -180,7 +181,7 @@ class Feed:
         self._clock = clock
         self._rng = rng or random.Random()
         positions = positions or {}
-        topics = [level3_topic(s) for s in self.symbols]
+        shards = level3_topics(self.symbols)
         self._state: dict[str, _Symbol] = {
             s: _Symbol(s, Arbiter(s, lines, wait=wait, position=positions.get(s)), replay_max,
                        metrics.received.labels(s))
@@ -188,7 +189,7 @@ class Feed:
         # Per-topic symbol state, looked up once a frame.
         self._routes: dict[str, _Symbol] = {level3_topic(s): st
                                             for s, st in self._state.items()}
-        self.lines = [Line(i, ws, topics, self, backoff=backoff(), rng=self._rng, clock=clock)
+        self.lines = [Line(i, ws, shards, self, backoff=backoff(), rng=self._rng, clock=clock)
                       for i in range(lines)]
         metrics.registry.register(LineCollector(self.lines, self._state_stats))
         #: The current session's id while at least one line is subscribed.

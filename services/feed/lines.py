@@ -1,7 +1,10 @@
 """One line of the feed: a WebSocket connection to the exchange that keeps itself up.
 
 A :class:`Line` takes its own token, opens its own connection (its own
-``connectId``), subscribes to every symbol of the feed and hands each frame to
+``connectId``), subscribes to every symbol of the feed (one subscribe message
+for up to 100 symbols; over 100 symbols, the venue's limit for a connection,
+the line holds one connection per hundred, and it is up while all of them are)
+and hands each frame to
 its owner (the :class:`~services.feed.feed.Feed`, which arbitrates the lines
 by sequence). When the connection ends, for whatever reason, the line says
 so and connects again, on its own schedule, independently of the other lines.
@@ -17,6 +20,7 @@ costs one round trip each time, never a growing delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -25,6 +29,7 @@ from typing import Final, Protocol
 
 from kumex_l3.backoff import Backoff
 from kumex_l3.logs import kv
+from kumex_l3.tasks import cancel_and_wait
 from kumex_l3.wsclient import Connection, DataFrame, WsClient, is_retryable
 
 __all__ = ["HEALTHY_JITTER_S", "Line", "LineOwner", "reconnect_delay"]
@@ -60,13 +65,14 @@ def reconnect_delay(backoff: Backoff, *, healthy: bool, rng: random.Random) -> f
 class Line:
     """Connection ``index`` of the feed (see the module docstring)."""
 
-    def __init__(self, index: int, ws: WsClient, topics: Sequence[str], owner: LineOwner, *,
-                 backoff: Backoff, rng: random.Random | None = None,
+    def __init__(self, index: int, ws: WsClient, shards: Sequence[Sequence[str]],
+                 owner: LineOwner, *, backoff: Backoff, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.index = index
         self.name = f"line-{index}"
         self._ws = ws
-        self._topics = list(topics)
+        #: The topics of each of the line's connections (level3_topics: 100 symbols each).
+        self._shards = [list(topics) for topics in shards]
         self._owner = owner
         self._backoff = backoff
         self._rng = rng or random.Random()
@@ -95,17 +101,19 @@ class Line:
             reason = "connection ended"
             healthy = False
             try:
-                async with self._ws.connect(self._topics) as conn:
-                    self.connect_id = conn.connect_id
+                async with contextlib.AsyncExitStack() as stack:
+                    conns = [await stack.enter_async_context(self._ws.connect(topics))
+                             for topics in self._shards]
+                    self.connect_id = ",".join(c.connect_id for c in conns)
                     self.subscribed = True
                     self.connections += 1
                     self.frames = 0
                     self.since = self._clock()
-                    owner.line_up(self, conn)
-                    while True:
-                        frame = await conn.recv_frame()
-                        self.frames += 1
-                        owner.line_frame(self, frame)
+                    owner.line_up(self, conns[0])
+                    if len(conns) == 1:
+                        await self._read(conns[0])
+                    else:
+                        await self._read_all(conns)
             except asyncio.CancelledError:
                 reason = "the feed is stopping"
                 raise
@@ -127,3 +135,22 @@ class Line:
                 line=self.index, error=reason[:300], retry_in=f"{delay:.2f}s",
                 attempt=self._backoff.attempts))
             await asyncio.sleep(delay)
+
+    async def _read(self, conn: Connection) -> None:
+        owner = self._owner
+        while True:
+            frame = await conn.recv_frame()
+            self.frames += 1
+            owner.line_frame(self, frame)
+
+    async def _read_all(self, conns: Sequence[Connection]) -> None:
+        """Read every connection of the line; the line is up while all of them are, so the
+        first to end ends the others (and its error is the line's)."""
+        tasks = [asyncio.create_task(self._read(conn), name=f"{self.name}-{i}")
+                 for i, conn in enumerate(conns)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait(*tasks)
+        for task in done:
+            task.result()

@@ -1065,3 +1065,42 @@ def test_reconnect_delay_resets_after_a_healthy_session() -> None:
     healthy = [reconnect_delay(backoff, healthy=True, rng=rng) for _ in range(20)]
     assert max(healthy) <= 0.25 and backoff.attempts == 0
     assert reconnect_delay(backoff, healthy=False, rng=rng) <= 1.0  # starts small again
+
+
+async def test_feed_takes_every_listed_contract_over_connections_of_100_topics(
+    redis_url: str, redis_client: redis.asyncio.Redis,
+    feed_process: Callable[[dict[str, str]], FeedProcess],
+) -> None:
+    """``KUMEX_SYMBOLS=all`` against a sandbox listing its whole catalog (102 contracts):
+    the feed reads the contract list, and each of its two lines holds two connections
+    (100 topics at most each, one subscribe message for each), and every symbol's
+    stream gets the sandbox's messages."""
+    env = {"SANDBOX_SYMBOLS": "all", "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "5",
+           "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0"}
+    with SandboxProcess(env) as sandbox:
+        async with httpx.AsyncClient(base_url=sandbox.base_url, timeout=10.0) as http:
+            listed = [c["symbol"] for c in
+                      (await http.get("/api/v1/contracts/active")).json()["data"]]
+            assert len(listed) >= 100
+            feed = feed_process(_feed_env(redis_url, sandbox, "all", FEED_LINES="2"))
+            await eventually(feed.ready, "the feed to be ready")
+            status = (await feed.get("/readyz")).json()  # type: ignore[union-attr]
+            assert status["symbols"] == listed
+            hub = (await http.get("/sandbox/state")).json()["hub"]
+            topics = sorted(c["topics"] for c in hub["connections"])
+            assert topics == [len(listed) - 100, len(listed) - 100, 100, 100], topics
+            assert hub["subscriptions"] == {level3_topic(s): 2 for s in sorted(listed)}
+            (await http.post("/sandbox/step", json={"n": 3000})).raise_for_status()
+            state = (await http.get("/sandbox/state")).json()["sequences"]
+
+            async def every_stream_current() -> bool:
+                for symbol in listed:
+                    seqs = await _stream_sequences(redis_client, symbol)
+                    if not seqs or seqs[-1] != int(state[symbol]):
+                        return False
+                return True
+
+            await eventually(every_stream_current, "every stream at the engine's sequence")
+            active = [s for s in listed if len(await _stream_sequences(redis_client, s)) > 1]
+            print(f"{len(listed)} contracts over {len(topics)} connections; "
+                  f"{len(active)} streams with messages after 3,000 steps")
