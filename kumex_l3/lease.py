@@ -398,6 +398,7 @@ class LeaseManager:
         """Keep (or drop) this replica's membership entry and read the live list."""
         if self._members_key is None:
             return
+        leaving = leaving or self.draining  # a drained replica never counts itself back in
         call = _MEMBERS.run(self.client, [self._members_key, self._moves_key],
                             [self.owner.id, _ms(self.ttl), "1" if leaving else "0"])
         if leaving:

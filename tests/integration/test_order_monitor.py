@@ -336,10 +336,11 @@ def test_one_replica_consumes_a_symbol_and_another_takes_over(redis_sync: redis.
     env = {"REDIS_URL": redis_url, "MONITOR_BATCH_SIZE": "50"}
     with monitor({**env, "MONITOR_REPLICA_ID": "a"}) as a, \
             monitor({**env, "MONITOR_REPLICA_ID": "b"}) as b:
-        wait_for(lambda: redis_sync.get(keys.owner(SYM, "order_monitor")) is not None,
-                 "a lease holder")
-        holder_id = json.loads(redis_sync.get(keys.owner(SYM, "order_monitor")) or "{}")["id"]
-        holder, standby = (a, b) if holder_id == "a" else (b, a)
+        # Even shares by rank of id: one symbol is "a"'s (handed over by "b" if "b" took
+        # it first), and "b" stands by.
+        wait_for(lambda: json.loads(redis_sync.get(keys.owner(SYM, "order_monitor"))
+                                    or "{}").get("id") == "a", "a to hold the symbol", proc=a)
+        holder, standby = a, b
         holder.wait_ready()
         standby.wait_ready(holding=False)  # a standby holding nothing is ready too
         wait_for(lambda: caught_up(redis_sync), "the holder to catch up", proc=holder)
