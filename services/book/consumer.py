@@ -5,9 +5,10 @@ the feed's stored snapshot, then takes its stream's entries from the replica's
 one :class:`~services.book.reader.StreamReader` (``XREAD BLOCK`` in batches),
 feeds :class:`~kumex_l3.sync.Synchronizer` and acts on its outputs: asks the
 feed for snapshots (``PUBLISH``, repeated while waiting), fetches announced
-ones, dead-letters refused input. Its own task keeps the upkeep, apart from the
-reads so that no round trip of it delays a batch: checkpoints while synced,
-the ``top`` hash, the feed's heartbeat, lag, and the metrics. HTTP handlers read the book
+ones, dead-letters refused input. The replica's one
+:class:`~services.book.upkeep.Upkeep` keeps it, apart from the reads so that no
+round trip of it delays a batch: checkpoints while synced, the ``top`` hash, the
+feed's heartbeat, lag, and the metrics. HTTP handlers read the book
 through :meth:`SymbolConsumer.book_body` and friends, which build each JSON
 body once per book version.
 
@@ -30,6 +31,7 @@ heartbeat) holds the consumer's lock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -63,6 +65,7 @@ from kumex_l3.tasks import cancel_and_wait
 from services.book.metrics import BookMetrics
 from services.book.reader import StreamReader
 from services.book.settings import BookSettings
+from services.book.upkeep import Handler, Upkeep
 
 __all__ = ["REDIS_ERRORS", "SymbolConsumer", "peek_message_sequence", "peek_snapshot_sequence"]
 
@@ -82,8 +85,6 @@ _SCAN_CHUNK: Final = 1000
 _CACHE_MAX: Final = 256
 #: Apply delays observed per batch at most: a bigger batch is sampled systematically.
 _DELAY_SAMPLES: Final = 200
-#: The upkeep's tick (each of its jobs has its own, longer interval).
-_UPKEEP_S: Final = 0.05
 
 
 class _Seq(msgspec.Struct, gc=False):
@@ -97,6 +98,15 @@ class _Envelope(msgspec.Struct, gc=False):
 _ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
 _SEQ_DECODER: Final = msgspec.json.Decoder(_Seq)
 _ENCODER: Final = msgspec.json.Encoder()
+
+#: What the ``top`` hash says: served, sequence, best bid, best ask.
+_TopState = tuple[bool, int, str, str]
+
+
+def _top_mapping(state: _TopState) -> Mapping[Any, Any]:
+    served, sequence, bid, ask = state
+    return {"sequence": str(sequence), "bestBid": bid, "bestAsk": ask,
+            "synced": "1" if served else "0", "updatedAt": str(_now_ms())}
 
 
 def peek_message_sequence(raw: bytes | str) -> int | None:
@@ -176,14 +186,16 @@ class SymbolConsumer:
     """
 
     def __init__(self, symbol: str, client: redis.asyncio.Redis, settings: BookSettings,
-                 metrics: BookMetrics, reader: StreamReader, *,
+                 metrics: BookMetrics, reader: StreamReader, upkeep: Upkeep, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.symbol = symbol
         self._redis = client
         self._reader = reader
+        self._upkeep = upkeep
         self._lock = asyncio.Lock()
         self._dlq_lock = asyncio.Lock()
-        #: A bug met while handling a read (:meth:`fail`): raised by :meth:`run`.
+        #: A bug met while handling a read or in the upkeep (:meth:`fail`): raised by
+        #: :meth:`run`.
         self._fault: BaseException | None = None
         self._faulted = asyncio.Event()
         self._settings = settings
@@ -202,7 +214,7 @@ class SymbolConsumer:
         self.caught_up = False
         #: When (this process's monotonic clock) a stream read last completed: the book
         #: is known current as of then (served only while recent: ``BOOK_MAX_AGE_SECONDS``).
-        self.confirmed_at = float("-inf")
+        self._confirmed_at = float("-inf")
         self.active = False
         #: Incremented whenever what the book serves may have changed.
         self.version = 0
@@ -216,6 +228,7 @@ class SymbolConsumer:
         self._cache: dict[tuple[str, int], bytes] = {}
         self._cache_version = -1
         self._reported = SyncStats()
+        self._gauges: tuple[int, int] = (-1, -1)
         self._pending_dlq: deque[tuple[bytes | str, str, str]] = deque(maxlen=10_000)
         self._request_at = float("-inf")
         self._feed_checked_at = float("-inf")
@@ -229,7 +242,8 @@ class SymbolConsumer:
         self._cp_applied = 0
         self._cp_mark: tuple[int, str] | None = None
         self._top_at = float("-inf")
-        self._top_state: tuple[Any, ...] | None = None
+        self._top_state: _TopState | None = None
+        self._top_version = -1
         self._last_sequence = 0
         self._lag_at = float("-inf")
         #: Exchange orderIds of the user's own active orders (from the order monitor's keys).
@@ -429,16 +443,14 @@ class SymbolConsumer:
                     self.reason = f"Redis refuses an operation on its keys: {exc}"
                     await self._retry(backoff, exc)
             self._reader.add(self)
+            self._upkeep.add(self)
             try:
-                while True:
-                    await self._tick()
-                    try:
-                        await self._housekeeping()
-                        backoff.reset()
-                    except (*REDIS_ERRORS, redis.exceptions.ResponseError) as exc:
-                        await self._retry(backoff, exc)
+                await self._faulted.wait()
+                assert self._fault is not None
+                raise self._fault
             finally:
                 self._reader.discard(self)
+                self._upkeep.discard(self)
         finally:
             self.active = False
             self._notify()
@@ -449,19 +461,8 @@ class SymbolConsumer:
                     extra=kv(symbol=self.symbol))
         await asyncio.sleep(delay)
 
-    async def _tick(self) -> None:
-        """Wait for the next upkeep; raise what :meth:`fail` was given."""
-        if not self._faulted.is_set():
-            try:
-                async with asyncio.timeout(_UPKEEP_S):
-                    await self._faulted.wait()
-            except TimeoutError:
-                pass
-        if self._fault is not None:
-            raise self._fault
-
     def fail(self, exc: BaseException) -> None:
-        """The reader met a bug handling this consumer's entries: :meth:`run` raises it."""
+        """The reader or the upkeep met a bug in this consumer: :meth:`run` raises it."""
         self._fault = exc
         self._faulted.set()
 
@@ -583,20 +584,35 @@ class SymbolConsumer:
     # ------------------------------------------------------------------ reading
 
     async def on_read(self, entries: list[Any], issued: float) -> None:
-        """The entries after :attr:`read_id` (maybe none) of a read sent at ``issued``."""
-        if entries:
-            async with self._lock:
-                outs = self.sync.on_entries(entries)
-                self.read_id = _text(entries[-1][0])
-                await self._handle(outs)
-            self._observe_receipt(entries)
-        self.confirmed_at = issued
+        """The entries after :attr:`read_id` of a read sent at ``issued``."""
+        async with self._lock:
+            outs = self.sync.on_entries(entries)
+            self.read_id = _text(entries[-1][0])
+            await self._handle(outs)
+        self._observe_receipt(entries)
+        self._confirmed_at = issued
         if len(entries) < self._settings.read_batch and not self.caught_up:
-            self.caught_up = True
-            self._bump()
-            if self.sync.synced:
-                log.info("book served", extra=kv(symbol=self.symbol,
-                                                 sequence=self._sequence()))
+            self._reached_the_end()
+
+    @property
+    def confirmed_at(self) -> float:
+        """When (this process's monotonic clock) a stream read last showed the book current:
+        its own last read with entries, or the reader's last read of every stream."""
+        if self._reader.confirms(self):
+            return max(self._confirmed_at, self._reader.last_issued)
+        return self._confirmed_at
+
+    def on_nothing_new(self, issued: float) -> None:
+        """A read sent at ``issued`` found nothing new: the book is current as of then."""
+        self._confirmed_at = issued
+        if not self.caught_up:
+            self._reached_the_end()
+
+    def _reached_the_end(self) -> None:
+        self.caught_up = True
+        self._bump()
+        if self.sync.synced:
+            log.info("book served", extra=kv(symbol=self.symbol, sequence=self._sequence()))
 
     async def _handle(self, outs: list[Output]) -> None:
         queue = deque(self._absorb(outs))
@@ -621,7 +637,7 @@ class SymbolConsumer:
         work: list[NeedSnapshot | FetchSnapshot] = []
         changed = False
         # Counters of a batch that only applied messages wait for the upkeep's tick (at
-        # most _UPKEEP_S); anything else is reported at once.
+        # most upkeep.UPKEEP_S); anything else is reported at once.
         report = False
         for out in outs:
             if isinstance(out, Applied):
@@ -651,7 +667,7 @@ class SymbolConsumer:
         if changed:
             self._bump()
         if report:
-            self._report_stats()
+            self.report_stats()
         return work
 
     def _observe_delays(self) -> None:
@@ -719,19 +735,6 @@ class SymbolConsumer:
             self._tried_sequence = seq
         return outs
 
-    async def _check_feed(self) -> None:
-        """Watch the feed's heartbeat: a feed gone without a word makes the book stale.
-
-        Missing at two checks in a row (one could fall between a feed's start and
-        its first heartbeat): the book stops serving as fresh. Back with the
-        connection it had while the book was served: that connection never
-        broke, so the book is current again without waiting for a message.
-        """
-        key = keys.feed_alive(self.symbol)
-        connection = _heartbeat_connection(await self._redis.get(key))
-        async with self._lock:
-            await self._heard(key, connection)
-
     async def _heard(self, key: str, connection: str | None) -> None:
         sync = self.sync
         if sync.fresh:
@@ -774,10 +777,23 @@ class SymbolConsumer:
 
     # ------------------------------------------------------------------ housekeeping
 
-    async def _housekeeping(self) -> None:
-        now = self._clock()
+    # The replica's one Upkeep (services.book.upkeep) calls the next four every tick.
+
+    def needs_attention(self, now: float) -> bool:
+        """Whether this book's own, rare upkeep is due: a dead letter left over by a failed
+        write, a snapshot awaited, a checkpoint."""
         sync = self.sync
-        if self._pending_dlq:  # left over by a failed write
+        if self._pending_dlq:
+            return True
+        if not sync.synced:
+            return (now - self._due_at >= _DUE_INTERVAL
+                    or now - self._request_at >= self._settings.snapshot_retry_seconds)
+        return self._checkpoint_due(now)
+
+    async def attend(self, now: float) -> None:
+        """This book's own, rare upkeep (see :meth:`needs_attention`)."""
+        sync = self.sync
+        if self._pending_dlq:
             await self._flush_dlq()
         if not sync.synced and now - self._due_at >= _DUE_INTERVAL:
             self._due_at = now
@@ -788,24 +804,47 @@ class SymbolConsumer:
                 if needed is not None and not self.sync.synced:
                     await self._handle(await self._ask(needed, "still waiting for a snapshot",
                                                        force=True))
+        if sync.synced and self._checkpoint_due(now):
+            await self._write_checkpoint()
+
+    def queue_upkeep(self, now: float, pipe: Any, handlers: list[Handler]) -> None:
+        """Queue the routine reads and writes that are due on the replica's pipeline: the
+        feed's heartbeat, the ``top`` hash, the lag, the user's active orders."""
+        sync = self.sync
         check = self._settings.feed_check_seconds
         if (check > 0 and (sync.fresh or sync.feed_silent)
                 and now - self._feed_checked_at >= check):
             self._feed_checked_at = now
-            await self._check_feed()
-        if sync.synced and self._checkpoint_due(now):
-            await self._write_checkpoint()
-        await self._write_top(now)
+            pipe.get(keys.feed_alive(self.symbol))
+            handlers.append(self._feed_reply)
+        top = self._top_due(now)
+        if top is not None:
+            pipe.hset(keys.top(self.symbol), mapping=_top_mapping(top))
+            handlers.append(functools.partial(self._top_written, top, self.version, now))
         if now - self._lag_at >= _LAG_INTERVAL:
-            await self._measure_lag(now)
+            self._lag_at = now
+            # The newest entry only: 20 of them for 100 books was 600 KB a second to parse.
+            # When it is a control entry, the lag in messages waits for the next second.
+            pipe.xrevrange(self._stream, "+", "-", count=1)
+            handlers.append(self._lag_reply)
         if now - self._own_at >= _OWN_INTERVAL:
-            await self._refresh_own(now)
-        self._report_stats()
+            self._own_at = now
+            pipe.smembers(keys.orders_active(self.symbol))
+            handlers.append(self._own_reply)
 
-    async def _refresh_own(self, now: float) -> None:
+    async def _feed_reply(self, raw: Any) -> None:
+        """Watch the feed's heartbeat: a feed gone without a word makes the book stale.
+
+        Missing at two checks in a row (one could fall between a feed's start and
+        its first heartbeat): the book stops serving as fresh. Back with the
+        connection it had while the book was served: that connection never
+        broke, so the book is current again without waiting for a message.
+        """
+        async with self._lock:
+            await self._heard(keys.feed_alive(self.symbol), _heartbeat_connection(raw))
+
+    async def _own_reply(self, coids: Any) -> None:
         """Which resting orders are the user's: active clientOids -> their orderIds."""
-        self._own_at = now
-        coids = await self._redis.smembers(keys.orders_active(self.symbol))
         ids: set[str] = set()
         if coids:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -846,26 +885,31 @@ class SymbolConsumer:
         self._cp_applied = self.sync.stats.applied
         self._metrics.checkpoints.labels(self.symbol).inc()
 
-    async def _write_top(self, now: float) -> None:
-        if now - self._top_at < _TOP_MIN_INTERVAL:
-            return
+    def _top_due(self, now: float) -> _TopState | None:
+        """The ``top`` state to write now, if any (at most 10 a second; unchanged, once a
+        second)."""
+        if now - self._top_at < _TOP_MIN_INTERVAL or (
+                self.version == self._top_version and now - self._top_at < _TOP_HEARTBEAT):
+            return None
         book = self.book
-        serving = book is not None
-        state = (serving, self._sequence(),
+        state = (book is not None, self._sequence(),
                  (book.best_bid_text() or "") if book is not None else "",
                  (book.best_ask_text() or "") if book is not None else "")
         if state == self._top_state and now - self._top_at < _TOP_HEARTBEAT:
-            return
-        await self._redis.hset(keys.top(self.symbol), mapping={
-            "sequence": str(state[1]), "bestBid": state[2], "bestAsk": state[3],
-            "synced": "1" if serving else "0", "updatedAt": str(_now_ms()),
-        })
-        self._top_state = state
-        self._top_at = now
+            return None
+        return state
 
-    async def _measure_lag(self, now: float) -> None:
-        self._lag_at = now
-        newest: Any = await self._redis.xrevrange(self._stream, "+", "-", count=20)
+    async def _top_written(self, state: _TopState, version: int, now: float, _: Any) -> None:
+        self._top_state, self._top_version, self._top_at = state, version, now
+
+    async def _write_top(self, now: float) -> None:
+        """Write the ``top`` hash at once (a stopping consumer says it is not served)."""
+        state = self._top_due(now)
+        if state is not None:
+            await self._redis.hset(keys.top(self.symbol), mapping=_top_mapping(state))
+            await self._top_written(state, self.version, now, None)
+
+    async def _lag_reply(self, newest: Any) -> None:
         lag_ms = 0
         if newest and parse_stream_id(_text(newest[0][0])) > parse_stream_id(self.read_id):
             lag_ms = max(0, _now_ms() - parse_stream_id(self.read_id)[0])
@@ -879,12 +923,16 @@ class SymbolConsumer:
                 self._metrics.lag_messages.labels(self.symbol).set(max(0, seq - base))
                 break
 
-    def _report_stats(self) -> None:
+    def report_stats(self) -> None:
         now = self.sync.stats
-        self._add_stats(now, self._reported)
-        self._reported = replace(now)
-        self._synced_gauge.set(1 if self.serving else 0)
-        self._sequence_gauge.set(self._sequence())
+        if now != self._reported:
+            self._add_stats(now, self._reported)
+            self._reported = replace(now)
+        gauges = (1 if self.serving else 0, self._sequence())
+        if gauges != self._gauges:  # most books of a replica are quiet most ticks
+            self._gauges = gauges
+            self._synced_gauge.set(gauges[0])
+            self._sequence_gauge.set(gauges[1])
 
     def _bump(self) -> None:
         self.version += 1

@@ -39,6 +39,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import redis.asyncio
@@ -67,12 +68,18 @@ class Reading(Protocol):
     symbol: str
     #: The last stream entry consumed (``XREAD`` goes on after it).
     read_id: str
+    #: Set once a read showed the stream's end.
+    caught_up: bool
 
     @property
     def stream(self) -> str: ...
 
     async def on_read(self, entries: list[Any], issued: float) -> None:
-        """The stream's entries after :attr:`read_id` (maybe none), read at ``issued``."""
+        """The stream's entries after :attr:`read_id` (at least one), read at ``issued``."""
+
+    def on_nothing_new(self, issued: float) -> None:
+        """A read sent at ``issued`` found nothing after :attr:`read_id` (called until the
+        consumer is caught up; after that, :attr:`StreamReader.last_issued` says it)."""
 
     def fail(self, exc: BaseException) -> None:
         """A bug while handling a read: end the consumer with ``exc``."""
@@ -85,6 +92,12 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _bulk(value: str) -> bytes:
+    """One RESP bulk string."""
+    raw = value.encode()
+    return b"$%d\r\n%s\r\n" % (len(raw), raw)
+
+
 def _by_stream(reply: Any) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
     """``XREAD``'s raw reply (a RESP3 map or RESP2 pairs) as {stream: [(id, fields)]}."""
     if not reply:
@@ -93,6 +106,32 @@ def _by_stream(reply: Any) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
     return {_text(stream): [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
                             for entry_id, flat in entries]
             for stream, entries in pairs}
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The read of a set of streams: its command's parts, cached between reads."""
+
+    readers: list[Reading]
+    #: ``*N XREAD COUNT n BLOCK ms STREAMS k1 .. kn`` in RESP.
+    prefix: bytes
+    #: Each stream's read position in RESP, in the order of ``readers``.
+    ids: list[bytes]
+    #: Stream -> its place in ``readers``.
+    place: dict[str, int]
+
+    @classmethod
+    def of(cls, readers: list[Reading], batch: int, block_ms: int) -> _Plan:
+        head = [b"XREAD", b"COUNT", str(batch).encode(), b"BLOCK", str(block_ms).encode(),
+                b"STREAMS"]
+        prefix = b"*%d\r\n" % (len(head) + 2 * len(readers)) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(a), a) for a in head)
+        return cls(readers, prefix + b"".join(_bulk(r.stream) for r in readers),
+                   [_bulk(r.read_id) for r in readers],
+                   {r.stream: i for i, r in enumerate(readers)})
+
+    def command(self) -> bytes:
+        return self.prefix + b"".join(self.ids)
 
 
 class StreamReader:
@@ -114,17 +153,40 @@ class StreamReader:
         self._task: asyncio.Task[None] | None = None
         pool = client.connection_pool
         self._conn: AbstractConnection = pool.connection_class(**pool.connection_kwargs)
+        # The reply has its own deadline (below); a socket timeout would wrap every send
+        # in asyncio.wait_for, a task each, for nothing.
+        self._conn.socket_timeout = None
+        # The read's command, packed by hand from cached parts: with a hundred streams,
+        # redis-py packing 200 arguments on every read was a tenth of the book's CPU.
+        # Rebuilt when the streams change (``_plan`` None); an id's part when it moves.
+        self._plan: _Plan | None = None
+        #: Consumers added and not caught up yet, with when they were added.
+        self._fresh: dict[Reading, float] = {}
+        #: When the last read was sent whose reply has been handled in full: every stream
+        #: read then (not left out, not added since) is known current as of that time.
+        self.last_issued = float("-inf")
 
     def add(self, reader: Reading) -> None:
         """Read ``reader``'s stream from the next read on (replacing an older consumer)."""
         self._readers[reader.stream] = reader
+        self._fresh[reader] = self._clock()
+        self._plan = None
         self._joined.set()
 
     def discard(self, reader: Reading) -> None:
         """Stop reading for ``reader`` (a newer consumer of its stream stays)."""
+        self._fresh.pop(reader, None)
         if self._readers.get(reader.stream) is reader:
             del self._readers[reader.stream]
             self._refused.pop(reader.stream, None)
+            self._plan = None
+
+    def confirms(self, reader: Reading) -> bool:
+        """Whether :attr:`last_issued` covers ``reader``: it is read (not left out) and was
+        caught up before that read."""
+        return (reader.caught_up and reader not in self._fresh
+                and self._readers.get(reader.stream) is reader
+                and reader.stream not in self._refused)
 
     def start(self) -> None:
         if self._task is None:
@@ -145,8 +207,11 @@ class StreamReader:
             # The read shows the streams as of some time after it was sent: count from the
             # send (a process paused before it handled the reply must not date it later).
             issued = self._clock()
+            plan = self._plan
+            if plan is None or plan.readers != readers:
+                plan = self._plan = _Plan.of(readers, self._batch, self._block_ms)
             try:
-                reply: Any = await self._xread(readers)
+                reply: Any = await self._xread(plan.command())
             except redis.exceptions.ResponseError as exc:
                 if not await self._leave_out_refused(readers, exc):
                     await self._retry(backoff, exc, readers)
@@ -156,13 +221,27 @@ class StreamReader:
                 continue
             backoff.reset()
             got = _by_stream(reply)
-            for reader in readers:
-                if self._readers.get(reader.stream) is not reader:
+            if self._refused:
+                for reader in readers:
+                    if self._refused.pop(reader.stream, None) is not None:
+                        log.info("stream readable again", extra=kv(symbol=reader.symbol))
+                        reader.refused(None)
+                        self._plan = None
+            for stream, entries in got.items():
+                place = plan.place.get(stream)
+                if place is None or not entries:
+                    continue
+                consumer = plan.readers[place]
+                if self._readers.get(stream) is not consumer:
                     continue  # stopped while the read was out
-                if self._refused.pop(reader.stream, None) is not None:
-                    log.info("stream readable again", extra=kv(symbol=reader.symbol))
-                    reader.refused(None)
-                await self._hand(reader, got.get(reader.stream, []), issued)
+                await self._hand(consumer, entries, issued)
+                plan.ids[place] = _bulk(consumer.read_id)
+            for reader, added in list(self._fresh.items()):
+                if reader.caught_up:
+                    del self._fresh[reader]
+                elif added <= issued and reader.stream not in got:
+                    reader.on_nothing_new(issued)
+            self.last_issued = issued
 
     def _due(self) -> list[Reading]:
         """The consumers to read for now (those Redis refused wait out their delay)."""
@@ -182,11 +261,9 @@ class StreamReader:
         else:
             await self._joined.wait()
 
-    async def _xread(self, readers: list[Reading]) -> Any:
+    async def _xread(self, command: bytes) -> Any:
         conn = self._conn
-        await conn.send_command("XREAD", "COUNT", self._batch, "BLOCK", self._block_ms,
-                                "STREAMS", *[r.stream for r in readers],
-                                *[r.read_id for r in readers], check_health=False)
+        await conn.send_packed_command(command, check_health=False)
         # Not read_response(timeout=...): it answers None at the deadline, as XREAD does
         # when nothing came, and keeps the connection with the reply still owed on it.
         try:

@@ -33,6 +33,7 @@ from services.book.consumer import REDIS_ERRORS, SymbolConsumer
 from services.book.metrics import BookMetrics
 from services.book.reader import StreamReader
 from services.book.settings import ROLE, BookSettings
+from services.book.upkeep import Upkeep
 
 __all__ = ["BookService"]
 
@@ -55,6 +56,8 @@ class BookService:
         self._consumers: dict[str, SymbolConsumer] = {}
         #: One XREAD for every book kept here (services.book.reader).
         self.reader = StreamReader(client, settings, errors=REDIS_ERRORS)
+        #: One upkeep loop for every book kept here (services.book.upkeep).
+        self.upkeep = Upkeep(client, errors=REDIS_ERRORS)
         self._supervisors: dict[str, asyncio.Task[None]] = {}
         self._owner_reads: dict[str, asyncio.Future[LeaseOwner | None]] = {}
         self._lease_task: asyncio.Task[None] | None = None
@@ -66,6 +69,7 @@ class BookService:
     async def start(self) -> None:
         """Start taking leases (returns at once; the first round runs in the background)."""
         self.reader.start()
+        self.upkeep.start()
         if self._lease_task is None:
             self._lease_task = asyncio.create_task(self.leases.run(), name="book-leases")
 
@@ -85,6 +89,7 @@ class BookService:
         for symbol in list(self._supervisors):
             await self._stop_symbol(symbol, checkpoint=True)
         await self.reader.stop()
+        await self.upkeep.stop()
         await self.leases.close()
 
     # ------------------------------------------------------------------ reading
@@ -217,7 +222,7 @@ class BookService:
     async def _supervise(self, symbol: str) -> None:
         async def run() -> None:
             consumer = SymbolConsumer(symbol, self.redis, self.settings, self.metrics,
-                                      self.reader)
+                                      self.reader, self.upkeep)
             self._consumers[symbol] = consumer
             await consumer.run()
 
