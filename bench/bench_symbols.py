@@ -73,10 +73,20 @@ def pid_of(proc: object) -> int | None:
     return None if process is None else int(process.pid)
 
 
-def book_applied(book_url: str) -> int:
-    """The sum of every served book's sequence (GET /books)."""
+def book_sequences(book_url: str) -> dict[str, int]:
+    """Each served book's sequence (GET /books)."""
     rows = httpx.get(f"{book_url}/books", timeout=5).json()["books"]
-    return sum(int(r["sequence"] or 0) for r in rows)
+    return {r["symbol"]: int(r["sequence"]) for r in rows if r["sequence"] is not None}
+
+
+def engine_sequences(http: httpx.Client) -> dict[str, int]:
+    return {s: int(v) for s, v in http.get("/sandbox/state").json()["sequences"].items()}
+
+
+def behind(engine: dict[str, int], book: dict[str, int]) -> int:
+    """Messages the engine made that the book has not applied (books not served: all of
+    theirs since the step began are counted by the rates, not here)."""
+    return sum(max(0, engine[s] - seq) for s, seq in book.items() if s in engine)
 
 
 def stream_heads(redis_url: str, symbols: tuple[str, ...]) -> int:
@@ -145,13 +155,15 @@ class Step:
 
 def ramp_step(s: Stack, redis_url: str, symbols: tuple[str, ...], asked: str,
               seconds: float) -> Step:
-    e0, f0, b0, t0 = (total_sequence(s.http), stream_heads(redis_url, symbols),
-                      book_applied(s.book.url), time.perf_counter())
+    e0, f0, b0, t0 = (engine_sequences(s.http), stream_heads(redis_url, symbols),
+                      book_sequences(s.book.url), time.perf_counter())
     time.sleep(seconds)
-    e1, f1, b1, t1 = (total_sequence(s.http), stream_heads(redis_url, symbols),
-                      book_applied(s.book.url), time.perf_counter())
+    e1, f1, b1, t1 = (engine_sequences(s.http), stream_heads(redis_url, symbols),
+                      book_sequences(s.book.url), time.perf_counter())
     wall = t1 - t0
-    return Step(asked, (e1 - e0) / wall, (f1 - f0) / wall, (b1 - b0) / wall, e1 - b1, load())
+    made = sum(e1.values()) - sum(e0.values())
+    applied = sum(b1[x] - b0[x] for x in b1 if x in b0)
+    return Step(asked, made / wall, (f1 - f0) / wall, applied / wall, behind(e1, b1), load())
 
 
 def ramp(args: argparse.Namespace, server: RedisServer) -> list[Step]:
@@ -218,8 +230,14 @@ def report(costs: list[Cost], steps: list[Step]) -> None:
         if good:
             best = max(good, key=lambda st: st.applied)
             bound = ("the sandbox's own ceiling here (the feed and the book kept up)"
-                     if best is steps[-1] else "the feed and the book fell behind above it")
+                     if best is steps[-1] else "above it, see the last row")
             print(f"   sustained: {best.applied:,.0f} msg/s; {bound}")
+        end = steps[-1]
+        if not end.sustained:
+            who = ("the feed (on the sandbox's core) appended less than the engine made"
+                   if end.appended < 0.95 * end.engine else
+                   "the book applied less than the feed appended")
+            print(f"   at {end.engine:,.0f} msg/s: {who}")
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ["bench.bench_book", "bench.bench_replay", "bench.bench_pipeline", "bench.bench_read",
-           "bench.bench_trading", "bench.bench_availability"]
+           "bench.bench_symbols", "bench.bench_trading", "bench.bench_availability"]
 
 
 def main() -> int:

@@ -204,7 +204,8 @@ class LeaseManager:
     Run :meth:`run` as a task (or call :meth:`step` yourself); :meth:`close`
     releases every held lease (and reports each as lost). ``on_gained`` and
     ``on_lost`` are awaited inside the step, so keep them short (start or stop
-    a task). ``clock`` is monotonic seconds (injectable for tests).
+    a task); the gained ones of a step run concurrently. ``clock`` is monotonic
+    seconds (injectable for tests).
     """
 
     def __init__(
@@ -363,9 +364,12 @@ class LeaseManager:
             self._expire(lost)
             for symbol in lost:
                 await self._report(self.on_lost, symbol)
-            for symbol in gained:
-                if symbol in self._held:
-                    await self._report(self.on_gained, symbol)
+            # Together: a hundred symbols gained at once, their callbacks one after the other
+            # (the feed reads two keys for each), took longer than the lease's local
+            # deadline, and the last ones found their lease already lapsed by this
+            # process's clock, so the feed never wrote them.
+            await asyncio.gather(*(self._report(self.on_gained, symbol)
+                                   for symbol in gained if symbol in self._held))
             if self._members_key is not None:
                 await self._shed()
 

@@ -312,3 +312,24 @@ async def test_a_dead_member_lapses_and_its_share_returns(
     await asyncio.sleep(0.7)
     await a.step()
     assert a.members == ("replica-a",) and a.held == frozenset(symbols)
+
+
+async def test_many_symbols_gained_at_once_are_all_still_held_in_their_callbacks(
+    redis_url: str, managers: list[LeaseManager]
+) -> None:
+    """Thirty callbacks of 0.2 s each, one after the other, would outlast the lease's local
+    deadline (0.9 x 3 s): the last ones would find their lease lapsed and, as the feed
+    did, not act. They run together."""
+    symbols = tuple(f"S{i}" for i in range(30))
+    seen: dict[str, bool] = {}
+    a: LeaseManager
+
+    async def gained(symbol: str) -> None:
+        await asyncio.sleep(0.2)
+        seen[symbol] = a.holds(symbol)
+
+    rec = Recorder()
+    rec.gained = gained  # type: ignore[method-assign]
+    a = make(redis_url, managers, A, rec, symbols=symbols, ttl=3.0)
+    await a.step()
+    assert seen == dict.fromkeys(symbols, True)
