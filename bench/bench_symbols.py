@@ -21,7 +21,7 @@ b. **Largest total rate, 100 symbols.** The flow raised step by step
    ceiling the figure is the machine's, and the report says which it was.
 
     python -m bench.bench_symbols [--rate 3000] [--seconds 15] [--counts 1,10,50,100]
-                                  [--ramp 5000,10000,20000] [--step-seconds 10]
+                                  [--ramp 2000,3000,4000,6000] [--step-seconds 10]
                                   [--only cost|max]
 
 The machine is shared: every figure is printed with the load average.
@@ -247,7 +247,7 @@ def main() -> int:
     parser.add_argument("--counts", type=lambda v: [int(x) for x in v.split(",")],
                         default=[1, 10, 50, 100])
     parser.add_argument("--ramp", type=lambda v: [int(x) for x in v.split(",")],
-                        default=[5000, 10000, 20000])
+                        default=[2000, 3000, 4000, 6000])
     parser.add_argument("--step-seconds", type=float, default=10.0)
     parser.add_argument("--only", choices=("cost", "max"))
     args = parser.parse_args()

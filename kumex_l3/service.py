@@ -110,22 +110,6 @@ def service_app(title: str, status: Status, registry: CollectorRegistry, *,
 class HttpServer(uvicorn.Server):
     """A uvicorn server that leaves signals to its host process."""
 
-    def __init__(self, config: uvicorn.Config,
-                 before_shutdown: Callable[[], Awaitable[object]] | None = None) -> None:
-        super().__init__(config)
-        self.before_shutdown = before_shutdown
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Run ``before_shutdown`` while the server still answers (the book hands its
-        symbols off there, proxying to their next owners meanwhile), then uvicorn's."""
-        if self.before_shutdown is not None and not self.force_exit:
-            try:
-                async with asyncio.timeout(_BEFORE_SHUTDOWN_S):
-                    await self.before_shutdown()
-            except Exception:
-                logging.getLogger(__name__).exception("before shutdown failed")
-        await super().shutdown(sockets)
-
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
