@@ -56,7 +56,7 @@ browser:
 
 test: lint browser
 	@echo "==> pytest"
-	@"$(BIN)/pytest" -q
+	@"$(BIN)/pytest" -q --durations=25
 
 bench: venv
 	@echo "==> benchmarks"

@@ -220,8 +220,12 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
     @app.post("/admin/drain")
     async def admin_drain(request: Request) -> Response:
         """Hand every book of this replica off and take none any more (it keeps answering
-        by proxy): before maintenance, or to move load off a busy host. Needs the token
-        of ``BOOK_API_TOKEN`` (open on a loopback-only replica without one)."""
+        by proxy): before maintenance, or to move load off a busy host. The one call of
+        the book that changes something: it needs the token of ``BOOK_API_TOKEN``, and
+        is off while none is set, even on the loopback interface (SIGTERM drains too)."""
+        if guard.policy != "token":
+            return _unavailable("draining by HTTP is off: set BOOK_API_TOKEN to use it "
+                                "(SIGTERM drains the replica too)", 403)
         if not guard.allows(presented_token(request.headers, request.query_params)):
             return _unavailable(guard.refusal("draining", "BOOK_API_TOKEN"), 403)
         moved = await drain()

@@ -34,6 +34,7 @@ SYMBOLS = tuple(list(CONTRACTS)[:30])
 START = 7_000_000
 REPLICAS = ("rebalance-a", "rebalance-b", "rebalance-c")
 SAFETY_S = 90.0  # a ceiling against a hang, never a measurement
+TOKEN = "rebalance-test-token"
 
 
 @pytest.fixture
@@ -58,6 +59,7 @@ def _book(redis_url: str, replica: str) -> ServiceProcess:
     return ServiceProcess("services.book", {
         "REDIS_URL": redis_url, "KUMEX_SYMBOLS": ",".join(SYMBOLS), "BOOK_HOST": "127.0.0.1",
         "BOOK_REPLICA_ID": replica, "BOOK_SNAPSHOT_RETRY_SECONDS": "0.5",
+        "BOOK_API_TOKEN": TOKEN,
         "BOOK_READ_BLOCK_SECONDS": "0.1"}, port_var="BOOK_PORT", name=replica)
 
 
@@ -161,8 +163,15 @@ def test_replicas_share_30_symbols_evenly_and_hand_them_off(
                     time.sleep(2.0)
                     # The second is drained by the admin call: the first takes all back,
                     # and the drained one goes on answering by proxy.
+                    for token in (None, "guess"):
+                        refused = httpx.post(f"{books[1].url}/admin/drain", timeout=30,
+                                             headers={} if token is None else {
+                                                 "Authorization": f"Bearer {token}"})
+                        assert refused.status_code == 403, refused.text
+                    assert _shares(redis_sync)[REPLICAS[1]] == 15
                     started = time.monotonic()
-                    reply = httpx.post(f"{books[1].url}/admin/drain", timeout=30).json()
+                    reply = httpx.post(f"{books[1].url}/admin/drain", timeout=30,
+                                       headers={"Authorization": f"Bearer {TOKEN}"}).json()
                     assert reply["handedOff"] == 15, reply
                     _wait_even(redis_sync, REPLICAS[:1], started, first)
                     wait_for(lambda: _served_everywhere(books[1]), "every book served, "
