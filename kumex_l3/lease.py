@@ -386,14 +386,17 @@ class LeaseManager:
         """Stop stepping and give the leases back (each reported through ``on_lost``)."""
         async with self._lock:
             self._closed = True
-            if release_leases:
+            if release_leases and not self.draining:  # a drained one has said it leaves
                 await self._heartbeat(leaving=True)
             for symbol in list(self._held):
                 del self._held[symbol]
                 if release_leases:
+                    # Bounded like a handoff's: a Redis gone silent must not hold a
+                    # stopping process; the lease then lapses at its TTL.
                     with contextlib.suppress(*_REDIS_ERRORS):
-                        await _RELEASE.run(self.client, [self.key(symbol)],
-                                           [self.owner.to_json()])
+                        async with asyncio.timeout(self.period):
+                            await _RELEASE.run(self.client, [self.key(symbol)],
+                                               [self.owner.to_json()])
                 await self._report(self.on_lost, symbol)
 
     # ------------------------------------------------------------------ internals

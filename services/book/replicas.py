@@ -85,7 +85,8 @@ class BookService:
 
     async def stop(self) -> None:
         """Drain (if not done yet), then stop reading and close the leases."""
-        await self.drain()
+        if not self.leases.draining:
+            await self.drain()
         for symbol in list(self._supervisors):
             await self._stop_symbol(symbol, checkpoint=True)
         await self.reader.stop()

@@ -88,8 +88,6 @@ class Upkeep:
         self._kept: dict[str, Kept] = {}
         self._quiet_until: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
-        #: Completed ticks (for tests and /readyz-style questions).
-        self.ticks = 0
 
     def add(self, kept: Kept) -> None:
         """Keep ``kept`` from the next tick on (replacing an older book of its symbol)."""
@@ -153,7 +151,6 @@ class Upkeep:
             await self._guard(book, handler(reply))
         for book in kept:
             book.report_stats()
-        self.ticks += 1
 
     async def _guard(self, book: Kept, work: Awaitable[None]) -> None:
         try:
