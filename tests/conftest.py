@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from kumex_l3.testing.devcluster import RedisClusterServers
 from kumex_l3.testing.devredis import RedisServer
 
 # The repository root on sys.path: `bench` is not an installed package (`kumex_l3`
@@ -40,10 +41,39 @@ def redis_url(redis_server: RedisServer) -> str:
     return flush_redis(redis_server.url)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """One real Redis Cluster (three masters, one replica each) for the session, started
+    by the first test that asks; a test that kills a node revives it before it ends."""
+    with RedisClusterServers() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """Every node of the session's cluster (``REDIS_URL``, comma-separated), after a
+    FLUSHALL of each master."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture(params=["redis", pytest.param("cluster", marks=pytest.mark.cluster)])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """One Redis, then the Redis Cluster: a test module that overrides ``redis_url`` with
+    this runs each of its tests on both (services see ``REDIS_CLUSTER=true`` when the URL
+    lists several nodes: kumex_l3.testing.procs)."""
+    return str(request.getfixturevalue("redis_url" if request.param == "redis"
+                                       else "cluster_url"))
+
+
 @pytest.fixture
 def redis_sync(redis_url: str) -> Iterator[redis.Redis]:
-    """A synchronous client (bytes in, bytes out), closed after the test."""
-    client = redis.Redis.from_url(redis_url, decode_responses=False)
+    """A synchronous client (bytes in, bytes out), closed after the test; a cluster
+    client when ``redis_url`` is a cluster's."""
+    from kumex_l3.testing.procs import is_cluster_url, sync_client
+
+    client = (sync_client(redis_url, timeout=30) if is_cluster_url(redis_url)
+              else redis.Redis.from_url(redis_url, decode_responses=False))
     try:
         yield client
     finally:

@@ -200,6 +200,7 @@ class RedisServer:
         executable: str | None = None,
         startup_timeout: float = 15.0,
         stop_timeout: float = 10.0,
+        options: dict[str, str] | None = None,
     ) -> None:
         self._port_chosen = port is None
         self._port = free_port() if port is None else port
@@ -207,6 +208,8 @@ class RedisServer:
         self.appendonly = appendonly
         self.password = password
         self._executable = executable
+        #: More ``redis-server`` options, passed as ``--name value``.
+        self.options = dict(options or {})
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -309,6 +312,10 @@ class RedisServer:
             stopped()
         self.start()
 
+    def kill(self) -> None:
+        """``kill -9``: the server dies without a word (its directory is kept)."""
+        self._kill()
+
     def __enter__(self) -> RedisServer:
         return self.start()
 
@@ -343,6 +350,8 @@ class RedisServer:
             "--appendonly", "yes" if self.appendonly else "no",
             "--daemonize", "no",
         ]  # fmt: skip
+        for name, value in self.options.items():
+            command += [f"--{name}", value]
         return command
 
     def _spawn(self) -> None:

@@ -31,8 +31,10 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
 import httpx
+import redis
+import redis.asyncio
 
-from kumex_l3.redis_adapter import connect_sync
+from kumex_l3.redis_adapter import connect, connect_sync
 from kumex_l3.testing.devredis import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: services run from here
@@ -111,6 +113,8 @@ class ServiceProcess(Started):
         """Launch; with ``wait``, until ``/healthz`` answers 200 (a failure shows the log)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(self.prefix)}
         env.update(self.env)
+        if is_cluster_url(env.get("REDIS_URL", "")):
+            env.setdefault("REDIS_CLUSTER", "true")
         env["PYTHONUNBUFFERED"] = "1"
         if self._log is None:
             self._log = tempfile.TemporaryFile(prefix=f"{self.name}-")  # noqa: SIM115
@@ -253,9 +257,26 @@ def metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` lists several nodes: the seeds of a Redis Cluster (the harness's
+    :class:`~kumex_l3.testing.devcluster.RedisClusterServers` lists them all)."""
+    return "," in url
+
+
+def sync_client(url: str, name: str = "tests", **options: Any) -> redis.Redis:
+    """A blocking client of ``url``: a Redis Cluster client when it lists several nodes."""
+    return connect_sync(url, name, cluster=is_cluster_url(url), **options)
+
+
+def async_client(url: str, name: str = "tests", **options: Any) -> redis.asyncio.Redis:
+    """An asyncio client of ``url``: a Redis Cluster client when it lists several nodes."""
+    return connect(url, name, cluster=is_cluster_url(url), **options)
+
+
 def flush_redis(url: str) -> str:
-    """Empty the Redis server at ``url`` (FLUSHALL) and return ``url``."""
-    client = connect_sync(url, "tests")
+    """Empty the Redis server at ``url`` (FLUSHALL; every master of a cluster) and return
+    ``url``."""
+    client = sync_client(url)
     try:
         client.flushall()
     finally:

@@ -185,7 +185,8 @@ def create_app(settings: BookSettings, *, metrics: BookMetrics | None = None) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_adapter.connect(settings.redis_url, "book",
-                                       block=settings.read_block_seconds)
+                                       block=settings.read_block_seconds,
+                                       cluster=settings.redis_cluster)
         peers = _Peers(settings)
         service = BookService(settings, client, metrics)
         holder["service"], holder["peers"] = service, peers

@@ -48,6 +48,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from kumex_l3.backoff import Backoff
 from kumex_l3.logs import kv
+from kumex_l3.redis_adapter import is_transient
 from kumex_l3.tasks import cancel_and_wait
 from services.book.settings import BookSettings
 
@@ -133,6 +134,19 @@ class _Plan:
     def command(self) -> bytes:
         return self.prefix + b"".join(self.ids)
 
+    def args(self, batch: int, block_ms: int) -> list[str | int]:
+        """The same read as the arguments of a command (for a Redis Cluster client)."""
+        return ["XREAD", "COUNT", batch, "BLOCK", block_ms, "STREAMS",
+                *(r.stream for r in self.readers), *(r.read_id for r in self.readers)]
+
+
+def _parsed_by_stream(reply: Any) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
+    """``XREAD``'s reply as redis-py's client parsed it, as {stream: [(id, fields)]}."""
+    if not reply:
+        return {}
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return {_text(stream): list(entries) for stream, entries in pairs}
+
 
 class StreamReader:
     """The replica's one read loop (:meth:`start` / :meth:`stop`)."""
@@ -151,11 +165,13 @@ class StreamReader:
         self._refused: dict[str, float] = {}
         self._joined = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        pool = client.connection_pool
-        self._conn: AbstractConnection = pool.connection_class(**pool.connection_kwargs)
-        # The reply has its own deadline (below); a socket timeout would wrap every send
-        # in asyncio.wait_for, a task each, for nothing.
-        self._conn.socket_timeout = None
+        self._conn: AbstractConnection | None = None
+        if not settings.redis_cluster:
+            pool = client.connection_pool
+            self._conn = pool.connection_class(**pool.connection_kwargs)
+            # The reply has its own deadline (below); a socket timeout would wrap every
+            # send in asyncio.wait_for, a task each, for nothing.
+            self._conn.socket_timeout = None
         # The read's command, packed by hand from cached parts: with a hundred streams,
         # redis-py packing 200 arguments on every read was a tenth of the book's CPU.
         # Rebuilt when the streams change (``_plan`` None); an id's part when it moves.
@@ -195,7 +211,8 @@ class StreamReader:
     async def stop(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
-        await self._conn.disconnect()
+        if self._conn is not None:
+            await self._conn.disconnect()
 
     async def run(self) -> None:
         backoff = Backoff(initial=0.2, factor=2.0, max_delay=5.0)
@@ -211,16 +228,17 @@ class StreamReader:
             if plan is None or plan.readers != readers:
                 plan = self._plan = _Plan.of(readers, self._batch, self._block_ms)
             try:
-                reply: Any = await self._xread(plan.command())
+                got = await self._read(plan)
             except redis.exceptions.ResponseError as exc:
-                if not await self._leave_out_refused(readers, exc):
+                # A reply Redis gives only for a while (a cluster electing a master,
+                # loading) is waited out; only a refusal of one stream is left out.
+                if is_transient(exc) or not await self._leave_out_refused(readers, exc):
                     await self._retry(backoff, exc, readers)
                 continue
             except self._errors as exc:
                 await self._retry(backoff, exc, readers)
                 continue
             backoff.reset()
-            got = _by_stream(reply)
             if self._refused:
                 for reader in readers:
                     if self._refused.pop(reader.stream, None) is not None:
@@ -261,8 +279,15 @@ class StreamReader:
         else:
             await self._joined.wait()
 
-    async def _xread(self, command: bytes) -> Any:
-        conn = self._conn
+    async def _read(self, plan: _Plan) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
+        if self._conn is None:
+            # A Redis Cluster: through the client, which knows which node serves the
+            # slot now (this reader's streams are of one slot: BookService).
+            return _parsed_by_stream(await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                *plan.args(self._batch, self._block_ms)))
+        return _by_stream(await self._xread(self._conn, plan.command()))
+
+    async def _xread(self, conn: AbstractConnection, command: bytes) -> Any:
         await conn.send_packed_command(command, check_health=False)
         # Not read_response(timeout=...): it answers None at the deadline, as XREAD does
         # when nothing came, and keeps the connection with the reply still owed on it.
@@ -294,7 +319,7 @@ class StreamReader:
         until = self._clock() + REFUSED_RETRY_S
         found = False
         for reader, answer in zip(readers, answers, strict=True):
-            if not isinstance(answer, redis.exceptions.ResponseError):
+            if not isinstance(answer, redis.exceptions.ResponseError) or is_transient(answer):
                 continue
             found = True
             reason = f"Redis refuses to read its stream: {answer}"

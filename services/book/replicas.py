@@ -23,6 +23,7 @@ from typing import Any
 
 import redis.asyncio
 import redis.exceptions
+from redis.crc import key_slot
 
 from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
@@ -54,8 +55,10 @@ class BookService:
                                    on_lost=self._lost, on_handoff=self._handoff,
                                    members=True)
         self._consumers: dict[str, SymbolConsumer] = {}
-        #: One XREAD for every book kept here (services.book.reader).
-        self.reader = StreamReader(client, settings, errors=REDIS_ERRORS)
+        #: One XREAD for every book kept here (services.book.reader); on a Redis
+        #: Cluster, one per hash slot, since one command reads keys of one slot only.
+        self.readers: dict[int, StreamReader] = {}
+        self._started = False
         #: One upkeep loop for every book kept here (services.book.upkeep).
         self.upkeep = Upkeep(client, errors=REDIS_ERRORS)
         self._supervisors: dict[str, asyncio.Task[None]] = {}
@@ -68,7 +71,9 @@ class BookService:
 
     async def start(self) -> None:
         """Start taking leases (returns at once; the first round runs in the background)."""
-        self.reader.start()
+        self._started = True
+        for reader in self.readers.values():
+            reader.start()
         self.upkeep.start()
         if self._lease_task is None:
             self._lease_task = asyncio.create_task(self.leases.run(), name="book-leases")
@@ -89,9 +94,22 @@ class BookService:
             await self.drain()
         for symbol in list(self._supervisors):
             await self._stop_symbol(symbol, checkpoint=True)
-        await self.reader.stop()
+        for reader in self.readers.values():
+            await reader.stop()
         await self.upkeep.stop()
         await self.leases.close()
+
+    def reader_of(self, symbol: str) -> StreamReader:
+        """The reader of ``symbol``'s stream (made, and started with the service, the
+        first time a symbol of its slot asks)."""
+        slot = key_slot(keys.l3_stream(symbol).encode()) if self.settings.redis_cluster else 0
+        reader = self.readers.get(slot)
+        if reader is None:
+            reader = self.readers[slot] = StreamReader(self.redis, self.settings,
+                                                       errors=REDIS_ERRORS)
+            if self._started:
+                reader.start()
+        return reader
 
     # ------------------------------------------------------------------ reading
 
@@ -223,7 +241,7 @@ class BookService:
     async def _supervise(self, symbol: str) -> None:
         async def run() -> None:
             consumer = SymbolConsumer(symbol, self.redis, self.settings, self.metrics,
-                                      self.reader, self.upkeep)
+                                      self.reader_of(symbol), self.upkeep)
             self._consumers[symbol] = consumer
             await consumer.run()
 

@@ -543,7 +543,8 @@ async def _flush_capture(capture: Capture) -> None:
 
 def _redis_factory(settings: FeedSettings, name: str) -> Callable[[], redis.asyncio.Redis]:
     def connect() -> redis.asyncio.Redis:
-        return redis_adapter.connect(settings.redis_url, name, timeout=settings.redis_timeout)
+        return redis_adapter.connect(settings.redis_url, name, timeout=settings.redis_timeout,
+                                     cluster=settings.redis_cluster)
     return connect
 
 

@@ -148,7 +148,8 @@ async def run_monitor(settings: MonitorSettings, stop: asyncio.Event) -> int:
     """Build the service from ``settings`` and run it until ``stop``; the exit status."""
     redis = redis_adapter.connect(settings.redis_url, "order-monitor",
                                   timeout=settings.redis_timeout,
-                                  block=settings.block_ms / 1000)
+                                  block=settings.block_ms / 1000,
+                                  cluster=settings.redis_cluster)
     lookup: KumexRestClient | None = None
     if settings.has_credentials:
         lookup = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,

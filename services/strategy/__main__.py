@@ -26,7 +26,8 @@ _log = logging.getLogger("services.strategy")
 
 
 async def _run(settings: StrategySettings, stop: asyncio.Event) -> int:
-    redis = redis_adapter.connect(settings.redis_url, "strategy", block=settings.read_block)
+    redis = redis_adapter.connect(settings.redis_url, "strategy", block=settings.read_block,
+                                  cluster=settings.redis_cluster)
     rest = KumexRestClient(settings.base_url, settings.api_key, settings.api_secret,
                            settings.api_passphrase, timeout=settings.request_timeout,
                            tls=settings.tls())

@@ -26,6 +26,12 @@ MESSAGES = 20_000
 
 
 @pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """Every test here runs on one Redis, then on the Redis Cluster."""
+    return any_redis_url
+
+
+@pytest.fixture
 def sandbox() -> Iterator[SandboxProcess]:
     env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "21",
            "SANDBOX_START_SEQUENCE": str(START), "SANDBOX_JOURNAL_SIZE": "400000",

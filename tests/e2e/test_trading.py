@@ -41,8 +41,7 @@ from kumex_l3.rest import (
     RequestTimeout,
     ServerError,
 )
-from kumex_l3.testing.devredis import RedisServer
-from kumex_l3.testing.procs import ServiceProcess, flush_redis, metric, wait_for
+from kumex_l3.testing.procs import ServiceProcess, async_client, flush_redis, metric, wait_for
 from kumex_l3.testing.sandbox_proc import (
     DEMO_KEY_1,
     DEMO_KEY_2,
@@ -120,9 +119,22 @@ def _empty_the_book(sandbox: SandboxProcess) -> None:
     assert book["bids"] == [] and book["asks"] == []
 
 
-@pytest.fixture(scope="class")
-def stack(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    flush_redis(redis_server.url)
+@pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """Every test here runs on one Redis, then on the Redis Cluster."""
+    return any_redis_url
+
+
+@pytest.fixture(scope="class",
+                params=["redis", pytest.param("cluster", marks=pytest.mark.cluster)])
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The class's stack, on one Redis, then on the Redis Cluster."""
+    if request.param == "redis":
+        url = flush_redis(request.getfixturevalue("redis_server").url)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        url = cluster.url
     env = {"SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": "5",
            "SANDBOX_SNAPSHOT_RATE_PER_MIN": "0", "SANDBOX_REST_LATENCY_MS": "0"}
     failed_before = request.session.testsfailed
@@ -132,10 +144,10 @@ def stack(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator
             http.post("/sandbox/faults",
                       json={"rest_latency_ms": REST_LATENCY_MS}).raise_for_status()
         # The stream path alone: these tests read which source told each change.
-        with _feed(redis_server.url, sandbox) as feed, \
-                _monitor(redis_server.url, sandbox, private=False) as monitor:
+        with _feed(url, sandbox) as feed, \
+                _monitor(url, sandbox, private=False) as monitor:
             wait_for(lambda: _consuming(monitor), "the order monitor consuming")
-            yield Stack(redis_server.url, sandbox, feed, monitor)
+            yield Stack(url, sandbox, feed, monitor)
             if request.session.testsfailed > failed_before:
                 for proc in (feed, monitor):
                     print(f"--- {proc.name} log ---\n{proc.log_text()}")
@@ -197,7 +209,7 @@ def _assert_fills_counted_once(events: list[tuple[str, dict[str, str]]], final: 
 
 @pytest.fixture
 async def aredis(stack: Stack) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(stack.redis_url)
+    client = async_client(stack.redis_url, timeout=SAFETY_S)
     try:
         yield client
     finally:

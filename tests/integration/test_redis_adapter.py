@@ -114,3 +114,31 @@ def test_stream_ids_order_as_redis_orders_them(redis_sync: redis.Redis,
     assert [parse_stream_id(i) for i in stored] == sorted(ids)
     assert [stream_id_ms(i) for i in stored] == [ms for ms, _ in sorted(ids)]
     assert parse_stream_id("7") == (7, 0)
+
+
+@pytest.mark.cluster
+async def test_on_a_cluster_a_pipeline_of_scripts_goes_node_by_node(cluster_url: str) -> None:
+    """With ``cluster=True`` the client follows the slots: one pipeline of scripts over keys
+    of many symbols (many slots, on every master) runs each once, loading the script on
+    the masters that forgot it; a command over two symbols is refused (why the book
+    reads one slot per command on a cluster)."""
+    client = connect(cluster_url, "probe", cluster=True)
+    script = LuaScript("return redis.call('INCR', KEYS[1]) + tonumber(ARGV[1])")
+    names = [f"kumex:{{S{i}}}:n" for i in range(12)]
+    try:
+        await client.script_flush()  # on every master; the client learns the slots
+        masters = {client.get_node_from_key(k).name for k in names}  # type: ignore[attr-defined]
+        assert len(masters) == 3
+        assert await script.run_many(client, [([k], [0]) for k in names]) == [1] * 12
+        assert await script.run(client, [names[0]], [10]) == 12
+        await client.script_flush()
+        assert await script.run_many(client, [([k], [0]) for k in names]) == [3] + [2] * 11
+        with pytest.raises(redis.exceptions.RedisClusterException, match="same key slot"):
+            await client.xread({names[1]: "0", names[2]: "0"})
+    finally:
+        await client.aclose()
+    tool = connect_sync(cluster_url, "tool", decode=True, cluster=True)
+    try:
+        assert tool.get(names[5]) == "2"
+    finally:
+        tool.close()

@@ -87,3 +87,26 @@ def test_a_bad_redis_url_stops_a_service_with_a_message_naming_it() -> None:
     assert done.returncode == 2
     assert "REDIS_URL" in done.stderr and "port" in done.stderr
     assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
+
+
+def test_a_cluster_url_names_several_nodes_and_needs_redis_cluster(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from kumex_l3.config import CommonSettings, redact_url
+
+    seeds = "redis://:pw@10.0.0.1:7000/0,redis://:pw@10.0.0.2:7000"
+    monkeypatch.setenv("REDIS_URL", seeds)
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    [error] = info.value.errors()  # what a service prints (kumex_l3.config.load_settings)
+    assert "REDIS_CLUSTER=true" in error["msg"] and "pw" not in error["msg"]
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    assert CommonSettings().redis_url == seeds
+    monkeypatch.setenv("REDIS_URL", "redis://10.0.0.1:7000/2")
+    with pytest.raises(ValueError, match="database 0 alone"):
+        CommonSettings()
+    monkeypatch.setenv("REDIS_URL", "redis://10.0.0.1:7000/0,redis://10.0.0.2:99999")
+    with pytest.raises(ValueError, match="port"):
+        CommonSettings()
+    assert redact_url(seeds) == "redis://:***@10.0.0.1:7000/0,redis://:***@10.0.0.2:7000"

@@ -41,8 +41,10 @@ DEV_EXTRAS = frozenset({"test", "bench"})
 #: Installed by `make venv` only when no redis-server is on PATH; in compose Redis
 #: is its own container, so the image never needs the embedded one.
 FALLBACK_EXTRAS = frozenset({"embedded-redis"})
-#: Services that are not a `python -m services.NAME` of this project.
-EXTERNAL = frozenset({"redis"})
+#: Services that are not a `python -m services.NAME` of this project: Redis, and the
+#: Redis Cluster of the `cluster` profile (six nodes and the service that forms it).
+CLUSTER = frozenset({f"redis-node-{n}" for n in range(1, 7)} | {"redis-cluster"})
+EXTERNAL = frozenset({"redis"}) | CLUSTER
 #: Settings every project service must receive, interpolated with a default.
 SHARED_ENV = ("REDIS_URL", "KUMEX_SYMBOLS", "KUMEX_BASE_URL")
 
@@ -127,6 +129,27 @@ def test_redis_is_not_published(services: dict[str, dict[str, Any]]) -> None:
     assert redis["image"].split(":")[0] == "redis" and redis["image"].startswith("redis:7")
     assert "--appendonly" in _argv(redis["command"])
     assert any(str(v).startswith("redis-data:") for v in redis.get("volumes", []))
+
+
+def test_the_cluster_profile_is_six_nodes_the_services_wait_for(
+        services: dict[str, dict[str, Any]]) -> None:
+    for name in CLUSTER:
+        svc = services[name]
+        assert svc.get("profiles") == ["cluster"], name
+        assert svc["image"].startswith("redis:7"), name
+        assert not svc.get("ports"), f"{name} must stay on the compose network"
+    nodes = [services[f"redis-node-{n}"] for n in range(1, 7)]
+    assert all("--cluster-enabled" in _argv(node["command"]) for node in nodes)
+    form = " ".join(_argv(services["redis-cluster"]["command"]))
+    assert "--cluster create" in form and "--cluster-replicas 1" in form
+    assert set(services["redis-cluster"]["depends_on"]) == CLUSTER - {"redis-cluster"}
+    assert "cluster_state:ok" in " ".join(_argv(services["redis-cluster"]["healthcheck"]["test"]))
+    for name, svc in _project(services).items():
+        if name == "sandbox":
+            continue
+        # Without the profile (one Redis) the dependency must not stop the stack.
+        assert svc["depends_on"]["redis-cluster"].get("required") is False, name
+        assert re.fullmatch(r"\$\{REDIS_CLUSTER:-false\}", svc["environment"]["REDIS_CLUSTER"])
 
 
 def test_sandbox_is_an_optional_profile(services: dict[str, dict[str, Any]]) -> None:
@@ -392,3 +415,22 @@ def test_only_the_book_is_published_and_the_sandbox_control_on_loopback(
     assert all(str(p).startswith("127.0.0.1:") for p in services["sandbox"]["ports"])
     assert services["book"]["environment"]["BOOK_API_TOKEN"] == "${BOOK_API_TOKEN:-}"
     assert services["feed"]["deploy"]["replicas"] == "${FEED_REPLICAS:-2}"
+
+
+def test_the_demo_runs_the_project_services_alone_with_the_cluster_profile(
+        compose: dict[str, Any]) -> None:
+    """``make demo`` with ``COMPOSE_PROFILES=sandbox,cluster`` starts a Redis Cluster of its
+    own (kumex_l3.testing.devcluster) and runs the same services as with one Redis."""
+    from services.demo import load_services
+
+    seeds = "redis://127.0.0.1:7001/0,redis://127.0.0.1:7002/0"
+    one = load_services(compose, {}, {"sandbox"}, redis_url="redis://127.0.0.1:7000/0")
+    both = load_services(compose, {"REDIS_CLUSTER": "true"}, {"sandbox", "cluster"},
+                         redis_url=seeds)
+    assert [s.name for s in both] == [s.name for s in one]
+    assert not {s.name for s in both} & EXTERNAL
+    for service in both:
+        if service.name != "sandbox":
+            assert service.environment["REDIS_URL"] == seeds, service.name
+            assert service.environment["REDIS_CLUSTER"] == "true", service.name
+            assert "redis-cluster" not in service.depends_on, service.name
