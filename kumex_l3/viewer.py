@@ -612,7 +612,9 @@ async def _get_l3(http: httpx.AsyncClient, options: WatchOptions) -> dict[str, A
 def _redis_client(url: str | None) -> aioredis.Redis | None:
     if not url:
         return None
-    return redis_adapter.connect(url, "viewer", timeout=2.0, decode=True)
+    # A Redis Cluster when the URL names several nodes or REDIS_CLUSTER says so.
+    cluster = "," in url or os.environ.get("REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
+    return redis_adapter.connect(url, "viewer", timeout=2.0, decode=True, cluster=cluster)
 
 
 async def watch(options: WatchOptions, console: Console | None = None, *,
