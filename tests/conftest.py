@@ -82,8 +82,12 @@ def redis_sync(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """An asyncio client (bytes in, bytes out), closed after the test."""
-    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=False)
+    """An asyncio client (bytes in, bytes out), closed after the test; a cluster client
+    when ``redis_url`` is a cluster's."""
+    from kumex_l3.testing.procs import async_client, is_cluster_url
+
+    client = (async_client(redis_url, timeout=30) if is_cluster_url(redis_url)
+              else redis.asyncio.Redis.from_url(redis_url, decode_responses=False))
     try:
         yield client
     finally:

@@ -422,6 +422,12 @@ class FakeExchange:
             pass
 
 
+
+@pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """Every test here runs on one Redis, then on the Redis Cluster."""
+    return any_redis_url
+
 @pytest.fixture
 async def fake_exchange() -> AsyncIterator[Callable[..., Awaitable[FakeExchange]]]:
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []

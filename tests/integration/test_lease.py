@@ -22,6 +22,7 @@ from kumex_l3.lease import (
     renew,
 )
 from kumex_l3.testing.devredis import free_port
+from kumex_l3.testing.procs import async_client
 
 ROLE = "book"
 SYMBOLS = ("XBTUSDM", "XBTUSDTM", "ETHUSDTM")
@@ -52,6 +53,13 @@ class FakeClock:
 
 
 @pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """Every lease test runs on one Redis, then on the Redis Cluster (the leases of many
+    symbols in one pipeline go node by node there)."""
+    return any_redis_url
+
+
+@pytest.fixture
 async def managers(redis_url: str) -> AsyncIterator[list[LeaseManager]]:
     made: list[LeaseManager] = []
     yield made
@@ -62,7 +70,7 @@ async def managers(redis_url: str) -> AsyncIterator[list[LeaseManager]]:
 
 def make(redis_url: str, made: list[LeaseManager], owner: LeaseOwner, rec: Recorder,
          symbols: tuple[str, ...] = SYMBOLS, **kwargs: object) -> LeaseManager:
-    client = redis.asyncio.Redis.from_url(redis_url)
+    client = async_client(redis_url)
     m = LeaseManager(client, ROLE, symbols, owner, on_gained=rec.gained, on_lost=rec.lost,
                      **kwargs)  # type: ignore[arg-type]
     made.append(m)

@@ -382,6 +382,12 @@ def expected_status(rec: dict[str, Any]) -> str:
     return "partially_filled" if rec["filledSize"] else "open"
 
 
+
+@pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """Every test here runs on one Redis, then on the Redis Cluster."""
+    return any_redis_url
+
 @pytest.fixture
 def stack() -> Iterator[contextlib.ExitStack]:
     """Closes what a test opened, passed or failed."""

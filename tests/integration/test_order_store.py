@@ -33,6 +33,12 @@ async def events(r: redis.asyncio.Redis) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
+
+@pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """Every test here runs on one Redis, then on the Redis Cluster."""
+    return any_redis_url
+
 async def test_register_creates_a_pending_order_once(redis_client: redis.asyncio.Redis) -> None:
     assert await reg(redis_client, extra={"level": "4"})
     h = await redis_client.hgetall(keys.order(SYM, "c1"))

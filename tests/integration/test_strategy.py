@@ -30,7 +30,13 @@ from kumex_l3.rest import (
     RateLimited,
     RequestTimeout,
 )
-from kumex_l3.testing.procs import ServiceProcess, eventually, wait_for
+from kumex_l3.testing.procs import (
+    ServiceProcess,
+    async_client,
+    eventually,
+    is_cluster_url,
+    wait_for,
+)
 from kumex_l3.testing.sandbox_proc import DEMO_KEY_1, SandboxProcess
 from kumex_l3.trading import ClientOidInUse, Trader, UnknownOrder
 from services.strategy.metrics import StrategyMetrics
@@ -49,6 +55,12 @@ def _control(sandbox: SandboxProcess, path: str, body: dict[str, Any]) -> None:
 
 
 @pytest.fixture
+def redis_url(any_redis_url: str) -> str:
+    """Every test here runs on one Redis, then on the Redis Cluster."""
+    return any_redis_url
+
+
+@pytest.fixture
 async def rest(sandbox: SandboxProcess) -> AsyncIterator[KumexRestClient]:
     async with KumexRestClient(sandbox.base_url, DEMO_KEY_1.key, DEMO_KEY_1.secret,
                                DEMO_KEY_1.passphrase, timeout=10.0) as client:
@@ -60,7 +72,8 @@ async def rest(sandbox: SandboxProcess) -> AsyncIterator[KumexRestClient]:
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = (async_client(redis_url, timeout=SAFETY_S) if is_cluster_url(redis_url)
+              else aioredis.Redis.from_url(redis_url))
     try:
         yield client
     finally:
@@ -87,8 +100,9 @@ def _oid(strategy: GridStrategy, n: int) -> str:
 def _settings(sandbox: SandboxProcess, redis_url: str, centre: Decimal,
               **overrides: Any) -> StrategySettings:
     values: dict[str, Any] = {
-        "redis_url": redis_url, "base_url": sandbox.base_url, "symbols": [SYMBOL],
-        "api_key": DEMO_KEY_1.key, "api_secret": DEMO_KEY_1.secret,
+        "redis_url": redis_url, "redis_cluster": is_cluster_url(redis_url),
+        "base_url": sandbox.base_url, "symbols": [SYMBOL], "api_key": DEMO_KEY_1.key,
+        "api_secret": DEMO_KEY_1.secret,
         "api_passphrase": DEMO_KEY_1.passphrase, "symbol": SYMBOL, "centre_price": centre,
         "step_ticks": 50, "levels": 2, "size": 3, "max_position": 12,
         "max_open_orders": 10, "leverage": 3, "client_oid_prefix": "gt",
@@ -515,7 +529,7 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
     from services.order_monitor.settings import MonitorSettings
 
     common: dict[str, Any] = {"redis_url": redis_url, "base_url": sandbox.base_url,
-                              "symbols": [SYMBOL]}
+                              "redis_cluster": is_cluster_url(redis_url), "symbols": [SYMBOL]}
     creds: dict[str, Any] = {"api_key": DEMO_KEY_1.key, "api_secret": DEMO_KEY_1.secret,
                               "api_passphrase": DEMO_KEY_1.passphrase}
     services_stop = asyncio.Event()
