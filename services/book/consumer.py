@@ -590,9 +590,12 @@ class SymbolConsumer:
             self.read_id = _text(entries[-1][0])
             await self._handle(outs)
         self._observe_receipt(entries)
-        self._confirmed_at = issued
-        if len(entries) < self._settings.read_batch and not self.caught_up:
-            self._reached_the_end()
+        # A full batch may have more behind it (a backlog after a pause): only a read that
+        # reached the stream's end shows the book current as of when it was sent.
+        if len(entries) < self._settings.read_batch:
+            self._confirmed_at = issued
+            if not self.caught_up:
+                self._reached_the_end()
 
     @property
     def confirmed_at(self) -> float:

@@ -178,6 +178,9 @@ class StreamReader:
         self._plan: _Plan | None = None
         #: Consumers added and not caught up yet, with when they were added.
         self._fresh: dict[Reading, float] = {}
+        #: Streams whose last read filled the batch: more may wait behind it, so the
+        #: read does not show them current (:meth:`confirms`).
+        self._behind: set[str] = set()
         #: When the last read was sent whose reply has been handled in full: every stream
         #: read then (not left out, not added since) is known current as of that time.
         self.last_issued = float("-inf")
@@ -195,6 +198,7 @@ class StreamReader:
         if self._readers.get(reader.stream) is reader:
             del self._readers[reader.stream]
             self._refused.pop(reader.stream, None)
+            self._behind.discard(reader.stream)
             self._plan = None
 
     def confirms(self, reader: Reading) -> bool:
@@ -202,7 +206,7 @@ class StreamReader:
         caught up before that read."""
         return (reader.caught_up and reader not in self._fresh
                 and self._readers.get(reader.stream) is reader
-                and reader.stream not in self._refused)
+                and reader.stream not in self._refused and reader.stream not in self._behind)
 
     def start(self) -> None:
         if self._task is None:
@@ -249,6 +253,10 @@ class StreamReader:
                 place = plan.place.get(stream)
                 if place is None or not entries:
                     continue
+                if len(entries) >= self._batch:
+                    self._behind.add(stream)
+                elif self._behind:
+                    self._behind.discard(stream)
                 consumer = plan.readers[place]
                 if self._readers.get(stream) is not consumer:
                     continue  # stopped while the read was out

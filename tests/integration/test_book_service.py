@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -374,6 +376,39 @@ def test_kill_and_restart_resumes_from_the_checkpoint(
     assert book.stop() == 0
     assert redis_sync.hget(keys.checkpoint(SYM), "sequence") == str(feed.ref.sequence).encode()
     assert redis_sync.get(keys.owner(SYM, "book")) is None
+
+
+def test_a_replica_paused_behind_many_read_batches_is_served_only_once_at_the_end(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    """SIGSTOP past ``BOOK_MAX_AGE_SECONDS`` while the stream grows by hundreds of read
+    batches. After SIGCONT the book reads them batch by batch: a full batch may have more
+    behind it, so no answer may be a 200 before the book holds everything written before
+    the pause ended (each full batch showing the book "current" served it seconds old)."""
+    feed = Feed(redis_sync, seed=12)
+    feed.store_snapshot()
+    feed.publish(200)
+    book = spawn(procs, redis_url, "paused", BOOK_READ_BATCH="10", BOOK_MAX_AGE_SECONDS="1")
+    book_at(book, feed)
+    assert book.process is not None
+    os.kill(book.process.pid, signal.SIGSTOP)
+    try:
+        feed.publish(4000)
+        time.sleep(1.5)  # past the book's max age: nothing it holds is current any more
+        target = feed.ref.sequence
+    finally:
+        os.kill(book.process.pid, signal.SIGCONT)
+    answers: list[tuple[int, int]] = []
+    with httpx.Client(base_url=book.url, timeout=10.0) as http:
+        while not answers or answers[-1] != (200, target):
+            assert len(answers) < 100_000, "the book never reached the head"
+            r = http.get(f"/book/{SYM}", params={"depth": 1})
+            answers.append((r.status_code, r.json()["sequence"] if r.status_code == 200 else 0))
+    early = [seq for status, seq in answers if status == 200 and seq < target]
+    print(f"{len(answers)} answers while catching up, "
+          f"{sum(1 for s, _ in answers if s == 503)} 503s")
+    assert not early, f"served behind the head: {early[:5]} < {target}"
+    assert sum(1 for s, _ in answers if s == 503) >= 1  # the catching up was seen
 
 
 def test_sigterm_while_the_stream_flows_stops_cleanly(

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -43,6 +43,7 @@ from services.strategy.metrics import StrategyMetrics
 from services.strategy.runner import GridStrategy
 from services.strategy.settings import StrategySettings
 from services.strategy.state import load_state, strategy_state_key
+from tests.integration.conftest import SANDBOX_TEST_ENV
 
 SYMBOL = "XBTUSDTM"
 #: Upper bound on waiting for a process or an event; never an assertion on speed.
@@ -58,6 +59,25 @@ def _control(sandbox: SandboxProcess, path: str, body: dict[str, Any]) -> None:
 def redis_url(any_redis_url: str) -> str:
     """Every test here runs on one Redis, then on the Redis Cluster."""
     return any_redis_url
+
+
+@pytest.fixture(scope="module")
+def cluster_sandbox() -> Iterator[SandboxProcess]:
+    """The sandbox of the runs on the Redis Cluster: the tests' clientOids are fixed, and
+    an exchange remembers every order it was sent (a second run of a test in the same
+    sandbox finds the first run's orders)."""
+    with SandboxProcess(SANDBOX_TEST_ENV) as proc:
+        yield proc
+
+
+@pytest.fixture
+def sandbox_process(sandbox_process: SandboxProcess, redis_url: str,
+                    request: pytest.FixtureRequest) -> SandboxProcess:
+    """The session's sandbox on one Redis; on the cluster, :func:`cluster_sandbox`."""
+    if is_cluster_url(redis_url):
+        cluster_sandbox: SandboxProcess = request.getfixturevalue("cluster_sandbox")
+        return cluster_sandbox
+    return sandbox_process
 
 
 @pytest.fixture
