@@ -498,11 +498,14 @@ def test_two_replicas_share_three_symbols_and_take_over(
     b = spawn(procs, redis_url, "rep-b", SYMBOLS)
 
     def all_synced(p: BookProcess) -> list[dict[str, Any]] | None:
+        """Every symbol synced, in even shares (the first replica hands one symbol off to
+        the second when it joins: owners read before that would change under the test)."""
         res = p.get("/books")
         rows: list[dict[str, Any]] = res.json()["books"] if res.status_code == 200 else []
-        return rows if len(rows) == 3 and all(r["synced"] for r in rows) else None
+        even = len({r["owner"] for r in rows}) == 2
+        return rows if len(rows) == 3 and even and all(r["synced"] for r in rows) else None
 
-    rows = wait_for(lambda: all_synced(a), "every symbol synced", proc=a)
+    rows = wait_for(lambda: all_synced(a), "every symbol synced, in even shares", proc=a)
     owners = {r["symbol"]: r["owner"] for r in rows}
     assert set(owners.values()) <= {"rep-a", "rep-b"}
     for f in feeds.values():
