@@ -262,6 +262,10 @@ class StreamReader:
                     continue  # stopped while the read was out
                 await self._hand(consumer, entries, issued)
                 plan.ids[place] = _bulk(consumer.read_id)
+            if self._behind:
+                # A stream this read found nothing new in is at its end after all (its
+                # last batch was full and the last there was).
+                self._behind.intersection_update(got)
             for reader, added in list(self._fresh.items()):
                 if reader.caught_up:
                     del self._fresh[reader]

@@ -409,6 +409,24 @@ def test_a_replica_paused_behind_many_read_batches_is_served_only_once_at_the_en
           f"{sum(1 for s, _ in answers if s == 503)} 503s")
     assert not early, f"served behind the head: {early[:5]} < {target}"
     assert sum(1 for s, _ in answers if s == 503) >= 1  # the catching up was seen
+    # A last batch that is full and ends the stream: the next read, finding nothing new,
+    # shows the book current, and it stays served with no more messages. (Written while
+    # the book is stopped, so that it reads them in batches of exactly 10.)
+    msgs = feed.gen.take(40) + feed.gen.flush()
+    whole = msgs[:len(msgs) - len(msgs) % 10]
+    os.kill(book.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.3)  # its blocked read times out (0.1 s): no read waits for these
+        pipe = redis_sync.pipeline(transaction=False)
+        for raw in whole:
+            feed.ref.apply(parse_message(raw))
+            pipe.xadd(keys.l3_stream(SYM), {keys.FIELD_MSG: raw})
+        pipe.execute()
+    finally:
+        os.kill(book.process.pid, signal.SIGCONT)
+    book_at(book, feed)
+    time.sleep(2.0)  # twice the max age, nothing new on the stream
+    assert book.get(f"/book/{SYM}", depth=1).status_code == 200
 
 
 def test_sigterm_while_the_stream_flows_stops_cleanly(
