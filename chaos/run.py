@@ -7,6 +7,10 @@ Runs, in order (``--only`` picks some):
 * ``network``: disconnects, no pong, snapshots refused, snapshot 429s, REST
   500s (60 s; 12 s with ``--quick``), Redis down (30 s; 10 s), then the RSS
   bound (:func:`chaos.scenarios.network_suite`);
+* ``cluster``: the whole set on a local Redis Cluster (three masters, one
+  replica each), the master serving the symbol's slot killed ``--failovers``
+  times (5; 1 with ``--quick``), the killed node back as a replica each time
+  (:func:`chaos.scenarios.cluster_suite`);
 * ``pytest``: the rest of ``tests/chaos/`` (bad input, fuzzing, HTTP abuse,
   secrets, a hostile account, fencing, hostile peers...) through pytest, with
   ``KUMEX_FUZZ_EXAMPLES`` raised (5000; the tests' own defaults with
@@ -61,7 +65,8 @@ __all__ = ["main", "table"]
 ROOT: Final = Path(__file__).resolve().parent.parent
 #: The test files that run the scenarios of this package (not run again through pytest).
 _OWN_TESTS: Final = ("tests/chaos/test_crash_restart.py", "tests/chaos/test_network_faults.py")
-_PARTS: Final = ("crash", "network", "pytest", "atheris", "soak", "availability", "outage")
+_PARTS: Final = ("crash", "network", "cluster", "pytest", "atheris", "soak", "availability",
+                  "outage")
 _ATHERIS_SCRIPT: Final = "tests/chaos/fuzz_parser_atheris.py"
 _FAULT_WIDTH: Final = 58
 _NAME_WIDTH: Final = 34
@@ -197,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="length of the atheris run (not run with --quick)")
     parser.add_argument("--availability-minutes", type=float, default=10.0,
                         help="length of the availability run (not run with --quick)")
+    parser.add_argument("--failovers", type=int, default=None,
+                        help="Redis Cluster master kills in the cluster part (default 5; 1 "
+                             "with --quick)")
     parser.add_argument("--only", default=",".join(_PARTS),
                         help=f"comma-separated parts among {','.join(_PARTS)}")
     parser.add_argument("--json", type=Path, default=None, help="write the outcomes here")
@@ -218,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes += scenarios.crash_suite(size, on_outcome=_print)
     if "network" in parts:
         outcomes += scenarios.network_suite(size, on_outcome=_print)
+    if "cluster" in parts:
+        outcomes += scenarios.cluster_suite(size, args.failovers or (1 if args.quick else 5),
+                                            on_outcome=_print)
     if "pytest" in parts:
         outcomes += _pytest_outcomes(fuzz, args.quick)
     if "atheris" in parts and not args.quick and args.atheris_seconds > 0:

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import httpx
 
 from chaos.stack import DEPTH, SERVICES, SYM, Attacker, Check, Stack, StackConfig
-from kumex_l3 import OrderBook, parse_message
+from kumex_l3 import OrderBook, keys, parse_message
 
 __all__ = [
     "FULL",
@@ -296,6 +296,44 @@ def crash_suite(size: Size, config: StackConfig | None = None,
         keep(redis_restart(stack, size, persist=True))
         keep(redis_restart(stack, size, persist=False))
     return outcomes
+
+
+# ---------------------------------------------------------------------- Redis Cluster
+
+
+def master_failover(stack: Stack, size: Size, rounds: int) -> Outcome:
+    """kill -9 of the Redis Cluster master serving the symbol's slot, ``rounds`` times, the
+    flow and demo-2's sweeps going on: its replica takes the slots over, the services find
+    it alone; the killed node then comes back as a replica (the next round kills the new
+    master)."""
+    assert stack.cluster is not None, "a stack with StackConfig(cluster=True)"
+    run = _Run(stack, "Redis Cluster: kill -9 of the symbol's master")
+    _traffic(stack)
+    pids = _pids(stack)
+    promoted: list[float] = []
+    for _ in range(rounds):
+        time.sleep(size.run_s)
+        victim = stack.cluster.master_of(keys.l3_stream(SYM))
+        killed = time.monotonic()
+        stack.cluster.kill(victim)
+        promoted.append(round(time.monotonic() - killed, 1))
+        run.inject("kill -9 of the symbol's master")
+        time.sleep(size.run_s)
+        stack.cluster.revive(victim)
+    _recovered_alone(run, stack, pids)
+    run.outcome.figures["replica serving after (s)"] = promoted
+    return run.finish()
+
+
+def cluster_suite(size: Size, rounds: int, config: StackConfig | None = None,
+                  on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """The whole set on a local Redis Cluster (three masters, three replicas), its
+    symbol's master killed ``rounds`` times (:func:`master_failover`)."""
+    with Stack(replace(config or StackConfig(), cluster=True)) as stack:
+        outcome = master_failover(stack, size, rounds)
+    if on_outcome is not None:
+        on_outcome(outcome)
+    return [outcome]
 
 
 # ---------------------------------------------------------------------- network faults

@@ -58,6 +58,7 @@ from kumex_l3 import OrderBook, keys, parse_message
 from kumex_l3.grid import is_client_oid_of
 from kumex_l3.redis_adapter import connect_sync
 from kumex_l3.rest import KumexRestClient
+from kumex_l3.testing.devcluster import RedisClusterServers
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess, Started, metric
 from kumex_l3.testing.sandbox_proc import (
@@ -394,6 +395,8 @@ class StackConfig:
     safety_s: float = 90.0
     #: Book polls a second at most (0: no poller).
     poll_interval: float = 0.05
+    #: A Redis Cluster (three masters, one replica each) instead of one Redis.
+    cluster: bool = False
 
 
 class Stack(Started):
@@ -406,6 +409,8 @@ class Stack(Started):
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="kumex-chaos-"))
         self.redis = RedisServer(appendonly=self.config.appendonly,
                                  dir=self.workdir / "redis")
+        #: The Redis Cluster the services use instead, with ``config.cluster``.
+        self.cluster = RedisClusterServers() if self.config.cluster else None
         self.sandbox: SandboxProcess | None = None
         self.procs: dict[str, ServiceProcess] = {}
         self.http: httpx.Client | None = None
@@ -425,8 +430,11 @@ class Stack(Started):
 
     def start(self) -> Stack:
         cfg = self.config
-        (self.workdir / "redis").mkdir(parents=True, exist_ok=True)
-        self.redis.start()
+        if self.cluster is not None:
+            self.cluster.start()
+        else:
+            (self.workdir / "redis").mkdir(parents=True, exist_ok=True)
+            self.redis.start()
         self.sandbox = SandboxProcess({
             "SANDBOX_SYMBOLS": SYM, "SANDBOX_FLOW_RATE": "0", "SANDBOX_SEED": str(cfg.seed),
             "SANDBOX_START_SEQUENCE": str(cfg.start_sequence),
@@ -470,13 +478,16 @@ class Stack(Started):
                 client.close()
         with contextlib.suppress(Exception):
             self.redis.stop()
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _make_procs(self) -> None:
         cfg = self.config
         assert self.sandbox is not None and self.centre is not None
-        common = {"REDIS_URL": self.redis.url, "KUMEX_SYMBOLS": SYM,
+        common = {"REDIS_URL": self.redis_url, "KUMEX_SYMBOLS": SYM,
                   "KUMEX_BASE_URL": self.sandbox.base_url, "LOG_LEVEL": "INFO"}
         creds = _creds(DEMO_KEY_1)
         self.procs["feed"] = ServiceProcess("services.feed", {
@@ -628,8 +639,13 @@ class Stack(Started):
 
     # ------------------------------------------------------------------ Redis
 
+    @property
+    def redis_url(self) -> str:
+        """The services' ``REDIS_URL``: the Redis, or every node of the cluster."""
+        return self.cluster.url if self.cluster is not None else self.redis.url
+
     def redis_client(self) -> redis.Redis:
-        return connect_sync(self.redis.url, "chaos")
+        return connect_sync(self.redis_url, "chaos", cluster=self.cluster is not None)
 
     def last_event_id(self) -> str:
         """The id of the last own-order event so far ("0-0": none)."""
