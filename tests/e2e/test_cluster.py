@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -33,7 +34,7 @@ from redis.cluster import ClusterNode
 
 from kumex_l3 import keys
 from kumex_l3.testing.devcluster import RedisClusterServers
-from kumex_l3.testing.procs import metric, wait_for
+from kumex_l3.testing.procs import ServiceProcess, metric
 from kumex_l3.testing.sandbox_proc import SandboxProcess
 from tests.e2e.test_market_data import (
     MESSAGES,
@@ -50,14 +51,7 @@ from tests.e2e.test_market_data import (
 from tests.e2e.test_market_data import (
     sandbox as sandbox,  # the fixture, used here as it is there
 )
-from tests.e2e.test_trading import (
-    _assert_the_exchange_the_monitor_and_the_grid_agree,
-    _consuming,
-    _grid_stack,
-    _placed_grid,
-    _settled,
-    _sweep_until,
-)
+from tests.e2e.test_trading import grid_through_a_fault
 
 pytestmark = pytest.mark.cluster
 
@@ -95,40 +89,25 @@ def test_master_killed_mid_run_every_own_order_ends_as_the_exchange_says(
         redis_cluster: RedisClusterServers, cluster_url: str) -> None:
     """The grid trades on the cluster; ``kill -9`` of the master of the symbol's slot while
     demo-2 fills the grid's orders."""
-    rng = random.Random(5)
     victim = redis_cluster.master_of(keys.l3_stream(SYM))
+
+    def kill_the_master(monitor: ServiceProcess, sweep: Callable[[], int]) -> None:
+        try:
+            redis_cluster.kill(victim)
+            sweep()
+        finally:
+            redis_cluster.revive(victim)
+
     # The test's own client retries (redis-py's default): it reads the grid's orders to
     # aim its sweeps, also while the slot moves, and is no part of what is tested.
     redis_sync = redis.cluster.RedisCluster(startup_nodes=[
         ClusterNode(s.host, s.port) for s in redis_cluster.servers if s.running])
     try:
-        with _grid_stack(cluster_url, seed=13, rest_latency_ms=100) as (
-                sandbox, http, api, taker, _, monitor):
-            with _placed_grid(cluster_url, sandbox, http) as strategy:
-                def fills() -> float:
-                    return metric(strategy.url, "kumex_strategy_fills_total")
-
-                http.post("/sandbox/flow/resume", json={"rate": 100}).raise_for_status()
-                sweeps = _sweep_until(lambda: fills() >= 3, http, taker, redis_sync, rng)
-                try:
-                    redis_cluster.kill(victim)
-                    sweeps += _sweep_until(lambda: True, http, taker, redis_sync, rng,
-                                           at_least=4)
-                finally:
-                    redis_cluster.revive(victim)
-                wait_for(lambda: _consuming(monitor), "the monitor consuming again")
-                target = fills() + 3
-                sweeps += _sweep_until(lambda: fills() >= target, http, taker, redis_sync, rng)
-                http.post("/sandbox/flow/pause").raise_for_status()
-                wait_for(lambda: _settled(api, redis_sync, strategy),
-                         "own orders equal to the exchange's records")
-                position = httpx.get(f"{strategy.url}/state", timeout=5).json()["position"]
-                assert strategy.stop() == 0
-            own, filled_orders = _assert_the_exchange_the_monitor_and_the_grid_agree(
-                api, redis_sync, position)
-            print(f"{len(own)} grid orders, {filled_orders} with fills, position {position}, "
-                  f"{sweeps} sweeps; the monitor corrected "
-                  f"{metric(monitor.url, 'kumex_order_monitor_corrections_total'):.0f} orders")
-            assert filled_orders >= 4
+        run = grid_through_a_fault(cluster_url, redis_sync, random.Random(5),
+                                   kill_the_master, seed=13, rest_latency_ms=100)
     finally:
         redis_sync.close()
+    print(f"{len(run.own)} grid orders, {run.filled_orders} with fills, position "
+          f"{run.position}, {run.sweeps} sweeps; the monitor corrected "
+          f"{run.monitor['corrections']:.0f} orders")
+    assert run.filled_orders >= 4

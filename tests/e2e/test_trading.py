@@ -511,26 +511,41 @@ def _fills(api: httpx.Client) -> list[dict[str, Any]]:
         page += 1
 
 
-@pytest.mark.parametrize("private", [True, False], ids=["private-channel", "stream-only"])
-def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
-        redis_url: str, redis_sync: redis.Redis, private: bool) -> None:
-    """kill -9 of the order monitor while the flow and another user fill the grid's orders
-    (with the private channel as a second source, and from the stream alone)."""
-    rng = random.Random(3)
-    with _grid_stack(redis_url, seed=11, rest_latency_ms=150, private=private) as (
-            sandbox, http, api, taker, _, monitor):
+@dataclass
+class GridRun:
+    """What :func:`grid_through_a_fault` saw: demo-1's grid orders at the exchange, how many
+    were filled, the grid's position, demo-2's sweeps, and the monitor's counters at the
+    end (messages read, reconciliations, corrections)."""
+
+    own: dict[str, dict[str, Any]]
+    filled_orders: int
+    position: int
+    sweeps: int
+    monitor: dict[str, float]
+
+
+def grid_through_a_fault(redis_url: str, redis_sync: redis.Redis, rng: random.Random,
+                         fault: Callable[[ServiceProcess, Callable[[], int]], None], *,
+                         seed: int, rest_latency_ms: int, private: bool = True) -> GridRun:
+    """The grid trades while the flow runs and demo-2 fills its orders: 3 fills through the
+    whole chain, then ``fault(monitor, sweep)`` (``sweep()``: demo-2 sweeps 4 more times
+    meanwhile; the fault ends with the monitor consuming again), then 3 more fills. The
+    flow paused, once every own order equals the exchange's record the grid is stopped
+    (SIGTERM: it cancels every order) and the exchange, the monitor and the grid are
+    checked to agree (:func:`_assert_the_exchange_the_monitor_and_the_grid_agree`)."""
+    with _grid_stack(redis_url, seed=seed, rest_latency_ms=rest_latency_ms,
+                     private=private) as (sandbox, http, api, taker, _, monitor):
         with _placed_grid(redis_url, sandbox, http) as strategy:
             def fills() -> float:
                 return metric(strategy.url, "kumex_strategy_fills_total")
 
+            def sweep() -> int:
+                return _sweep_until(lambda: True, http, taker, redis_sync, rng, at_least=4)
+
             http.post("/sandbox/flow/resume", json={"rate": 100}).raise_for_status()
-            # Fills seen by the whole chain before the crash.
             sweeps = _sweep_until(lambda: fills() >= 3, http, taker, redis_sync, rng)
-            # kill -9 mid-run: the flow goes on, demo-2 keeps filling own orders meanwhile.
-            monitor.kill()
-            sweeps += _sweep_until(lambda: True, http, taker, redis_sync, rng, at_least=4)
-            monitor.start()
-            wait_for(lambda: _consuming(monitor), "the restarted monitor consuming")
+            fault(monitor, sweep)
+            wait_for(lambda: _consuming(monitor), "the monitor consuming after the fault")
             target = fills() + 3
             sweeps += _sweep_until(lambda: fills() >= target, http, taker, redis_sync, rng)
             http.post("/sandbox/flow/pause").raise_for_status()
@@ -540,14 +555,30 @@ def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
             assert strategy.stop() == 0  # SIGTERM: cancels every grid order
         own, filled_orders = _assert_the_exchange_the_monitor_and_the_grid_agree(
             api, redis_sync, position)
-        print(f"{len(own)} grid orders, {filled_orders} with fills, position {position}, "
-              f"{sweeps} sweeps by demo-2; the restarted monitor read "
-              f"{metric(monitor.url, 'kumex_order_monitor_messages_read_total'):.0f} entries, "
-              f"reconciled {metric(monitor.url, 'kumex_order_monitor_reconciliations_total'):.0f}"
-              f" orders, corrected "
-              f"{metric(monitor.url, 'kumex_order_monitor_corrections_total'):.0f}")
-        assert filled_orders >= 4
+        counters = {name: metric(monitor.url, f"kumex_order_monitor_{name}_total")
+                    for name in ("messages_read", "reconciliations", "corrections")}
+    return GridRun(own, filled_orders, position, sweeps, counters)
 
+
+@pytest.mark.parametrize("private", [True, False], ids=["private-channel", "stream-only"])
+def test_monitor_killed_mid_run_every_order_ends_as_the_exchange_says(
+        redis_url: str, redis_sync: redis.Redis, private: bool) -> None:
+    """kill -9 of the order monitor while the flow and another user fill the grid's orders
+    (with the private channel as a second source, and from the stream alone)."""
+    def kill_9(monitor: ServiceProcess, sweep: Callable[[], int]) -> None:
+        # kill -9 mid-run: the flow goes on, demo-2 keeps filling own orders meanwhile.
+        monitor.kill()
+        sweep()
+        monitor.start()
+
+    run = grid_through_a_fault(redis_url, redis_sync, random.Random(3), kill_9, seed=11,
+                               rest_latency_ms=150, private=private)
+    print(f"{len(run.own)} grid orders, {run.filled_orders} with fills, position "
+          f"{run.position}, {run.sweeps} sweeps by demo-2; the restarted monitor read "
+          f"{run.monitor['messages_read']:.0f} entries, reconciled "
+          f"{run.monitor['reconciliations']:.0f} orders, corrected "
+          f"{run.monitor['corrections']:.0f}")
+    assert run.filled_orders >= 4
 
 
 #: How long the feed stays stopped (the issue's figure).
