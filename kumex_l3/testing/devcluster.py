@@ -2,8 +2,10 @@
 replica each, six ``redis-server`` children on free loopback ports::
 
     with RedisClusterServers() as cluster:
-        url = cluster.url          # every master, comma-separated (REDIS_URL)
-        cluster.kill_master(0)     # kill -9: its replica takes its slots over
+        url = cluster.url                  # every running node, comma-separated (REDIS_URL)
+        node = cluster.master_of("kumex:{XBTUSDM}:l3")
+        cluster.kill(node)                 # kill -9: its replica takes its slots over
+        cluster.revive(node)               # back, as a replica
 
 The cluster is made with the commands ``redis-cli --cluster create`` sends
 (``CLUSTER ADDSLOTSRANGE``, ``MEET``, ``REPLICATE``), so that no ``redis-cli``

@@ -253,19 +253,15 @@ class StreamReader:
                 place = plan.place.get(stream)
                 if place is None or not entries:
                     continue
-                if len(entries) >= self._batch:
-                    self._behind.add(stream)
-                elif self._behind:
-                    self._behind.discard(stream)
                 consumer = plan.readers[place]
                 if self._readers.get(stream) is not consumer:
                     continue  # stopped while the read was out
                 await self._hand(consumer, entries, issued)
                 plan.ids[place] = _bulk(consumer.read_id)
-            if self._behind:
-                # A stream this read found nothing new in is at its end after all (its
-                # last batch was full and the last there was).
-                self._behind.intersection_update(got)
+            # A full batch may have more behind it; a stream this read found nothing new
+            # in, or fewer entries than a batch, is at its end.
+            self._behind = {stream for stream, entries in got.items()
+                            if len(entries) >= self._batch}
             for reader, added in list(self._fresh.items()):
                 if reader.caught_up:
                     del self._fresh[reader]
