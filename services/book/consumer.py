@@ -742,6 +742,9 @@ class SymbolConsumer:
         sync = self.sync
         if sync.fresh:
             if connection is not None:
+                if connection != self._feed_connection:
+                    log.info("following the feed's connection", extra=kv(
+                        symbol=self.symbol, connectId=connection))
                 self._feed_connection, self._feed_missing = connection, False
             elif self._feed_missing:
                 await self._handle(sync.on_feed_silent(

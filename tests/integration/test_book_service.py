@@ -295,6 +295,9 @@ def test_feed_silent_makes_503_until_the_book_is_shown_current(
     feed.publish(30)
     assert book_at(book, feed) == feed.expected()  # heartbeat there: served
     assert book.metric("kumex_book_feed_silent_total") == 0.0
+    # Only a heartbeat the book saw while served tells it which connection it follows.
+    wait_for(lambda: "following the feed's connection" in book.log_text(),
+             "the book to see the heartbeat", proc=book)
     redis_sync.delete(alive)
     detail = unavailable(book, "503 once the heartbeat lapsed")
     assert "no heartbeat from the feed" in detail and str(feed.ref.sequence) in detail
