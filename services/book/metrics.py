@@ -41,6 +41,10 @@ class BookMetrics:
             "kumex_book_stream_read_refusals",
             "Times Redis refused to read the symbol's stream (its key holds another type): "
             "left out of the replica's read until it is a stream again", sym, registry=r)
+        self.stream_reads = Counter(
+            "kumex_book_stream_reads",
+            "Round trips of the replica's stream reader (one XREAD over every book it keeps, "
+            "and its follow-up)", registry=r)
         self.overflow = Counter("kumex_book_buffer_overflow",
                                 "Buffered messages lost to the buffer bound", sym, registry=r)
         self.gaps = Counter("kumex_book_gaps", "Sequence gaps seen", sym, registry=r)

@@ -44,6 +44,7 @@ from typing import Any, Final, Protocol
 
 import redis.asyncio
 import redis.exceptions
+from prometheus_client import Counter
 from redis.asyncio.connection import AbstractConnection
 
 from kumex_l3.backoff import Backoff
@@ -99,14 +100,31 @@ def _bulk(value: str) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(raw), raw)
 
 
-def _by_stream(reply: Any) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
-    """``XREAD``'s raw reply (a RESP3 map or RESP2 pairs) as {stream: [(id, fields)]}."""
+def _pairs(reply: Any) -> Any:
+    """``XREAD``'s raw reply (a RESP3 map or RESP2 pairs) as (stream, entries) pairs."""
     if not reply:
-        return {}
-    pairs = reply.items() if isinstance(reply, dict) else reply
-    return {_text(stream): [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-                            for entry_id, flat in entries]
-            for stream, entries in pairs}
+        return ()
+    return reply.items() if isinstance(reply, dict) else reply
+
+
+def _by_stream(reply: Any, more: Any = None) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
+    """``XREAD``'s raw reply as {stream: [(id, fields)]}; with ``more``, the reply of a read
+    sent just after it from the same positions (:meth:`_Plan.command`), whose entries past
+    the first reply's are added to it."""
+    got: dict[str, list[Any]] = {_text(stream): entries for stream, entries in _pairs(reply)}
+    for stream, entries in _pairs(more):
+        name = _text(stream)
+        first = got.get(name)
+        if not first:
+            got[name] = entries
+        elif len(entries) > len(first) and entries[len(first) - 1][0] == first[-1][0]:
+            # The same start, so the first reply is a prefix of this one. Anything else
+            # (the stream trimmed between the two) keeps the first alone: the next read
+            # goes on from its end.
+            got[name] = [*first, *entries[len(first):]]
+    return {stream: [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                     for entry_id, flat in entries]
+            for stream, entries in got.items()}
 
 
 @dataclass(slots=True)
@@ -116,6 +134,8 @@ class _Plan:
     readers: list[Reading]
     #: ``*N XREAD COUNT n BLOCK ms STREAMS k1 .. kn`` in RESP.
     prefix: bytes
+    #: ``*N XREAD COUNT n STREAMS k1 .. kn``: the follow-up read, when there are several.
+    follow: bytes | None
     #: Each stream's read position in RESP, in the order of ``readers``.
     ids: list[bytes]
     #: Stream -> its place in ``readers``.
@@ -123,16 +143,32 @@ class _Plan:
 
     @classmethod
     def of(cls, readers: list[Reading], batch: int, block_ms: int) -> _Plan:
-        head = [b"XREAD", b"COUNT", str(batch).encode(), b"BLOCK", str(block_ms).encode(),
-                b"STREAMS"]
-        prefix = b"*%d\r\n" % (len(head) + 2 * len(readers)) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(a), a) for a in head)
-        return cls(readers, prefix + b"".join(_bulk(r.stream) for r in readers),
+        def packed(*head: bytes) -> bytes:
+            return b"*%d\r\n" % (len(head) + 2 * len(readers)) + b"".join(
+                b"$%d\r\n%s\r\n" % (len(a), a) for a in head) + streams
+
+        streams = b"".join(_bulk(r.stream) for r in readers)
+        count = (b"XREAD", b"COUNT", str(batch).encode())
+        return cls(readers, packed(*count, b"BLOCK", str(block_ms).encode(), b"STREAMS"),
+                   packed(*count, b"STREAMS") if len(readers) > 1 else None,
                    [_bulk(r.read_id) for r in readers],
                    {r.stream: i for i, r in enumerate(readers)})
 
     def command(self) -> bytes:
-        return self.prefix + b"".join(self.ids)
+        """The blocking read and, over several streams, a follow-up read from the same
+        positions without blocking, sent together.
+
+        Why the follow-up: Redis (7.0) answers a blocked ``XREAD`` with the one stream
+        whose write woke it, at that write. The feed appends a batch to several streams
+        in one pipeline, so the read woken by its first stream would miss the others,
+        and a second round trip would fetch them. Redis runs the follow-up once it has
+        handled the rest of that pipeline, and both replies come in one write: one round
+        trip a flush, as with one stream (docs/BENCHMARKS.md, "Many symbols").
+        """
+        ids = b"".join(self.ids)
+        if self.follow is None:
+            return self.prefix + ids
+        return self.prefix + ids + self.follow + ids
 
     def args(self, batch: int, block_ms: int) -> list[str | int]:
         """The same read as the arguments of a command (for a Redis Cluster client)."""
@@ -153,8 +189,11 @@ class StreamReader:
 
     def __init__(self, client: redis.asyncio.Redis, settings: BookSettings, *,
                  errors: tuple[type[BaseException], ...],
+                 reads: Counter | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = client
+        #: Counts the round trips (every read sent, answered or not).
+        self._reads = reads
         self._batch = settings.read_batch
         self._block_ms = max(1, int(settings.read_block_seconds * 1000))
         self._deadline = settings.read_block_seconds + READ_GRACE_S
@@ -231,6 +270,8 @@ class StreamReader:
             plan = self._plan
             if plan is None or plan.readers != readers:
                 plan = self._plan = _Plan.of(readers, self._batch, self._block_ms)
+            if self._reads is not None:
+                self._reads.inc()
             try:
                 got = await self._read(plan)
             except redis.exceptions.ResponseError as exc:
@@ -293,20 +334,29 @@ class StreamReader:
             # slot now (this reader's streams are of one slot: BookService).
             return _parsed_by_stream(await self._redis.execute_command(  # type: ignore[no-untyped-call]
                 *plan.args(self._batch, self._block_ms)))
-        return _by_stream(await self._xread(self._conn, plan.command()))
+        return await self._xread(self._conn, plan)
 
-    async def _xread(self, conn: AbstractConnection, command: bytes) -> Any:
-        await conn.send_packed_command(command, check_health=False)
+    async def _xread(self, conn: AbstractConnection,
+                     plan: _Plan) -> dict[str, list[tuple[Any, dict[Any, Any]]]]:
+        await conn.send_packed_command(plan.command(), check_health=False)
         # Not read_response(timeout=...): it answers None at the deadline, as XREAD does
         # when nothing came, and keeps the connection with the reply still owed on it.
         try:
             async with asyncio.timeout(self._deadline):
-                return await conn.read_response()
+                try:
+                    reply = await conn.read_response()
+                except redis.exceptions.ResponseError:
+                    if plan.follow is not None:  # its reply is owed too: read it first
+                        with contextlib.suppress(redis.exceptions.ResponseError):
+                            await conn.read_response()
+                    raise
+                more = None if plan.follow is None else await conn.read_response()
         except TimeoutError:
             await conn.disconnect(nowait=True)
             raise redis.exceptions.TimeoutError(
                 f"no reply to the stream read in {self._deadline:g} s: connection dropped"
             ) from None
+        return _by_stream(reply, more)
 
     async def _retry(self, backoff: Backoff, exc: BaseException, readers: list[Reading]) -> None:
         delay = backoff.next_delay()

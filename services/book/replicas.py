@@ -105,8 +105,9 @@ class BookService:
         slot = key_slot(keys.l3_stream(symbol).encode()) if self.settings.redis_cluster else 0
         reader = self.readers.get(slot)
         if reader is None:
-            reader = self.readers[slot] = StreamReader(self.redis, self.settings,
-                                                       errors=REDIS_ERRORS)
+            reader = self.readers[slot] = StreamReader(
+                self.redis, self.settings, errors=REDIS_ERRORS,
+                reads=self.metrics.stream_reads)
             if self._started:
                 reader.start()
         return reader

@@ -741,6 +741,47 @@ def test_one_stream_read_keeps_every_symbol(
             assert book_at(book, f) == f.expected()
 
 
+def test_a_feed_flush_over_several_streams_is_read_in_one_round_trip(
+    redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
+) -> None:
+    """The feed appends to several streams in one pipeline. Redis answers a blocked XREAD
+    with the one stream whose write woke it; the reader's follow-up read, sent with it,
+    brings the others in the same round trip: one round trip per flush, not one per
+    stream it touched, and every book equal to the exchange's."""
+    if is_cluster_url(redis_url):
+        pytest.skip("on a cluster each slot has its own reader (one stream each here)")
+    feeds = {s: Feed(redis_sync, s, seed=80 + i) for i, s in enumerate(SYMBOLS)}
+    for f in feeds.values():
+        f.store_snapshot()
+        f.publish(100)
+    book = spawn(procs, redis_url, "follow-up", SYMBOLS, BOOK_READ_BLOCK_SECONDS="2")
+    for f in feeds.values():
+        assert book_at(book, f) == f.expected()
+
+    def round_trips() -> float:
+        for line in book.get("/metrics").text.splitlines():
+            if line.startswith("kumex_book_stream_reads_total "):
+                return float(line.split()[1])
+        raise AssertionError("no kumex_book_stream_reads_total")
+
+    flushes = 20
+    before = round_trips()
+    for _ in range(flushes):
+        # One flush: a few messages on every stream, in one pipeline, as the feed writes.
+        pipe = redis_sync.pipeline(transaction=False)
+        for f in feeds.values():
+            for raw in f.gen.take(3) + f.gen.flush():
+                f.ref.apply(parse_message(raw))
+                pipe.xadd(keys.l3_stream(f.symbol), {keys.FIELD_MSG: raw})
+        pipe.execute()
+        for f in feeds.values():
+            assert book_at(book, f) == f.expected()
+    reads = round_trips() - before
+    # One per flush (a read can also end at the 2 s block time); without the follow-up,
+    # each flush took a round trip per stream after the first too.
+    assert flushes <= reads <= flushes + 3, reads
+
+
 def test_a_stream_key_redis_refuses_to_read_stops_only_its_own_book(
     redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
 ) -> None:
