@@ -119,6 +119,11 @@ class BookSettings(CommonSettings):
         if not re.fullmatch(self.peer_url_pattern, self.public_url):
             raise ValueError(f"the replica's URL {self.public_url!r} does not match "
                              "BOOK_PEER_URL_PATTERN: the other replicas would refuse it")
+        if self.read_block_seconds >= self.max_age_seconds:
+            # A quiet book is confirmed current by the read that ends its block time: a
+            # block as long as the age limit would make every quiet book answer 503.
+            raise ValueError(f"BOOK_READ_BLOCK_SECONDS ({self.read_block_seconds:g}) must be "
+                             f"less than BOOK_MAX_AGE_SECONDS ({self.max_age_seconds:g})")
         return self
 
     @property

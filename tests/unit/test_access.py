@@ -62,6 +62,22 @@ def test_the_book_listens_on_loopback_and_checks_its_own_url(
         BookSettings()
 
 
+def test_a_read_block_as_long_as_the_age_limit_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet book is confirmed current when a blocked read ends: blocking as long as the
+    age limit would make every quiet book answer 503 between two messages."""
+    for name in list(os.environ):
+        if name.startswith("BOOK_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("BOOK_MAX_AGE_SECONDS", "2")
+    monkeypatch.setenv("BOOK_READ_BLOCK_SECONDS", "1.9")
+    assert BookSettings().read_block_seconds == 1.9
+    monkeypatch.setenv("BOOK_READ_BLOCK_SECONDS", "2")
+    with pytest.raises(ValueError, match=r"BOOK_READ_BLOCK_SECONDS \(2\) must be less than "
+                                         r"BOOK_MAX_AGE_SECONDS \(2\)"):
+        BookSettings()
+
+
 @pytest.mark.parametrize(("url", "why"), [
     ("redis://127.0.0.1:99999/0", "port"),
     ("redis://127.0.0.1:0/0", "port"),
