@@ -892,16 +892,21 @@ class SymbolConsumer:
         self._metrics.checkpoints.labels(self.symbol).inc()
 
     def _top_due(self, now: float) -> _TopState | None:
-        """The ``top`` state to write now, if any (at most 10 a second; unchanged, once a
-        second)."""
-        if now - self._top_at < _TOP_MIN_INTERVAL or (
-                self.version == self._top_version and now - self._top_at < _TOP_HEARTBEAT):
+        """The ``top`` state to write now, if any: when the best prices or the served state
+        changed (at most 10 times a second), and once a second whatever changed (the
+        sequence alone moves on every message: writing it at 10 Hz for each of a hundred
+        books was most of a replica's upkeep)."""
+        since = now - self._top_at
+        if since < _TOP_MIN_INTERVAL or (self.version == self._top_version
+                                         and since < _TOP_HEARTBEAT):
             return None
         book = self.book
         state = (book is not None, self._sequence(),
                  (book.best_bid_text() or "") if book is not None else "",
                  (book.best_ask_text() or "") if book is not None else "")
-        if state == self._top_state and now - self._top_at < _TOP_HEARTBEAT:
+        last = self._top_state
+        if since < _TOP_HEARTBEAT and last is not None and (
+                state[0], state[2], state[3]) == (last[0], last[2], last[3]):
             return None
         return state
 
