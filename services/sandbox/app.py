@@ -2,7 +2,8 @@
 
 :func:`create_app` wires one :class:`~services.sandbox.exchange.Exchange`
 into FastAPI: the ``/api/...`` REST router behind
-:class:`~services.sandbox.rest.ApiShell` (REST faults and latency), the
+:class:`~services.sandbox.rest.ApiShell` (REST faults and latency; the routes are
+:mod:`services.sandbox.api`), the
 WebSocket ``/endpoint`` of the hub, the ``/sandbox/...`` control API and
 ``/healthz``. The lifespan primes the books and runs the flow task.
 """
@@ -15,9 +16,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from services.sandbox.control import control_router
+from services.sandbox import api, control
 from services.sandbox.exchange import Exchange
-from services.sandbox.rest import ApiShell, api_router, install_error_handlers
+from services.sandbox.rest import ApiShell, install_error_handlers
 from services.sandbox.settings import SandboxSettings
 
 __all__ = ["create_app"]
@@ -45,9 +46,9 @@ def create_app(settings: SandboxSettings, exchange: Exchange | None = None) -> F
     app.state.exchange = ex
     install_error_handlers(app)
     app.add_middleware(ApiShell, exchange=ex)
-    app.include_router(api_router(ex))
+    app.include_router(api.router)
     app.include_router(ex.hub.router)
-    app.include_router(control_router(ex))
+    app.include_router(control.router)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

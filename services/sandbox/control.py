@@ -41,16 +41,18 @@ import binascii
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from services.sandbox.engine import RejectError
-from services.sandbox.exchange import Exchange, UnknownSymbol
+from services.sandbox.exchange import UnknownSymbol
+from services.sandbox.rest import ExchangeDep
 
-__all__ = ["MAX_INJECT_BYTES", "MAX_INJECT_FRAMES", "MAX_STEPS", "control_router"]
+__all__ = ["MAX_INJECT_BYTES", "MAX_INJECT_FRAMES", "MAX_STEPS", "router"]
 
 #: Most flow steps one ``POST /sandbox/step`` may ask for.
 MAX_STEPS: Final = 100_000
@@ -58,9 +60,6 @@ MAX_STEPS: Final = 100_000
 MAX_INJECT_FRAMES: Final = 10_000
 #: Most bytes (all frames together) one ``POST /sandbox/inject`` may send.
 MAX_INJECT_BYTES: Final = 16 * 1024 * 1024
-
-
-_Action = Callable[[Request], Awaitable[JSONResponse]]
 
 
 class _BadInput(Exception):
@@ -134,166 +133,151 @@ def _frames(body: dict[str, Any]) -> list[str | bytes]:
     return out
 
 
-def control_router(exchange: Exchange) -> APIRouter:
-    """The ``/sandbox/...`` endpoints, bound to ``exchange``."""
-    router = APIRouter(prefix="/sandbox")
+class _Guarded(APIRoute):
+    """A control route whose refusals answer ``{"error": ...}``: bad input 400 (or the
+    status it names), an unknown symbol 404, an order the engine refuses 409 (404 when
+    it does not exist). The REST API answers the same exceptions in the venue's
+    envelope (:mod:`services.sandbox.rest`), so this mapping is the control routes' own."""
 
-    async def guarded(request: Request, action: _Action) -> JSONResponse:
-        try:
-            result = await action(request)
-        except _BadInput as exc:
-            return _error(exc.msg, exc.status)
-        except UnknownSymbol as exc:
-            return _error(exc.msg, 404)
-        except RejectError as exc:
-            return _error(exc.msg, 404 if exc.http_status == 404 else 409)
-        return result
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
 
-    @router.get("/state")
-    async def state() -> JSONResponse:
-        return JSONResponse(exchange.state())
-
-    @router.post("/flow/pause")
-    async def pause() -> JSONResponse:
-        exchange.pause()
-        return JSONResponse(exchange.state()["flow"])
-
-    @router.post("/flow/resume")
-    async def resume(request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            body = await _json_object(req, optional=True)
-            if "rate" in body:
-                exchange.set_rate(_rate(body["rate"]))
-            exchange.resume()
-            return JSONResponse(exchange.state()["flow"])
-
-        return await guarded(request, act)
-
-    @router.post("/flow/rate")
-    async def rate(request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            body = await _json_object(req)
-            if "rate" not in body:
-                raise _BadInput("rate is required")
-            exchange.set_rate(_rate(body["rate"]))
-            return JSONResponse(exchange.state()["flow"])
-
-        return await guarded(request, act)
-
-    @router.post("/step")
-    async def step(request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            body = await _json_object(req, optional=True)
-            n = body.get("n", 1)
-            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_STEPS:
-                raise _BadInput(f"n must be an integer in [0, {MAX_STEPS}]")
-            messages = exchange.step(n)
-            return JSONResponse(
-                {"steps": n, "messages": messages, "sequences": exchange.sequences()}
-            )
-
-        return await guarded(request, act)
-
-    @router.post("/faults")
-    async def faults(request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            body = await _json_object(req)
+        async def guarded(request: Request) -> Response:
             try:
-                exchange.faults.update(**body)
-            except (ValueError, TypeError) as exc:
-                raise _BadInput(str(exc)) from None
-            if "snapshot_rate_per_min" in body:
-                exchange.snapshot_limiter.reset()
-            return JSONResponse(exchange.faults.to_dict())
+                return await handle(request)
+            except _BadInput as exc:
+                return _error(exc.msg, exc.status)
+            except UnknownSymbol as exc:
+                return _error(exc.msg, 404)
+            except RejectError as exc:
+                return _error(exc.msg, 404 if exc.http_status == 404 else 409)
 
-        return await guarded(request, act)
+        return guarded
 
-    @router.post("/inject")
-    async def inject(request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            body = await _json_object(req)
-            symbol = body.get("symbol")
-            if not isinstance(symbol, str) or not exchange.hub.symbol_known(symbol):
-                raise _BadInput(f"unknown symbol {symbol!r}", 404)
-            frames = _frames(body)
-            exchange.hub.inject(symbol, frames)
-            return JSONResponse({"symbol": symbol, "injected": len(frames),
-                                 "subscribers": exchange.hub.subscriber_count(symbol)})
 
-        return await guarded(request, act)
+#: The ``/sandbox/...`` endpoints; the exchange they control is the app's
+#: (:data:`services.sandbox.rest.ExchangeDep`).
+router = APIRouter(prefix="/sandbox", route_class=_Guarded)
 
-    @router.post("/rest-error")
-    async def rest_error(request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            body = await _json_object(req)
-            status = body.get("status")
-            seconds = body.get("seconds", 60)
-            if status is None:
-                exchange.faults.update(rest_error_status=None, rest_error_until=0.0)
-                return JSONResponse(exchange.faults.to_dict())
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, (int, float))
-                or not math.isfinite(seconds)
-                or seconds <= 0
-            ):
-                raise _BadInput("seconds must be a positive number")
-            try:
-                exchange.faults.update(
-                    rest_error_status=status, rest_error_until=time.monotonic() + float(seconds)
-                )
-            except (ValueError, TypeError) as exc:
-                raise _BadInput(str(exc)) from None
-            return JSONResponse(exchange.faults.to_dict())
 
-        return await guarded(request, act)
+@router.get("/state")
+async def state(exchange: ExchangeDep) -> JSONResponse:
+    return JSONResponse(exchange.state())
 
-    @router.post("/disconnect")
-    async def disconnect(request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            body = await _json_object(req, optional=True)
-            seconds = body.get("seconds", 0)
-            if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                    or not math.isfinite(seconds) or not 0 <= seconds <= 3600):
-                raise _BadInput("seconds must be a number in [0, 3600]")
-            closed = exchange.hub.disconnect_all(float(seconds))
-            return JSONResponse({"disconnected": closed, "refusingFor": float(seconds)})
 
-        return await guarded(request, act)
+@router.post("/flow/pause")
+async def pause(exchange: ExchangeDep) -> JSONResponse:
+    exchange.pause()
+    return JSONResponse(exchange.state()["flow"])
 
-    @router.get("/book/{symbol}")
-    async def book(symbol: str, request: Request) -> JSONResponse:
-        async def act(_: Request) -> JSONResponse:
-            if exchange.replay_mode:
-                raise _BadInput("no engine book while replaying a capture", 409)
-            if symbol not in exchange.engines:
-                raise _BadInput(f"unknown symbol {symbol!r}", 404)
-            return JSONResponse(exchange.book_l3(symbol))
 
-        return await guarded(request, act)
+@router.post("/flow/resume")
+async def resume(request: Request, exchange: ExchangeDep) -> JSONResponse:
+    body = await _json_object(request, optional=True)
+    if "rate" in body:
+        exchange.set_rate(_rate(body["rate"]))
+    exchange.resume()
+    return JSONResponse(exchange.state()["flow"])
 
-    @router.get("/snapshot/{symbol}")
-    async def snapshot(symbol: str, request: Request) -> JSONResponse:
-        async def act(_: Request) -> JSONResponse:
-            exchange.check_market_symbol(symbol)
-            return JSONResponse(exchange.snapshot(symbol))
 
-        return await guarded(request, act)
+@router.post("/flow/rate")
+async def rate(request: Request, exchange: ExchangeDep) -> JSONResponse:
+    body = await _json_object(request)
+    if "rate" not in body:
+        raise _BadInput("rate is required")
+    exchange.set_rate(_rate(body["rate"]))
+    return JSONResponse(exchange.state()["flow"])
 
-    @router.get("/journal/{symbol}")
-    async def journal(symbol: str, request: Request) -> JSONResponse:
-        async def act(req: Request) -> JSONResponse:
-            if not exchange.journal:
-                raise _BadInput("the journal is off (SANDBOX_JOURNAL_SIZE=0)", 409)
-            try:
-                after = int(req.query_params.get("after", "0"))
-                limit = int(req.query_params.get("limit", "100000"))
-            except ValueError:
-                raise _BadInput("after and limit must be integers") from None
-            if limit < 1:
-                raise _BadInput("limit must be positive")
-            return JSONResponse(exchange.journal_after(symbol, after, limit))
 
-        return await guarded(request, act)
+@router.post("/step")
+async def step(request: Request, exchange: ExchangeDep) -> JSONResponse:
+    body = await _json_object(request, optional=True)
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_STEPS:
+        raise _BadInput(f"n must be an integer in [0, {MAX_STEPS}]")
+    messages = exchange.step(n)
+    return JSONResponse({"steps": n, "messages": messages, "sequences": exchange.sequences()})
 
-    return router
+
+@router.post("/faults")
+async def faults(request: Request, exchange: ExchangeDep) -> JSONResponse:
+    body = await _json_object(request)
+    try:
+        exchange.faults.update(**body)
+    except (ValueError, TypeError) as exc:
+        raise _BadInput(str(exc)) from None
+    if "snapshot_rate_per_min" in body:
+        exchange.snapshot_limiter.reset()
+    return JSONResponse(exchange.faults.to_dict())
+
+
+@router.post("/inject")
+async def inject(request: Request, exchange: ExchangeDep) -> JSONResponse:
+    body = await _json_object(request)
+    symbol = body.get("symbol")
+    if not isinstance(symbol, str) or not exchange.hub.symbol_known(symbol):
+        raise _BadInput(f"unknown symbol {symbol!r}", 404)
+    frames = _frames(body)
+    exchange.hub.inject(symbol, frames)
+    return JSONResponse({"symbol": symbol, "injected": len(frames),
+                         "subscribers": exchange.hub.subscriber_count(symbol)})
+
+
+@router.post("/rest-error")
+async def rest_error(request: Request, exchange: ExchangeDep) -> JSONResponse:
+    body = await _json_object(request)
+    status = body.get("status")
+    seconds = body.get("seconds", 60)
+    if status is None:
+        exchange.faults.update(rest_error_status=None, rest_error_until=0.0)
+        return JSONResponse(exchange.faults.to_dict())
+    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds) or seconds <= 0):
+        raise _BadInput("seconds must be a positive number")
+    try:
+        exchange.faults.update(
+            rest_error_status=status, rest_error_until=time.monotonic() + float(seconds)
+        )
+    except (ValueError, TypeError) as exc:
+        raise _BadInput(str(exc)) from None
+    return JSONResponse(exchange.faults.to_dict())
+
+
+@router.post("/disconnect")
+async def disconnect(request: Request, exchange: ExchangeDep) -> JSONResponse:
+    body = await _json_object(request, optional=True)
+    seconds = body.get("seconds", 0)
+    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds) or not 0 <= seconds <= 3600):
+        raise _BadInput("seconds must be a number in [0, 3600]")
+    closed = exchange.hub.disconnect_all(float(seconds))
+    return JSONResponse({"disconnected": closed, "refusingFor": float(seconds)})
+
+
+@router.get("/book/{symbol}")
+async def book(symbol: str, exchange: ExchangeDep) -> JSONResponse:
+    if exchange.replay_mode:
+        raise _BadInput("no engine book while replaying a capture", 409)
+    if symbol not in exchange.engines:
+        raise _BadInput(f"unknown symbol {symbol!r}", 404)
+    return JSONResponse(exchange.book_l3(symbol))
+
+
+@router.get("/snapshot/{symbol}")
+async def snapshot(symbol: str, exchange: ExchangeDep) -> JSONResponse:
+    exchange.check_market_symbol(symbol)
+    return JSONResponse(exchange.snapshot(symbol))
+
+
+@router.get("/journal/{symbol}")
+async def journal(symbol: str, request: Request, exchange: ExchangeDep) -> JSONResponse:
+    if not exchange.journal:
+        raise _BadInput("the journal is off (SANDBOX_JOURNAL_SIZE=0)", 409)
+    try:
+        after = int(request.query_params.get("after", "0"))
+        limit = int(request.query_params.get("limit", "100000"))
+    except ValueError:
+        raise _BadInput("after and limit must be integers") from None
+    if limit < 1:
+        raise _BadInput("limit must be positive")
+    return JSONResponse(exchange.journal_after(symbol, after, limit))
