@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_wait", "race"]
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +53,16 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None,
                 log.warning("task %s ended with %r while stopping", task.get_name(), error,
                             exc_info=error)
     return pending
+
+
+async def race(*coros: Coroutine[Any, Any, Any]) -> list[object]:
+    """Run ``coros`` as tasks until one of them ends, then cancel the others: what each
+    ended with, in order (its result, its exception, or the cancellation)."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results: list[object] = await asyncio.gather(*tasks, return_exceptions=True)
+    return results

@@ -15,8 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any, Final
+from typing import Final
 
 import redis.asyncio
 import redis.exceptions
@@ -26,6 +25,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import WebSocketException
 
 from kumex_l3.logs import kv
+from kumex_l3.tasks import race
 from services.book.consumer import SymbolConsumer
 from services.book.metrics import BookMetrics
 from services.book.peers import PROXY_HEADER, Peers
@@ -67,7 +67,7 @@ class WsSession:
         self._last: bytes | str | None = None
 
     async def run(self) -> None:
-        pushed, _ = await _first_of(self._push(), self._listen())
+        pushed, _ = await race(self._push(), self._listen())
         if isinstance(pushed, _SlowClient):
             self.metrics.ws_dropped.labels(self.symbol).inc()
             log.info("slow WebSocket client dropped", extra=kv(symbol=self.symbol))
@@ -155,7 +155,7 @@ class WsSession:
                     async for message in upstream:
                         await self._send(message)
 
-                pumped, _ = await _first_of(pump(), self._watch(owner.id))
+                pumped, _ = await race(pump(), self._watch(owner.id))
                 if isinstance(pumped, _SlowClient):
                     raise pumped
         except (OSError, TimeoutError, WebSocketException) as exc:
@@ -175,20 +175,6 @@ class WsSession:
                 continue
             if now is None or now.id != owner_id:
                 return
-
-
-async def _first_of(a: Coroutine[Any, Any, None],
-                    b: Coroutine[Any, Any, None]) -> tuple[object, object]:
-    """Run ``a`` and ``b`` until either ends, cancel the other: what each ended with
-    (``None``, an exception, or the cancellation)."""
-    tasks = (asyncio.create_task(a), asyncio.create_task(b))
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    return results[0], results[1]
 
 
 def _status(symbol: str, detail: str) -> str:

@@ -82,7 +82,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from kumex_l3.messages import PRIVATE_TOPIC, TOPIC_PREFIX
-from kumex_l3.tasks import cancel_and_wait
+from kumex_l3.tasks import cancel_and_wait, race
 from services.sandbox.faults import FaultState, WsFaultFilter
 
 __all__ = [
@@ -480,17 +480,10 @@ class Hub:
         client = _Client(connect_id, time.monotonic() + self.ping_timeout_s, self.faults,
                          self._seeds.getrandbits(63), user=self._token_user(token))
         self._clients.add(client)
-        tasks = {
-            asyncio.create_task(self._send_loop(client, websocket)),
-            asyncio.create_task(self._receive_loop(client, websocket)),
-            asyncio.create_task(client.closing.wait()),
-        }
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            results = await race(self._send_loop(client, websocket),
+                                 self._receive_loop(client, websocket), client.closing.wait())
         finally:
-            for t in tasks:
-                t.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
             self._forget(client)
         for result in results:
             if isinstance(result, Exception) and not isinstance(

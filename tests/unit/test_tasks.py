@@ -1,4 +1,5 @@
-"""cancel_and_wait: a task that loses a cancellation is cancelled again until it ends."""
+"""cancel_and_wait: a task that loses a cancellation is cancelled again until it ends;
+race: the first to end wins, the others are cancelled."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from kumex_l3.tasks import cancel_and_wait
+from kumex_l3.tasks import cancel_and_wait, race
 
 
 async def _stubborn(swallow: int, seen: list[int]) -> None:
@@ -94,3 +95,23 @@ def test_an_error_on_the_way_out_is_logged_not_raised(caplog: pytest.LogCaptureF
         assert asyncio.run(main()) == set()
     assert [r.getMessage() for r in caplog.records] == [
         "task flusher ended with RuntimeError('flush failed') while stopping"]
+
+
+def test_race_gives_what_each_ended_with_and_cancels_the_rest() -> None:
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("boom")
+
+    async def main() -> None:
+        done = asyncio.Event()
+        first, second, third = await race(asyncio.sleep(0.01, "first"), done.wait(),
+                                          asyncio.sleep(3600))
+        assert first == "first"
+        assert isinstance(second, asyncio.CancelledError)
+        assert isinstance(third, asyncio.CancelledError)
+        assert not done.is_set()
+        failed, slow = await race(fails(), asyncio.sleep(3600))
+        assert isinstance(failed, ValueError) and str(failed) == "boom"
+        assert isinstance(slow, asyncio.CancelledError)
+
+    asyncio.run(main())
