@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from kumex_l3.service import run_service
-from services.feed.feed import run_feed
+from services.feed.run import run_feed
 from services.feed.settings import FeedSettings
 
 _log = logging.getLogger("services.feed")

@@ -41,9 +41,9 @@ cover it. While a session is up the writer keeps the heartbeat
 ``kumex:{SYM}:feed`` alive (fenced too) and, at each session start, asks the
 snapshot scheduler (:mod:`services.feed.snapshots`) for a snapshot.
 
-:func:`run_feed` wires it all (writer, lines, leases, snapshots, HTTP) and
-returns after a clean stop: it flushes the buffer to Redis for up to
-``FEED_SHUTDOWN_TIMEOUT`` seconds and gives its leases back.
+:func:`services.feed.run.run_feed` wires it all (writer, lines, leases,
+snapshots, HTTP) and returns after a clean stop: it flushes the buffer to Redis
+for up to ``FEED_SHUTDOWN_TIMEOUT`` seconds and gives its leases back.
 """
 
 from __future__ import annotations
@@ -51,36 +51,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import secrets
-import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-import httpx
 import msgspec
 import redis.asyncio
 import redis.exceptions
 from prometheus_client.metrics import Counter as _Counter
 
-from kumex_l3 import keys, redis_adapter
+from kumex_l3 import keys
 from kumex_l3.backoff import Backoff
-from kumex_l3.config import redact_url
 from kumex_l3.errors import MessageError
-from kumex_l3.lease import LeaseManager, LeaseOwner
 from kumex_l3.logs import kv
 from kumex_l3.messages import MAX_MESSAGE_BYTES, Control, DataMessage, Message, parse_message
-from kumex_l3.service import start_server
 from kumex_l3.tasks import cancel_and_wait
 from kumex_l3.wsclient import (
     Connection,
     DataFrame,
     FrameKind,
     WsClient,
-    WsOptions,
     level3_topic,
     level3_topics,
 )
@@ -89,19 +81,16 @@ from services.feed.capture import Capture
 from services.feed.lines import Line
 from services.feed.metrics import FeedMetrics, LineCollector
 from services.feed.settings import FeedSettings
-from services.feed.snapshots import Snapshotter, request_payload
-from services.feed.web import make_app
+from services.feed.snapshots import request_payload
 from services.feed.writer import ROLE, StreamWriter
 
-__all__ = ["Feed", "make_backoff", "run_feed"]
+__all__ = ["SCHEDULER_ROLE", "Feed", "make_backoff"]
 
 _log = logging.getLogger(__name__)
 
 #: Unrouted frames: the first ones are logged, then one in this many.
 _LOG_EVERY: Final = 1000
 _LOG_FIRST: Final = 10
-#: Capture flush period, seconds.
-_CAPTURE_FLUSH_S: Final = 1.0
 #: Refused frames remembered, so that one sent on every line is dead-lettered once.
 _REFUSED_MEMORY: Final = 256
 #: Bytes of a refused frame kept in the dead-letter stream (the rest is counted).
@@ -533,198 +522,3 @@ def _invalid_reason(text: str) -> str:
     except MessageError as exc:
         return exc.reason
     return "data.sequence is missing or not a non-negative integer"
-
-
-async def _flush_capture(capture: Capture) -> None:
-    while True:
-        await asyncio.sleep(_CAPTURE_FLUSH_S)
-        capture.flush()
-
-
-def _redis_factory(settings: FeedSettings, name: str) -> Callable[[], redis.asyncio.Redis]:
-    def connect() -> redis.asyncio.Redis:
-        return redis_adapter.connect(settings.redis_url, name, timeout=settings.redis_timeout,
-                                     cluster=settings.redis_cluster)
-    return connect
-
-
-def default_feed_id() -> str:
-    """``feed-<host>-<pid>-<random>``: unique per process, so that a lease value (the
-    fencing token) is never shared by two processes, not even a restart of one."""
-    return f"feed-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-async def _heads(client: redis.asyncio.Redis, symbols: Sequence[str]) -> dict[str, int | None]:
-    """The last sequence written to each stream (``kumex:{SYM}:l3:last``), where known."""
-    async with client.pipeline(transaction=False) as pipe:
-        for symbol in symbols:
-            pipe.get(keys.stream_head(symbol))
-        values: list[Any] = await pipe.execute()
-    return {s: _int(v) for s, v in zip(symbols, values, strict=True)}
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else None
-
-
-async def run_feed(settings: FeedSettings, stop: asyncio.Event) -> int:
-    """Run the feed until ``stop`` is set; the exit status (0 clean, 1 a task failed)."""
-    metrics = FeedMetrics()
-    new_backoff = make_backoff(settings)
-    feed_id = settings.id or default_feed_id()
-    writer_redis = _redis_factory(settings, "feed-writer")()
-    heartbeat_redis = _redis_factory(settings, "feed-heartbeat")()
-    lease_redis = _redis_factory(settings, "feed-leases")()
-    feed_ref: list[Feed] = []
-
-    def fenced(symbol: str) -> None:
-        if feed_ref:
-            feed_ref[0].stand_by(symbol)
-
-    writer = StreamWriter(writer_redis, metrics, buffer_max=settings.buffer_max,
-                          batch_size=settings.batch_size, maxlen=settings.stream_maxlen,
-                          backoff=new_backoff(), on_fenced=fenced)
-    tls = settings.tls()
-    http = httpx.AsyncClient(timeout=settings.http_timeout, verify=tls)
-    ws = WsClient(settings.base_url, http=http, options=WsOptions(tls=tls,
-        token_timeout=settings.http_timeout, open_timeout=settings.http_timeout,
-        welcome_timeout=settings.welcome_timeout,
-        subscribe_timeout=settings.subscribe_timeout, compression=settings.ws_compression))
-    snapshots = Snapshotter(http, settings.base_url, settings.symbols, writer, metrics,
-                            per_min=settings.snapshot_per_min, backoff=new_backoff,
-                            burst=settings.snapshot_burst)
-    capture = Capture(settings.capture, metrics) if settings.capture is not None else None
-    try:
-        async with asyncio.timeout(settings.redis_timeout):
-            positions = await _heads(lease_redis, settings.symbols)
-    except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-        _log.warning("stream heads not read: arbitration starts from the first message",
-                     extra=kv(error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-        positions = {}
-    feed = Feed(ws, settings.symbols, writer, metrics, lines=settings.lines,
-                wait=settings.arbitration_wait_ms / 1000.0, backoff=new_backoff,
-                feed_id=feed_id, replay_max=settings.replay_buffer, positions=positions,
-                capture=capture)
-    feed_ref.append(feed)
-    publisher = _redis_factory(settings, "feed-requests")()
-
-    def ask(symbol: str, payload: str) -> None:
-        # Through the channel, so that the scheduler hears it whichever feed holds it.
-        task = asyncio.get_running_loop().create_task(
-            _publish(publisher, keys.snapshot_requests(symbol), payload, metrics))
-        _pending_publishes.add(task)
-        task.add_done_callback(_pending_publishes.discard)
-
-    feed.ask_snapshot = ask
-    owner = LeaseOwner(feed_id, None)
-
-    async def gained(symbol: str) -> None:
-        resume = False
-        try:
-            head = (await _heads(lease_redis, [symbol]))[symbol]
-            last: Any = await lease_redis.xrevrange(keys.l3_stream(symbol), count=1)
-            ctl = last[0][1].get(keys.FIELD_CTL.encode()) if last else None
-            # Mid-session (the writer died, or was fenced off): the stream just goes on.
-            resume = head is not None and ctl != b"disconnected"
-        except (redis.exceptions.RedisError, OSError) as exc:
-            _log.warning("stream head not read: taking over from memory",
-                         extra=kv(symbol=symbol, error=f"{type(exc).__name__}: {exc}"))
-            head = None
-        if leases.holds(symbol):
-            await feed.take_over(symbol, owner.to_json(), head, resume=resume)
-
-    async def lost(symbol: str) -> None:
-        feed.stand_by(symbol)
-
-    leases = LeaseManager(lease_redis, ROLE, settings.symbols, owner,
-                          ttl=settings.lease_ttl_seconds, on_gained=gained, on_lost=lost)
-
-    async def scheduler_gained(_: str) -> None:
-        await snapshots.activate(lease_redis)
-
-    async def scheduler_lost(_: str) -> None:
-        snapshots.deactivate()
-
-    scheduler = LeaseManager(lease_redis, SCHEDULER_ROLE, ["all"], owner,
-                             ttl=settings.lease_ttl_seconds, on_gained=scheduler_gained,
-                             on_lost=scheduler_lost, key=lambda _: keys.feed_scheduler())
-    _log.info("feed starting", extra=kv(
-        feed=feed_id, base_url=settings.base_url, redis=redact_url(settings.redis_url),
-        symbols=",".join(settings.symbols), lines=settings.lines,
-        arbitration_wait_ms=settings.arbitration_wait_ms,
-        snapshot_per_min=settings.snapshot_per_min, buffer_max=settings.buffer_max,
-        maxlen=settings.stream_maxlen,
-        capture=str(settings.capture) if capture is not None else "off"))
-
-    server, server_task = await start_server(make_app(feed.status, metrics.registry),
-                                             settings.http_host, settings.http_port,
-                                             name="feed-http")
-    _log.info("http listening", extra=kv(host=settings.http_host, port=server.port))
-    writer_task = asyncio.create_task(writer.run(), name="feed-writer")
-    workers = [
-        asyncio.create_task(feed.run(), name="feed-lines"),
-        asyncio.create_task(leases.run(), name="feed-leases"),
-        asyncio.create_task(scheduler.run(), name="feed-scheduler-lease"),
-        asyncio.create_task(feed.heartbeat(heartbeat_redis, settings.heartbeat_ttl_seconds),
-                            name="feed-heartbeat"),
-        asyncio.create_task(snapshots.run(), name="feed-snapshots"),
-        asyncio.create_task(snapshots.publish_due(_redis_factory(settings, "feed-due")),
-                            name="feed-snapshot-due"),
-        asyncio.create_task(snapshots.listen(_redis_factory(settings, "feed-listen")),
-                            name="feed-snapshot-requests"),
-    ]
-    if capture is not None:
-        workers.append(asyncio.create_task(_flush_capture(capture), name="feed-capture"))
-    stop_task = asyncio.create_task(stop.wait(), name="feed-stop")
-    status = 0
-    try:
-        done, _ = await asyncio.wait([stop_task, writer_task, server_task, *workers],
-                                     return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stop_task:
-                status = 1
-                error = None if task.cancelled() else task.exception()
-                _log.error("task ended unexpectedly; stopping", extra=kv(task=task.get_name()),
-                           exc_info=error)
-        _log.info("stopping")
-    finally:
-        await cancel_and_wait(stop_task, *workers)
-        feed.end_session("the feed is stopping")
-        writer.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(writer_task), settings.shutdown_timeout)
-        except TimeoutError:
-            await cancel_and_wait(writer_task)
-        except Exception as exc:
-            _log.error("writer failed", exc_info=exc)
-            status = 1
-        else:
-            _log.info("buffer flushed", extra=kv(remaining=len(writer.buffer)))
-        # Given back once the buffer is written: a standby takes over right after it.
-        await leases.close()
-        await scheduler.close()
-        await asyncio.gather(*_pending_publishes, return_exceptions=True)
-        if capture is not None:
-            capture.close()
-        server.should_exit = True
-        await asyncio.gather(server_task, return_exceptions=True)
-        await http.aclose()
-        for client in (writer_redis, heartbeat_redis, lease_redis, publisher):
-            await client.aclose()
-    _log.info("feed stopped", extra=kv(status=status))
-    return status
-
-
-_pending_publishes: set[asyncio.Task[None]] = set()
-
-
-async def _publish(client: redis.asyncio.Redis, channel: str, payload: str,
-                   metrics: FeedMetrics) -> None:
-    try:
-        await client.publish(channel, payload)
-    except (redis.exceptions.RedisError, OSError) as exc:
-        metrics.redis_errors.labels("publish").inc()
-        _log.warning("snapshot request not published", extra=kv(
-            channel=channel, error=f"{type(exc).__name__}: {str(exc)[:200]}"))

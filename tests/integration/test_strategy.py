@@ -543,7 +543,7 @@ async def test_end_to_end_a_real_fill_gives_a_counter_order(
         rest: KumexRestClient) -> None:
     """Sandbox -> feed -> Redis -> order monitor -> order events -> strategy -> sandbox."""
     from kumex_l3.testing.sandbox_proc import DEMO_KEY_2
-    from services.feed.feed import run_feed
+    from services.feed.run import run_feed
     from services.feed.settings import FeedSettings
     from services.order_monitor.service import run_monitor
     from services.order_monitor.settings import MonitorSettings
