@@ -715,18 +715,28 @@ def test_fast_route_answers_as_the_app_does(
     assert book.get("/healthz").status_code == 200
 
 
+def three_books(procs: list[BookProcess], redis_url: str, redis_sync: redis.Redis,
+                replica: str, *, seed: int, published: int = 100,
+                **env: str) -> tuple[dict[str, Feed], BookProcess]:
+    """A stream with a snapshot and ``published`` messages for each of :data:`SYMBOLS`,
+    and one replica keeping the three books, each checked equal to the exchange's."""
+    feeds = {s: Feed(redis_sync, s, seed=seed + i) for i, s in enumerate(SYMBOLS)}
+    for f in feeds.values():
+        f.store_snapshot()
+        f.publish(published)
+    book = spawn(procs, redis_url, replica, SYMBOLS, **env)
+    for f in feeds.values():
+        assert book_at(book, f) == f.expected()
+    return feeds, book
+
+
 def test_one_stream_read_keeps_every_symbol(
     redis_url: str, redis_sync: redis.Redis, procs: list[BookProcess]
 ) -> None:
     """A replica keeping three books waits on one XREAD for all of them, not one each,
     and every book still equals the exchange's as its stream moves on."""
-    feeds = {s: Feed(redis_sync, s, seed=40 + i) for i, s in enumerate(SYMBOLS)}
-    for f in feeds.values():
-        f.store_snapshot()
-        f.publish(200)
-    book = spawn(procs, redis_url, "one-reader", SYMBOLS)
-    for f in feeds.values():
-        assert book_at(book, f) == f.expected()
+    feeds, book = three_books(procs, redis_url, redis_sync, "one-reader", seed=40,
+                              published=200)
     # Idle streams: the reader is blocked in XREAD nearly all the time. One read loop per
     # symbol would show three blocked clients.
     blocked = []
@@ -750,13 +760,8 @@ def test_a_feed_flush_over_several_streams_is_read_in_one_round_trip(
     stream it touched, and every book equal to the exchange's."""
     if is_cluster_url(redis_url):
         pytest.skip("on a cluster each slot has its own reader (one stream each here)")
-    feeds = {s: Feed(redis_sync, s, seed=80 + i) for i, s in enumerate(SYMBOLS)}
-    for f in feeds.values():
-        f.store_snapshot()
-        f.publish(100)
-    book = spawn(procs, redis_url, "follow-up", SYMBOLS, BOOK_READ_BLOCK_SECONDS="2")
-    for f in feeds.values():
-        assert book_at(book, f) == f.expected()
+    feeds, book = three_books(procs, redis_url, redis_sync, "follow-up", seed=80,
+                              BOOK_READ_BLOCK_SECONDS="2")
 
     def round_trips() -> float:
         for line in book.get("/metrics").text.splitlines():
@@ -789,13 +794,8 @@ def test_a_stream_key_redis_refuses_to_read_stops_only_its_own_book(
     naming it). The replica reads every stream in one XREAD: that symbol answers 503
     saying why, the other books go on equal to the exchange's, and the symbol is served
     again once its key is a stream again."""
-    feeds = {s: Feed(redis_sync, s, seed=60 + i) for i, s in enumerate(SYMBOLS)}
-    for f in feeds.values():
-        f.store_snapshot()
-        f.publish(100)
-    book = spawn(procs, redis_url, "poisoned", SYMBOLS, BOOK_MAX_AGE_SECONDS="1")
-    for f in feeds.values():
-        assert book_at(book, f) == f.expected()
+    feeds, book = three_books(procs, redis_url, redis_sync, "poisoned", seed=60,
+                              BOOK_MAX_AGE_SECONDS="1")
     bad, good = feeds[SYMBOLS[2]], [feeds[s] for s in SYMBOLS[:2]]
     redis_sync.delete(keys.l3_stream(bad.symbol))
     redis_sync.set(keys.l3_stream(bad.symbol), b"not a stream")
