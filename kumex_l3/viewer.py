@@ -347,16 +347,28 @@ def _frame(
         return Group(*parts)
 
     own_view = own_orders(body, l3, own_ids)
+    queues = _l3_queues(l3) if l3 is not None else None
+    parts.append(_ladder(bids, asks, own_view, own_ids, queues, bar_width=bar_width,
+                         queue_max=queue_max))
+    if own_view:
+        parts.append(_own_table(own_view))
+    elif queues is not None and not own_ids:
+        parts.append(Text("own orders: none active (their orderIds are read from Redis: "
+                          "--redis-url)", style="dim"))
+    return Group(*parts)
+
+
+def _ladder(bids: Sequence[LadderRow], asks: Sequence[LadderRow], own_view: Sequence[OwnOrderView],
+            own_ids: Collection[str], queues: _Queues | None, *,
+            bar_width: int, queue_max: int) -> Table:
+    """The ladder: asks (best last), the spread, bids (best first); own levels marked."""
     all_own = set(own_ids) | {o.order_id for o in own_view}
-    own_levels = {(o.side, o.price_text) for o in own_view}
     own_prices: set[tuple[str, Decimal]] = set()
-    for side, price_text in own_levels:
+    for o in own_view:
         try:
-            own_prices.add((side, _dec(price_text)))
+            own_prices.add((o.side, _dec(o.price_text)))
         except ValueError:
             continue
-    queues = _l3_queues(l3) if l3 is not None else None
-
     table = Table(box=box.HORIZONTALS, pad_edge=False, show_edge=False, expand=False)
     table.add_column("", width=1, no_wrap=True)
     table.add_column("price", justify="right", no_wrap=True)
@@ -399,21 +411,19 @@ def _frame(
         table.caption = "no asks"
     elif not bids:
         table.caption = "no bids"
-    parts.append(table)
+    return table
 
-    if own_view:
-        mine = Table(title="own orders", box=box.SIMPLE, title_justify="left", show_edge=False)
-        for column in ("side", "price", "size", "position", "size ahead", "orderId"):
-            mine.add_column(column, justify="right" if column != "orderId" else "left")
-        for o in own_view:
-            mine.add_row(o.side, o.price_text, o.size_text,
-                         str(o.position) if o.position >= 0 else "?", o.size_ahead, o.order_id,
-                         style=_ASK_STYLE if o.side == "sell" else _BID_STYLE)
-        parts.append(mine)
-    elif queues is not None and not own_ids:
-        parts.append(Text("own orders: none active (their orderIds are read from Redis: "
-                          "--redis-url)", style="dim"))
-    return Group(*parts)
+
+def _own_table(own_view: Sequence[OwnOrderView]) -> Table:
+    """The user's own orders: where each stands in its queue."""
+    mine = Table(title="own orders", box=box.SIMPLE, title_justify="left", show_edge=False)
+    for column in ("side", "price", "size", "position", "size ahead", "orderId"):
+        mine.add_column(column, justify="right" if column != "orderId" else "left")
+    for o in own_view:
+        mine.add_row(o.side, o.price_text, o.size_text,
+                     str(o.position) if o.position >= 0 else "?", o.size_ahead, o.order_id,
+                     style=_ASK_STYLE if o.side == "sell" else _BID_STYLE)
+    return mine
 
 
 # --------------------------------------------------------------------------- I/O shell
