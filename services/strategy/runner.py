@@ -73,6 +73,7 @@ from services.strategy.metrics import StrategyMetrics
 from services.strategy.settings import StrategySettings
 from services.strategy.state import (
     PlannedOrder,
+    StoredState,
     clear_plans,
     load_state,
     prune_filled,
@@ -281,18 +282,46 @@ class GridStrategy:
 
         coids = await self._own_hash_oids(config) | set(stored.plans)
         hashes = await order_store.load_many(self.redis, self.symbol, sorted(coids))
+        adopted = await self._reconcile(config, stored, hashes)
+        # A grid keeps its salt for life; one without (new, or state lost) draws one:
+        # its clientOids can then never be those of an earlier life.
+        salt = stored.salt or secrets.token_urlsafe(24)
+        filled = self._rebuild(stored, hashes, salt, tail)
+        _log.info("state rebuilt", extra=kv(
+            symbol=self.symbol, ownOrders=len(hashes), openOrders=self.state.open_count,
+            adoptedFromExchange=adopted, position=self.state.position,
+            nextSeq=self.state.next_seq, plans=len(stored.plans), resumeFrom=self.last_event_id,
+            fresh=not stored.exists))
+        if not self.dry_run:
+            await self._resume(stored, hashes, centre, salt, filled)
+        self._gauges()
+
+        # Events since the last one acted upon (including those of the adoptions above).
+        first = await self._first_id()
+        trimmed = (first is not None and self.last_event_id != "0-0"
+                   and parse_stream_id(first) > parse_stream_id(self.last_event_id))
+        while await self._read_events(block_ms=None):
+            pass
+        if trimmed:
+            await self._catch_up()
+        await self._check_position(force=True)
+        await self._apply(initial_orders(config, self.state), event_id=None)
+        self.ready = True
+
+    async def _reconcile(self, config: GridConfig, stored: StoredState,
+                         hashes: dict[str, OwnOrder]) -> int:
+        """Take the exchange's word for our orders it knows better than Redis; how many of
+        our orders it lists as active."""
         exchange: dict[str, ExchangeOrder] = {}
         if self._has_credentials:
             exchange = {o.client_oid: o for o in await self.rest.active_orders(self.symbol)
                         if config.owns(o.client_oid)}
-        adopted = 0
         for coid, record in exchange.items():
             known = hashes.get(coid)
             # Unknown, not sent as far as the hash knows, or known only from our REST
             # reply (no stream message yet): the exchange's record says more.
             if known is None or known.status in (OrderStatus.PENDING, OrderStatus.RECEIVED):
                 await self._adopt(coid, record, hashes)
-            adopted += 1
         if self._has_credentials and not self.dry_run:
             for coid, order in list(hashes.items()):
                 if coid in exchange or coid in stored.plans or order.finished:
@@ -302,10 +331,12 @@ class GridStrategy:
                 found = await self.rest.get_order_by_client_oid(coid, self.symbol)
                 if found is not None:
                     await self._adopt(coid, found, hashes)
+        return len(exchange)
 
-        # A grid keeps its salt for life; one without (new, or state lost) draws one:
-        # its clientOids can then never be those of an earlier life.
-        salt = stored.salt or secrets.token_urlsafe(24)
+    def _rebuild(self, stored: StoredState, hashes: dict[str, OwnOrder], salt: str,
+                 tail: str) -> dict[str, int]:
+        """The grid's state from the stored progress and the orders' hashes; the filled
+        sizes it starts from."""
         if stored.exists:
             filled = dict(stored.filled)
             position, next_seq = stored.position, stored.next_seq
@@ -324,35 +355,21 @@ class GridStrategy:
                    for coid, p in stored.plans.items() if coid not in hashes]
         self.state = GridState.rebuild(orders, position=position, salt=salt,
                                        next_seq=next_seq)
-        _log.info("state rebuilt", extra=kv(
-            symbol=self.symbol, ownOrders=len(hashes), openOrders=self.state.open_count,
-            adoptedFromExchange=adopted, position=self.state.position,
-            nextSeq=self.state.next_seq, plans=len(stored.plans), resumeFrom=self.last_event_id,
-            fresh=not stored.exists))
-        if not self.dry_run:
-            gone = [c for c in stored.filled if c not in hashes and c not in stored.plans]
-            await prune_filled(self.redis, self.key, gone)
-            await save_progress(
-                self.redis, self.key, last_event_id=self.last_event_id,
-                position=self.state.position, next_seq=self.state.next_seq, centre=centre,
-                salt=salt, filled=None if stored.exists else filled)
-            for coid, plan in stored.plans.items():
-                _log.info("completing an order planned by a previous run",
-                          extra=kv(clientOid=coid, plan=plan.encode()))
-                await self._send(coid, plan)
-        self._gauges()
+        return filled
 
-        # Events since the last one acted upon (including those of the adoptions above).
-        first = await self._first_id()
-        trimmed = (first is not None and self.last_event_id != "0-0"
-                   and parse_stream_id(first) > parse_stream_id(self.last_event_id))
-        while await self._read_events(block_ms=None):
-            pass
-        if trimmed:
-            await self._catch_up()
-        await self._check_position(force=True)
-        await self._apply(initial_orders(config, self.state), event_id=None)
-        self.ready = True
+    async def _resume(self, stored: StoredState, hashes: dict[str, OwnOrder], centre: Decimal,
+                      salt: str, filled: dict[str, int]) -> None:
+        """Save the rebuilt progress, and send the orders a previous run planned."""
+        gone = [c for c in stored.filled if c not in hashes and c not in stored.plans]
+        await prune_filled(self.redis, self.key, gone)
+        await save_progress(
+            self.redis, self.key, last_event_id=self.last_event_id,
+            position=self.state.position, next_seq=self.state.next_seq, centre=centre,
+            salt=salt, filled=None if stored.exists else filled)
+        for coid, plan in stored.plans.items():
+            _log.info("completing an order planned by a previous run",
+                      extra=kv(clientOid=coid, plan=plan.encode()))
+            await self._send(coid, plan)
 
     async def _catch_up(self) -> None:
         """The stream lost entries we had not read: compare hashes with what was acted upon."""
