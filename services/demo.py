@@ -230,6 +230,64 @@ def _url(services: list[DemoService], name: str, var: str, default: str) -> str:
     return f"http://127.0.0.1:{default}"
 
 
+def _start_redis(env: dict[str, str],
+                 profiles: set[str]) -> tuple[str, RedisServer | RedisClusterServers | None]:
+    """The Redis the demo uses: ``REDIS_URL`` when set, else a throwaway server (or, with
+    the ``cluster`` profile, a throwaway six-node cluster); its URL, and what to stop."""
+    redis_url = os.environ.get("REDIS_URL", "")
+    if redis_url:
+        if not all(ping_url(url) for url in redis_url.split(",")):
+            raise SystemExit(f"REDIS_URL={redact_url(redis_url)} does not answer")
+        print(f"==> using the Redis at {redact_url(redis_url)}", flush=True)
+        return redis_url, None
+    if "cluster" in profiles:
+        print("==> starting a throwaway Redis Cluster (six nodes)", flush=True)
+        cluster = RedisClusterServers().start()
+        env["REDIS_CLUSTER"] = "true"
+        print(f"==> Redis Cluster up, masters on ports "
+              f"{', '.join(str(m.port) for m in cluster.masters)}", flush=True)
+        return cluster.url, cluster
+    server = RedisServer().start()
+    print(f"==> started a throwaway Redis on port {server.port}", flush=True)
+    return server.url, server
+
+
+def _print_usage(services: list[DemoService], env: Mapping[str, str], redis_url: str) -> None:
+    book = _url(services, "book", "BOOK_PORT", "8080")
+    symbol = env.get("KUMEX_SYMBOLS", "XBTUSDM").split(",")[0] or "XBTUSDM"
+    cli = find_redis_cli() or "redis-cli"
+    port = redis_url.split(",")[0].rsplit(":", 1)[-1].split("/")[0]
+    if "," in redis_url:
+        cli += " -c"  # follows the cluster's redirections
+    print(f"""
+kumex-l3 is running ({', '.join(s.name for s in services)}).
+  book (HTTP):   curl '{book}/book/{symbol}?depth=12'
+  web page:      {book}/
+  terminal:      .venv/bin/python -m kumex_l3 watch {symbol} --url {book}
+  redis-cli:     {cli} -p {port} XRANGE 'kumex:{{{symbol}}}:l3' - + COUNT 3
+Press Ctrl-C to stop everything.""", flush=True)
+
+
+def _run(services: list[DemoService], env: Mapping[str, str], redis_url: str) -> int:
+    """Start every service, wait while they all run; 1 when one of them exits."""
+    for service in services:
+        print(f"==> starting {service.name}: {' '.join(service.command[1:])}", flush=True)
+        service.process = subprocess.Popen(service.command, cwd=ROOT,
+                                           env={**os.environ, **service.environment},
+                                           start_new_session=True)
+        _wait_healthy(service)
+        print(f"    {service.name} is healthy", flush=True)
+    _print_usage(services, env, redis_url)
+    while True:
+        for service in services:
+            assert service.process is not None
+            if service.process.poll() is not None:
+                print(f"==> {service.name} exited with code {service.process.returncode}",
+                      flush=True)
+                return 1
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n")[0])
     parser.add_argument("--compose-file", type=Path, default=COMPOSE_FILE)
@@ -240,25 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**read_env_file(args.compose_file.parent / ".env"), **os.environ}
     profiles = {p for p in env.get("COMPOSE_PROFILES", "sandbox").split(",") if p}
     compose = yaml.safe_load(args.compose_file.read_text())
-
-    redis: RedisServer | RedisClusterServers | None = None
-    redis_url = os.environ.get("REDIS_URL", "")
-    if redis_url:
-        if not all(ping_url(url) for url in redis_url.split(",")):
-            raise SystemExit(f"REDIS_URL={redact_url(redis_url)} does not answer")
-        print(f"==> using the Redis at {redact_url(redis_url)}", flush=True)
-    elif "cluster" in profiles:
-        print("==> starting a throwaway Redis Cluster (six nodes)", flush=True)
-        redis = RedisClusterServers().start()
-        redis_url = redis.url
-        env["REDIS_CLUSTER"] = "true"
-        print(f"==> Redis Cluster up, masters on ports "
-              f"{', '.join(str(m.port) for m in redis.masters)}", flush=True)
-    else:
-        redis = RedisServer().start()
-        redis_url = redis.url
-        print(f"==> started a throwaway Redis on port {redis.port}", flush=True)
-
+    redis_url, redis = _start_redis(env, profiles)
     services = load_services(compose, env, profiles, redis_url=redis_url,
                              port_offset=args.port_offset)
     stopping = False
@@ -274,35 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
-        for service in services:
-            print(f"==> starting {service.name}: {' '.join(service.command[1:])}", flush=True)
-            service.process = subprocess.Popen(service.command, cwd=ROOT,
-                                               env={**os.environ, **service.environment},
-                                               start_new_session=True)
-            _wait_healthy(service)
-            print(f"    {service.name} is healthy", flush=True)
-        book = _url(services, "book", "BOOK_PORT", "8080")
-        symbol = env.get("KUMEX_SYMBOLS", "XBTUSDM").split(",")[0] or "XBTUSDM"
-        cli = find_redis_cli() or "redis-cli"
-        port = redis_url.split(",")[0].rsplit(":", 1)[-1].split("/")[0]
-        if "," in redis_url:
-            cli += " -c"  # follows the cluster's redirections
-        print(f"""
-kumex-l3 is running ({', '.join(s.name for s in services)}).
-  book (HTTP):   curl '{book}/book/{symbol}?depth=12'
-  web page:      {book}/
-  terminal:      .venv/bin/python -m kumex_l3 watch {symbol} --url {book}
-  redis-cli:     {cli} -p {port} XRANGE 'kumex:{{{symbol}}}:l3' - + COUNT 3
-Press Ctrl-C to stop everything.""", flush=True)
-        while True:
-            for service in services:
-                assert service.process is not None
-                if service.process.poll() is not None:
-                    print(f"==> {service.name} exited with code {service.process.returncode}",
-                          flush=True)
-                    code = 1
-                    raise KeyboardInterrupt
-            time.sleep(0.5)
+        code = _run(services, env, redis_url)
     except KeyboardInterrupt:
         if not stopping and code == 0:
             print("\n==> Ctrl-C: stopping", flush=True)
