@@ -207,10 +207,18 @@ class Snapshotter:
             first = queue.requests[0]
             stored = self.stored.get(first.symbol)
             if first.min_sequence > 0 and stored is not None and stored >= first.min_sequence:
-                # What we stored already answers it: say so again, spend nothing.
-                queue.drop(first.symbol)
-                self._writer.announce(first.symbol, stored)
-                continue
+                held = await self._held(first.symbol)
+                if held is not None and held >= first.min_sequence:
+                    # What we stored already answers it: say so again, spend nothing.
+                    queue.drop(first.symbol)
+                    self._writer.announce(first.symbol, held)
+                    continue
+                # Our memory outlived Redis's copy (a restart without persistence, the
+                # key deleted): answering from memory would announce a snapshot nobody
+                # can read, again and again. Fetch it.
+                _log.info("the snapshot stored earlier is not in Redis: fetching again",
+                          extra=kv(symbol=first.symbol, remembered=stored, held=held))
+                del self.stored[first.symbol]
             # No point in fetching what cannot be stored: wait for Redis first.
             if not self._writer.redis_ok.is_set():
                 await self._writer.redis_ok.wait()
@@ -225,6 +233,17 @@ class Snapshotter:
                 continue
             await self._fetch(request)
             queue.bucket.settle(self._clock())
+
+    async def _held(self, symbol: str) -> int | None:
+        """The sequence of ``symbol``'s snapshot in Redis now (``None``: none there, or
+        Redis did not answer)."""
+        try:
+            head = await self._writer.client.getrange(keys.snapshot(symbol), 0, 4095)
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        raw = head if isinstance(head, bytes) else str(head or "").encode()
+        found = _STORED_SEQUENCE.search(raw)
+        return int(found.group(1)) if found is not None else None
 
     async def _sleep(self, seconds: float | None) -> None:
         """Until woken (a new request) or ``seconds`` (at most a tick) have passed."""

@@ -171,6 +171,11 @@ class StreamWriter:
         self._control(symbol, Control(self._stream(symbol), {keys.FIELD_CTL: ctl, **fields},
                                       fenced=True))
 
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        """The Redis client the writer writes with."""
+        return self._redis
+
     def announce(self, symbol: str, sequence: int) -> None:
         """Queue ``ctl=snapshot sequence=<n>`` alone: the stored snapshot answers a request."""
         self._control(symbol, Control(self._stream(symbol), {keys.FIELD_CTL: "snapshot",

@@ -48,6 +48,7 @@ from kumex_l3 import OrderBook, keys, parse_message, parse_snapshot
 from kumex_l3.backoff import Backoff
 from kumex_l3.lease import LeaseOwner, acquire
 from kumex_l3.logs import kv, setup_logging
+from kumex_l3.tasks import cancel_and_wait
 from kumex_l3.testing.devredis import RedisServer
 from kumex_l3.testing.procs import ServiceProcess, eventually
 from kumex_l3.testing.sandbox_proc import SandboxProcess
@@ -1032,6 +1033,47 @@ async def test_a_429_waits_for_the_venues_retry_after_not_a_whole_budget(
         assert snaps.stored.get("XBTUSDM") is not None and "XBTUSDM" not in snaps.queue
         snaps.request("XBTUSDTM", 0, "test")
         assert snaps.queue.next(clock[0])[1] == pytest.approx(60.0, abs=1.0)
+
+
+async def test_a_snapshot_remembered_but_gone_from_redis_is_fetched_again(
+    sandbox: SandboxProcess, redis_client: redis.asyncio.Redis,
+) -> None:
+    """Redis restarted without persistence: the scheduler still remembers the snapshot it
+    stored, but the key is gone. A request that snapshot would have answered is fetched
+    again (before: announced from memory forever, and the book waited for good)."""
+    metrics = FeedMetrics()
+    writer = _writer(redis_client, metrics)
+    writing = asyncio.create_task(writer.run())
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        snaps = Snapshotter(http, sandbox.base_url, ["XBTUSDM"], writer, metrics,
+                            per_min=600.0, backoff=lambda: Backoff(0.1, 2.0, 1.0, seed=1),
+                            active=True)
+        worker = asyncio.create_task(snaps.run())
+        try:
+            snaps.request("XBTUSDM", 0, "test")
+            await eventually(lambda: snaps.stored.get("XBTUSDM") is not None,
+                             "the first snapshot")
+            remembered = snaps.stored["XBTUSDM"]
+            await eventually(lambda: _exists(redis_client, keys.snapshot("XBTUSDM")),
+                             "the snapshot key")
+            # Answered from what is stored: no fetch.
+            snaps.request("XBTUSDM", remembered, "test")
+            await eventually(lambda: "XBTUSDM" not in snaps.queue, "the answer")
+            assert _labelled(metrics, "kumex_feed_snapshots_fetched_total",
+                             symbol="XBTUSDM") == 1
+            await redis_client.flushall()
+            snaps.request("XBTUSDM", remembered, "test")
+            await eventually(lambda: _exists(redis_client, keys.snapshot("XBTUSDM")),
+                             "the snapshot stored again")
+            assert _labelled(metrics, "kumex_feed_snapshots_fetched_total",
+                             symbol="XBTUSDM") == 2
+            assert snaps.stored["XBTUSDM"] >= remembered
+        finally:
+            await cancel_and_wait(worker, writing)
+
+
+async def _exists(client: redis.asyncio.Redis, key: str) -> bool:
+    return bool(await client.exists(key))
 
 
 def _labelled(metrics: FeedMetrics, name: str, **labels: str) -> float:
