@@ -75,6 +75,13 @@ _REASON: Final = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 _STORED_SEQUENCE: Final = re.compile(rb'"sequence"\s*:\s*(\d{1,20})')
 
 
+def _stored_sequence(head: Any) -> int | None:
+    """The ``sequence`` of a stored snapshot, from the head of its key (``GETRANGE``)."""
+    raw = head if isinstance(head, bytes) else str(head or "").encode()
+    found = _STORED_SEQUENCE.search(raw)
+    return int(found.group(1)) if found is not None else None
+
+
 def request_payload(min_sequence: int, reason: str = "") -> str:
     """The channel payload asking for a snapshot at ``min_sequence`` or later."""
     return f"{min_sequence} {reason}" if reason else str(min_sequence)
@@ -175,9 +182,9 @@ class Snapshotter:
                     pipe.getrange(keys.snapshot(symbol), 0, 4095)
                 heads: list[Any] = await pipe.execute()
             for symbol, head in zip(self.symbols, heads, strict=True):
-                found = _STORED_SEQUENCE.search(head or b"")
-                if found is not None:
-                    self.stored[symbol] = max(self.stored.get(symbol, 0), int(found.group(1)))
+                sequence = _stored_sequence(head)
+                if sequence is not None:
+                    self.stored[symbol] = max(self.stored.get(symbol, 0), sequence)
         self.active.set()
         self._metrics.scheduler.set(1)
         self._wake.set()
@@ -241,9 +248,7 @@ class Snapshotter:
             head = await self._writer.client.getrange(keys.snapshot(symbol), 0, 4095)
         except (redis.exceptions.RedisError, OSError):
             return None
-        raw = head if isinstance(head, bytes) else str(head or "").encode()
-        found = _STORED_SEQUENCE.search(raw)
-        return int(found.group(1)) if found is not None else None
+        return _stored_sequence(head)
 
     async def _sleep(self, seconds: float | None) -> None:
         """Until woken (a new request) or ``seconds`` (at most a tick) have passed."""
